@@ -1,0 +1,30 @@
+"""`mambakit` command line: one module per sub-command, each with `register(subparsers)`."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Each name is a module `mambakit.cli.<name>` defining `register(subparsers)`; the parser it
+# adds sets `func` to a callable taking the parsed args and returning an exit code.
+COMMANDS = ()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mambakit",
+        description="Mamba and Mamba-2 state space models: train, generate, convert, benchmark.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"mambakit.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Helpers shared by every op: choosing an implementation and checking arguments."""
+from __future__ import annotations
+
+import os
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+BACKENDS = ("reference", "cpu", "triton")
+BACKEND_ENV = "MAMBAKIT_BACKEND"
+
+
+def triton_available() -> bool:
+    """True when Triton can run here: a CUDA device, or the CPU interpreter (TRITON_INTERPRET=1)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def choose_backend(backend: str | None, x: torch.Tensor, available: Sequence[str]) -> str:
+    """Name of the implementation to run for an op whose main input is `x`.
+
+    Order: the `backend` argument, then the MAMBAKIT_BACKEND environment variable, then the
+    device default (Triton on CUDA, the CPU path on CPU, falling back to the reference).
+    An explicit request for an implementation the op lacks is an error, never a silent swap.
+    """
+    requested = backend or os.environ.get(BACKEND_ENV) or None
+    if requested is not None:
+        if requested not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {requested!r}")
+        if requested not in available:
+            if backend is None and requested != "reference":
+                # The environment variable asks for a path this op does not have: use the default.
+                requested = None
+            else:
+                raise ValueError(f"backend: this op has {tuple(available)}, got {requested!r}")
+        elif requested == "triton" and not triton_available():
+            raise RuntimeError("backend='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
+    if requested is not None:
+        return requested
+    if x.is_cuda and "triton" in available and triton_available():
+        return "triton"
+    if x.device.type == "cpu" and "cpu" in available:
+        return "cpu"
+    return "reference"
+
+
+def dispatch(impls: Mapping[str, Callable[[], Callable]], backend: str | None, x: torch.Tensor) -> Callable:
+    """Return the function for the chosen backend; `impls` maps names to loaders so Triton imports lazily."""
+    return impls[choose_backend(backend, x, tuple(impls))]()
+
+
+def check_shape(name: str, t: torch.Tensor | None, *dims: int | None) -> None:
+    """Raise ValueError unless `t` has exactly these dims (None matches any size)."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    shape = tuple(t.shape)
+    ok = len(shape) == len(dims) and all(d is None or d == s for d, s in zip(dims, shape))
+    if not ok:
+        expected = "(" + ", ".join("*" if d is None else str(d) for d in dims) + ")"
+        raise ValueError(f"{name}: expected shape {expected}, got {shape}")
+
+
+def check_dtype(name: str, t: torch.Tensor | None, allowed: Sequence[torch.dtype]) -> None:
+    """Raise TypeError unless `t` has one of the allowed dtypes."""
+    if t is not None and t.dtype not in allowed:
+        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+        raise TypeError(f"{name}: expected dtype in ({names}), got {str(t.dtype).removeprefix('torch.')}")
+
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    """Raise ValueError when the given tensors are not all on one device."""
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"tensors must share a device: {listing}")
