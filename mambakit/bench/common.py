@@ -1,0 +1,68 @@
+"""Timing and result files shared by every benchmark."""
+from __future__ import annotations
+
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from mambakit._io import write_json
+
+VERSIONED_PACKAGES = ("torch", "triton", "mambakit", "mamba-ssm", "causal-conv1d", "flash-linear-attention", "transformers")
+
+
+def time_ms(fn: Callable[[], object], warmup_ms: int = 50, rep_ms: int = 200) -> float:
+    """Median milliseconds of `fn()` on the GPU (CUDA events via triton.testing.do_bench)."""
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def environment() -> dict:
+    """Device name and the versions of every package a comparison depends on."""
+    versions = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    return {"device": device, "cuda": torch.version.cuda, "python": platform.python_version(), "versions": versions}
+
+
+def device_slug() -> str:
+    """Short file-name form of the device, e.g. 'h100' for 'NVIDIA H100 80GB HBM3'."""
+    name = environment()["device"].lower()
+    for tag in ("h200", "h100", "a100", "l40s", "a10g", "rtx"):
+        if tag in name:
+            return tag
+    return "cpu" if not torch.cuda.is_available() else name.split()[-1]
+
+
+def row_key(row: dict) -> tuple:
+    """Rows are the same measurement when everything but the measured figures agrees."""
+    return tuple(sorted((k, str(v)) for k, v in row.items() if not k.endswith(("_ms", "_gbs", "_gb", "_tok_s"))))
+
+
+def save_rows(path: str | Path, rows: Iterable[dict]) -> dict:
+    """Merge `rows` into the JSON results file at `path` (newer rows replace same-key ones), atomically."""
+    path = Path(path)
+    old = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    merged = {row_key(r): r for r in old["rows"]}
+    merged.update({row_key(r): r for r in rows})
+    doc = {"environment": environment(), "rows": list(merged.values())}
+    write_json(path, doc)
+    return doc
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    """Fixed-width text table of `rows` restricted to `columns` (missing cells shown as '-')."""
+    def cell(v):
+        return f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else str(v))
+
+    table = [columns] + [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    return "\n".join("  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in table)
