@@ -1,0 +1,79 @@
+"""Depthwise causal conv1d: the public functions, their argument checks and the dispatch between paths.
+
+Every path has the signature of `causal_conv1d` without `backend` and receives validated inputs.
+"""
+from __future__ import annotations
+
+from mambakit.ops._common import FLOAT_DTYPES, INDEX_DTYPES, check_dtype, check_same_device, check_shape, dispatch
+from mambakit.ops.conv1d import reference, step
+
+ACTIVATIONS = (None, "silu", "swish")
+
+_IMPLS = {
+    "reference": lambda: reference.causal_conv1d,
+}
+_STEP_IMPLS = {
+    "reference": lambda: step.causal_conv1d_update,
+}
+
+
+def check_activation(activation) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+
+
+def causal_conv1d(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,
+                  activation=None, backend=None):
+    """Depthwise causal convolution: out_t = act(bias + sum_k weight[:, k] * x_{t-width+1+k}).
+
+    x: (batch, dim, L); weight: (dim, width); bias: (dim,); initial_states: (batch, dim, width-1), the
+    inputs before x (zeros when None); seq_idx: (batch, L) int32, non-decreasing: a position sees only
+    inputs of its own sequence (initial_states belong to the first); activation: None, "silu" or "swish".
+    Returns out (batch, dim, L) in x's dtype and, with return_final_states, final_states
+    (batch, dim, width-1): the last width-1 inputs of the last sequence (zero where there are fewer).
+    """
+    check_shape("x", x, None, None, None)
+    batch, dim, length = x.shape
+    check_shape("weight", weight, dim, None)
+    width = weight.shape[1]
+    if width < 1:
+        raise ValueError(f"weight: expected width >= 1, got shape {tuple(weight.shape)}")
+    check_shape("bias", bias, dim)
+    check_shape("seq_idx", seq_idx, batch, length)
+    check_shape("initial_states", initial_states, batch, dim, width - 1)
+    for name, t in dict(x=x, weight=weight, bias=bias, initial_states=initial_states).items():
+        check_dtype(name, t, FLOAT_DTYPES)
+    check_dtype("seq_idx", seq_idx, INDEX_DTYPES)
+    check_activation(activation)
+    check_same_device(x=x, weight=weight, bias=bias, seq_idx=seq_idx, initial_states=initial_states)
+    conv = dispatch(_IMPLS, backend, x)
+    return conv(x, weight, bias=bias, seq_idx=seq_idx, initial_states=initial_states,
+                return_final_states=return_final_states, activation=activation)
+
+
+def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,
+                     activation=None):
+    """The official `causal_conv1d` package spelling of `causal_conv1d`."""
+    return causal_conv1d(x, weight, bias=bias, seq_idx=seq_idx, initial_states=initial_states,
+                         return_final_states=return_final_states, activation=activation)
+
+
+def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, backend=None):
+    """One decoding step: conv_state (batch, dim, width) gets x (batch, dim) as its last column, in place.
+
+    weight: (dim, width); bias: (dim,). Returns out (batch, dim) in x's dtype.
+    """
+    check_shape("x", x, None, None)
+    batch, dim = x.shape
+    check_shape("weight", weight, dim, None)
+    check_shape("conv_state", conv_state, batch, dim, weight.shape[1])
+    check_shape("bias", bias, dim)
+    for name, t in dict(x=x, conv_state=conv_state, weight=weight, bias=bias).items():
+        check_dtype(name, t, FLOAT_DTYPES)
+    check_activation(activation)
+    check_same_device(x=x, conv_state=conv_state, weight=weight, bias=bias)
+    update = dispatch(_STEP_IMPLS, backend, x)
+    return update(x, conv_state, weight, bias=bias, activation=activation)
+
+
+__all__ = ["causal_conv1d", "causal_conv1d_fn", "causal_conv1d_update"]

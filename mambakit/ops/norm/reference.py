@@ -1,0 +1,41 @@
+"""RMSNorm, fused residual add + RMSNorm and gated RMSNorm in plain PyTorch (math in fp32)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) over the last dimension."""
+    return x * torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + eps)
+
+
+def rms_norm(x, weight, eps=1e-5, residual=None, prenorm=False, residual_in_fp32=False):
+    """Reference for `mambakit.ops.rms_norm` (validated there): normalizes s = x + residual, in fp32."""
+    dtype = compute_dtype(x)
+    summed = x.to(dtype) if residual is None else x.to(dtype) + residual.to(dtype)
+    out = (normalize(summed, eps) * weight.to(dtype)).to(x.dtype)
+    if not prenorm:
+        return out
+    residual_dtype = x.dtype if residual is None else residual.dtype
+    if residual_in_fp32:
+        residual_dtype = torch.promote_types(residual_dtype, torch.float32)  # fp64 stays fp64
+    return out, summed.to(residual_dtype)
+
+
+def rms_norm_gated(x, weight, z=None, eps=1e-5, group_size=None, norm_before_gate=True):
+    """Reference for `mambakit.ops.rms_norm_gated` (validated there)."""
+    dtype = compute_dtype(x)
+    x32 = x.to(dtype)
+    gate = None if z is None else F.silu(z.to(dtype))
+    if gate is not None and not norm_before_gate:
+        x32 = x32 * gate
+    group_size = x.shape[-1] if group_size is None else group_size
+    out = normalize(x32.unflatten(-1, (-1, group_size)), eps).flatten(-2) * weight.to(dtype)
+    if gate is not None and norm_before_gate:
+        out = out * gate
+    return out.to(x.dtype)
