@@ -1,0 +1,163 @@
+"""Reference Mamba-2 SSD (state space duality) in plain PyTorch: the chunked algorithm of the
+Mamba-2 paper (sections 6-7), written for reading, and the definition of truth for faster paths.
+
+Per head the recurrence is h_t = exp(dt_t * A) h_{t-1} + dt_t x_t B_t^T, y_t = h_t C_t + D x_t,
+with h_t of shape (headdim, N). The sequence is cut into chunks of `chunk_size`; inside a chunk the
+output is the quadratic (attention-like) form, across chunks the state is passed recurrently.
+Decays are computed as exp of segment sums (always <= 0), never as ratios of exponentials.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_DT_LIMIT = (0.0, float("inf"))
+
+
+def prepare_dt(dt, dt_bias=None, dt_softplus=False, dt_limit=DEFAULT_DT_LIMIT, dtype=torch.float32):
+    """dt (..., nheads) -> clamp(softplus(dt + dt_bias)) in `dtype`, as the official Mamba-2 does.
+
+    The clamp only applies when dt_limit differs from the default (0, inf), so that without a
+    limit a negative dt (no softplus) passes through unchanged.
+    """
+    dt = dt.to(dtype)
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(dtype)
+    if dt_softplus:
+        dt = F.softplus(dt)
+    if tuple(dt_limit) != DEFAULT_DT_LIMIT:
+        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    return dt
+
+
+def check_dt_limit(dt_limit):
+    """Raise ValueError unless dt_limit is a (low, high) pair with low <= high."""
+    try:
+        low, high = dt_limit
+        ordered = low <= high
+    except (TypeError, ValueError):
+        ordered = False
+    if not ordered:
+        raise ValueError(f"dt_limit: expected (low, high) with low <= high, got {dt_limit!r}")
+
+
+def segment_sum(a):
+    """a (..., T) -> (..., T, T) with out[..., i, j] = a[j+1] + ... + a[i] for j <= i, -inf above.
+
+    Summing the segment directly (not cumsum[i] - cumsum[j]) keeps it exact for long chunks.
+    """
+    T = a.shape[-1]
+    strictly_lower = torch.ones(T, T, dtype=torch.bool, device=a.device).tril(-1)
+    terms = a[..., :, None].expand(*a.shape, T).masked_fill(~strictly_lower, 0.0)  # terms[i, j] = a[i] if i > j
+    sums = terms.cumsum(dim=-2)
+    causal = torch.ones(T, T, dtype=torch.bool, device=a.device).tril()
+    return sums.masked_fill(~causal, float("-inf"))
+
+
+def _pad_to_chunks(t, length, value=0.0):
+    """Pad dim 1 (time) of t to `length`."""
+    pad = length - t.shape[1]
+    if pad == 0:
+        return t
+    widths = [0, 0] * (t.dim() - 2) + [0, pad]
+    return F.pad(t, widths, value=value)
+
+
+def ssd(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplus=False,
+        dt_limit=DEFAULT_DT_LIMIT, initial_states=None, seq_idx=None, cu_seqlens=None,
+        return_final_states=False, return_varlen_states=False):
+    """Chunked SSD. Arguments are validated by `mambakit.ops.ssd.ssd`.
+
+    x, z: (batch, L, nheads, headdim); dt: (batch, L, nheads); A: (nheads,);
+    B, C: (batch, L, ngroups, N); D: (nheads,) or (nheads, headdim); dt_bias: (nheads,);
+    initial_states: (batch, nheads, headdim, N); seq_idx: (batch, L) int (the state resets where it
+    changes); cu_seqlens: (num_seqs + 1,) int, batch 1, for the varlen states.
+    Returns out (batch, L, nheads, headdim) in x's dtype, then final_states
+    (batch, nheads, headdim, N) and varlen_states (num_seqs, nheads, headdim, N) as asked, fp32.
+    """
+    batch, seqlen, nheads, headdim = x.shape
+    ngroups = B.shape[2]
+    dtype = torch.promote_types(x.dtype, torch.float32)  # fp32 math, fp64 kept for gradcheck
+    dt = prepare_dt(dt, dt_bias, dt_softplus, dt_limit, dtype)
+
+    # Pad time to whole chunks: dt = 0 there means decay 1 and no input, so states are unchanged.
+    nchunks = max(1, -(-seqlen // chunk_size))
+    padded = nchunks * chunk_size
+    if seq_idx is not None:  # padding steps continue the last sequence
+        seq_idx = torch.cat([seq_idx, seq_idx[:, -1:].expand(batch, padded - seqlen)], dim=1)
+
+    def chunked(t):  # (batch, L, ...) -> (batch, nchunks, chunk_size, ...) in fp32
+        t = _pad_to_chunks(t.to(dtype), padded)
+        return t.reshape(batch, nchunks, chunk_size, *t.shape[2:])
+
+    heads_per_group = nheads // ngroups
+    x_c, dt_c = chunked(x), chunked(dt)
+    B_c = chunked(B).repeat_interleave(heads_per_group, dim=3)  # (b, c, l, h, n)
+    C_c = chunked(C).repeat_interleave(heads_per_group, dim=3)
+    x_dt = x_c * dt_c[..., None]  # the input term dt_t x_t of the recurrence
+
+    # (1) log-decays and their within-chunk segment sums.
+    dA = (dt_c * A.to(dtype)).permute(0, 3, 1, 2)  # (b, h, c, l)
+    seg = segment_sum(dA)  # (b, h, c, l, l): log-decay from step s to step t
+    decay_from_start = dA.cumsum(dim=-1)  # (b, h, c, l): log-decay from the chunk's entering state to t
+    if seq_idx is not None:
+        seq_c = seq_idx.reshape(batch, nchunks, chunk_size)
+        same_seq = seq_c[:, :, :, None] == seq_c[:, :, None, :]  # (b, c, l, l)
+        seg = seg.masked_fill(~same_seq[:, None], float("-inf"))
+        # The state entering a chunk belongs to the sequence of the step just before the chunk
+        # (the initial states belong to the first step's sequence).
+        prev_step = torch.cat([seq_idx[:, :1], seq_idx[:, chunk_size - 1:padded - 1:chunk_size]], dim=1)
+        continues = seq_c == prev_step[:, :, None]  # (b, c, l)
+        decay_from_start = decay_from_start.masked_fill(~continues[:, None], float("-inf"))
+    decay = seg.exp()
+
+    # (2) intra-chunk outputs: the masked quadratic form (C_t . B_s) * decay(s -> t) * dt_s x_s.
+    scores = torch.einsum("bclhn,bcshn->bhcls", C_c, B_c) * decay
+    y = torch.einsum("bhcls,bcshp->bclhp", scores, x_dt)
+
+    # (3) each chunk's own contribution to the state at its last step (its entering state excluded).
+    decay_to_end = decay[..., -1, :]  # (b, h, c, l)
+    chunk_states = torch.einsum("bhcl,bclhn,bclhp->bchpn", decay_to_end, B_c, x_dt)
+
+    # (4) pass states across chunks: entering[c + 1] = exp(chunk log-decay) * entering[c] + chunk_states[c].
+    carry = decay_from_start[..., -1].exp()  # (b, h, c): zero where a sequence starts in the chunk
+    state = (initial_states.to(dtype) if initial_states is not None
+             else x.new_zeros(batch, nheads, headdim, B.shape[-1], dtype=dtype))
+    entering = []
+    for c in range(nchunks):
+        entering.append(state)
+        state = carry[:, :, c, None, None] * state + chunk_states[:, c]
+    final_states = state
+    entering = torch.stack(entering, dim=1)  # (b, c, h, p, n)
+
+    # (5) entering states seen through the decay up to each step.
+    y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", C_c, entering, decay_from_start.exp())
+
+    y = y.reshape(batch, padded, nheads, headdim)[:, :seqlen]
+    if D is not None:
+        D = D.to(dtype)
+        y = y + x.to(dtype) * (D[:, None] if D.dim() == 1 else D)
+    if z is not None:
+        y = y * F.silu(z.to(dtype))
+    out = y.to(x.dtype)
+
+    results = [out]
+    if return_final_states:
+        results.append(final_states)
+    if return_varlen_states:
+        results.append(_states_at_ends(cu_seqlens, chunk_size, entering, decay, decay_from_start, B_c, x_dt))
+    return out if len(results) == 1 else tuple(results)
+
+
+def _states_at_ends(cu_seqlens, chunk_size, entering, decay, decay_from_start, B_c, x_dt):
+    """State after the last step of each packed sequence (batch 1): (num_seqs, nheads, headdim, N).
+
+    The state at step t of chunk c is its entering state seen through decay_from_start plus the
+    chunk's inputs up to t, each through decay(s -> t); both are already masked by sequence.
+    """
+    ends = cu_seqlens[1:].long() - 1
+    c, t = ends // chunk_size, ends % chunk_size
+    from_entering = decay_from_start[0][:, c, t].exp()[..., None, None] * entering[0, c].transpose(0, 1)
+    weights = decay[0][:, c, t, :]  # (h, num_seqs, l)
+    from_inputs = torch.einsum("hsl,slhn,slhp->hspn", weights, B_c[0, c], x_dt[0, c])
+    return (from_entering + from_inputs).transpose(0, 1)
