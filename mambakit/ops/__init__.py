@@ -5,3 +5,4 @@ Each op validates its arguments, then dispatches to a path (`backend="reference"
 from mambakit.ops.conv1d import causal_conv1d, causal_conv1d_fn, causal_conv1d_update  # noqa: F401
 from mambakit.ops.norm import RMSNorm, RMSNormGated, rms_norm, rms_norm_gated  # noqa: F401
 from mambakit.ops.selective_scan import selective_scan, selective_scan_fn, selective_state_update  # noqa: F401
+from mambakit.ops.ssd import mamba_chunk_scan_combined, ssd, ssd_state_update  # noqa: F401
