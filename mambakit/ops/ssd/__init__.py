@@ -1,20 +1,20 @@
 """Mamba-2 SSD (structured state space duality): public functions, argument checks and dispatch.
 
-Every implementation in `_IMPLS` takes the arguments of `ssd` (without `backend`), already
-checked here, and returns what `ssd` returns.
+Every implementation in `_IMPLS` (`_STEP_IMPLS`) takes the arguments of `ssd` (`ssd_state_update`)
+without `backend`, already checked here, and returns what the public function returns.
 """
 from __future__ import annotations
 
 import torch
 
 from .._common import FLOAT_DTYPES, INDEX_DTYPES, check_dtype, check_same_device, check_shape, dispatch
-from . import reference
+from . import reference, step
 from .reference import DEFAULT_DT_LIMIT, check_dt_limit
-from .step import ssd_state_update
 
 __all__ = ["ssd", "mamba_chunk_scan_combined", "ssd_state_update"]
 
 _IMPLS = {"reference": lambda: reference.ssd}
+_STEP_IMPLS = {"reference": lambda: step.ssd_state_update}
 
 
 def ssd(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplus=False,
@@ -56,6 +56,19 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
                backend=backend)
 
 
+def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                     dt_limit=DEFAULT_DT_LIMIT, backend=None):
+    """One decoding step of SSD: h = exp(dt A) h + dt x B^T, y = h C + D x, out = y * silu(z).
+
+    state: (batch, nheads, headdim, N) fp32, updated in place; x, z: (batch, nheads, headdim);
+    dt: (batch, nheads); A: (nheads,); B, C: (batch, ngroups, N); D: (nheads,) or (nheads, headdim);
+    dt_bias: (nheads,); dt is processed as in `ssd`. Returns out (batch, nheads, headdim) in x's dtype.
+    """
+    _check_step_args(state, x, dt, A, B, C, D, z, dt_bias, dt_limit)
+    return dispatch(_STEP_IMPLS, backend, x)(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
+                                              dt_softplus=dt_softplus, dt_limit=dt_limit)
+
+
 def seq_idx_from_cu_seqlens(cu_seqlens, seqlen):
     """cu_seqlens (num_seqs + 1,) -> seq_idx (1, seqlen) int32: position t gets the index of its sequence."""
     positions = torch.arange(seqlen, device=cu_seqlens.device)
@@ -64,28 +77,20 @@ def seq_idx_from_cu_seqlens(cu_seqlens, seqlen):
 
 def _check_ssd_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_limit, initial_states, seq_idx,
                     cu_seqlens, return_varlen_states):
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"x: expected shape (batch, L, nheads, headdim), got {got}")
+    check_shape("x", x, None, None, None, None)  # (batch, L, nheads, headdim)
     batch, seqlen, nheads, headdim = x.shape
     if seqlen == 0:
         raise ValueError("x: expected at least one time step, got L=0")
     check_shape("dt", dt, batch, seqlen, nheads)
     check_shape("A", A, nheads)
-    if not isinstance(B, torch.Tensor) or B.dim() != 4:
-        got = tuple(B.shape) if isinstance(B, torch.Tensor) else type(B).__name__
-        raise ValueError(f"B: expected shape (batch, L, ngroups, N), got {got}")
-    check_shape("B", B, batch, seqlen, None, None)
+    check_shape("B", B, batch, seqlen, None, None)  # (batch, L, ngroups, N)
     ngroups, N = B.shape[2:]
     if ngroups == 0 or nheads % ngroups != 0:
         raise ValueError(f"B: ngroups must divide nheads={nheads}, got ngroups={ngroups}")
     check_shape("C", C, batch, seqlen, ngroups, N)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
-    if D is not None and D.dim() == 2:
-        check_shape("D", D, nheads, headdim)
-    else:
-        check_shape("D", D, nheads)
+    _check_D(D, nheads, headdim)
     check_shape("z", z, batch, seqlen, nheads, headdim)
     check_shape("dt_bias", dt_bias, nheads)
     check_shape("initial_states", initial_states, batch, nheads, headdim, N)
@@ -116,3 +121,35 @@ def _check_cu_seqlens(cu_seqlens, batch, seqlen, seq_idx):
         starts = (seq_idx[0, 1:] != seq_idx[0, :-1]).nonzero().flatten() + 1
         if starts.tolist() != bounds[1:-1]:
             raise ValueError(f"seq_idx: its sequence starts {starts.tolist()} differ from cu_seqlens {bounds}")
+
+
+def _check_step_args(state, x, dt, A, B, C, D, z, dt_bias, dt_limit):
+    check_shape("state", state, None, None, None, None)
+    check_dtype("state", state, (torch.float32, torch.float64))
+    if not state.is_contiguous():
+        raise ValueError("state: expected a contiguous tensor (it is updated in place)")
+    batch, nheads, headdim, N = state.shape
+    check_shape("x", x, batch, nheads, headdim)
+    check_shape("dt", dt, batch, nheads)
+    check_shape("A", A, nheads)
+    check_shape("B", B, batch, None, N)
+    ngroups = B.shape[1]
+    if ngroups == 0 or nheads % ngroups != 0:
+        raise ValueError(f"B: ngroups must divide nheads={nheads}, got ngroups={ngroups}")
+    check_shape("C", C, batch, ngroups, N)
+    check_shape("z", z, batch, nheads, headdim)
+    check_shape("dt_bias", dt_bias, nheads)
+    _check_D(D, nheads, headdim)
+    for name, t in dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias).items():
+        check_dtype(name, t, FLOAT_DTYPES)
+    check_dt_limit(dt_limit)
+    check_same_device(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
+
+
+
+def _check_D(D, nheads, headdim):
+    """D is per head (nheads,) or per channel (nheads, headdim)."""
+    if isinstance(D, torch.Tensor) and D.dim() == 2:
+        check_shape("D", D, nheads, headdim)
+    else:
+        check_shape("D", D, nheads)
