@@ -1,0 +1,62 @@
+"""Pieces shared by the mixers: parameter initialisation and the inference-cache protocol."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def inverse_softplus_dt(n: int, dt_min: float, dt_max: float, dt_init_floor: float, device=None) -> torch.Tensor:
+    """(n,) fp32 bias b with softplus(b) = dt, dt ~ log-uniform[dt_min, dt_max] floored at dt_init_floor."""
+    if not 0 < dt_min <= dt_max:
+        raise ValueError(f"dt_min, dt_max: expected 0 < dt_min <= dt_max, got {dt_min}, {dt_max}")
+    log_dt = torch.rand(n, device=device) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)
+    dt = torch.exp(log_dt).clamp(min=dt_init_floor)
+    # softplus^-1(dt) = log(exp(dt) - 1), written stably for small dt.
+    return dt + torch.log(-torch.expm1(-dt))
+
+
+def no_weight_decay(param: torch.nn.Parameter) -> torch.nn.Parameter:
+    """Flag a parameter the way the official optimiser grouping expects, and return it."""
+    param._no_weight_decay = True
+    return param
+
+
+def cached_states(inference_params, layer_idx: int | None, allocate: Callable[[], tuple]) -> tuple:
+    """This layer's states in inference_params.key_value_memory_dict, allocated on first use."""
+    if layer_idx is None:
+        raise ValueError("layer_idx: decoding with inference_params needs the layer_idx given to the constructor")
+    cache = inference_params.key_value_memory_dict
+    if layer_idx not in cache:
+        cache[layer_idx] = allocate()
+    return cache[layer_idx]
+
+
+def conv_tail(x: torch.Tensor, width: int, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """The last `width` inputs of a causal conv, as its decode state.
+
+    x: (batch, dim, L); seq_idx: (batch, L) or None. Returns (batch, dim, width): left zero-padded
+    when L < width, and zero where an input belongs to an earlier packed sequence than the last one.
+    """
+    tail = F.pad(x, (width - x.shape[-1], 0))
+    if seq_idx is None:
+        return tail
+    tail_idx = F.pad(seq_idx, (width - seq_idx.shape[-1], 0), value=-1)
+    same_sequence = tail_idx == seq_idx[:, -1:]
+    return tail * same_sequence.unsqueeze(1).to(tail.dtype)
+
+
+def conv_tails_varlen(x: torch.Tensor, width: int, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Decode states of a causal conv for each packed sequence.
+
+    x: (1, dim, total) holding the sequences back to back; cu_seqlens: (num_seqs + 1,) their
+    boundaries. Returns (num_seqs, dim, width), the last `width` inputs of each sequence,
+    zero where a sequence is shorter than `width`.
+    """
+    starts, ends = cu_seqlens[:-1].long(), cu_seqlens[1:].long()
+    positions = ends[:, None] - width + torch.arange(width, device=x.device)  # (num_seqs, width)
+    inside = positions >= starts[:, None]
+    tails = x[0][:, positions.clamp(min=0)]  # (dim, num_seqs, width)
+    return (tails * inside.to(tails.dtype)).transpose(0, 1)

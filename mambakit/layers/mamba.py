@@ -1,0 +1,134 @@
+"""Mamba (v1) mixer: in_proj -> causal depthwise conv -> selective scan (S6) gated by z -> out_proj.
+
+Constructor arguments, defaults, parameter names, shapes and initialisation follow the official
+`mamba_ssm.modules.mamba_simple.Mamba`, so its checkpoints load unchanged.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mambakit.ops import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
+
+from ._common import cached_states, conv_tail, inverse_softplus_dt, no_weight_decay
+
+
+class Mamba(nn.Module):
+    """Selective state space mixer of Mamba-1. Input and output (batch, seqlen, d_model)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: float = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init: str = "random",
+        dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        use_fast_path: bool = True,  # accepted for compatibility: the ops choose their own path
+        layer_idx: int | None = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        for name, value in (("d_model", d_model), ("d_state", d_state), ("d_conv", d_conv)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if dt_init not in ("random", "constant"):
+            raise ValueError(f"dt_init: expected 'random' or 'constant', got {dt_init!r}")
+        if dt_rank != "auto" and (not isinstance(dt_rank, int) or dt_rank < 1):
+            raise ValueError(f"dt_rank: expected 'auto' or a positive int, got {dt_rank!r}")
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner = int(expand * d_model)
+        if self.d_inner < 1:
+            raise ValueError(f"expand: expected expand * d_model >= 1, got {expand} * {d_model}")
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
+        self.use_fast_path = use_fast_path
+        self.layer_idx = layer_idx
+        self.activation = "silu"
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias, **factory)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, kernel_size=d_conv, groups=self.d_inner,
+                                padding=d_conv - 1, bias=conv_bias, **factory)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False, **factory)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True, **factory)
+        # dt_proj keeps the variance of dt at initialisation; its bias puts softplus(bias) in [dt_min, dt_max].
+        dt_init_std = self.dt_rank**-0.5 * dt_scale
+        with torch.no_grad():
+            if dt_init == "constant":
+                self.dt_proj.weight.fill_(dt_init_std)
+            else:
+                self.dt_proj.weight.uniform_(-dt_init_std, dt_init_std)
+            self.dt_proj.bias.copy_(inverse_softplus_dt(self.d_inner, dt_min, dt_max, dt_init_floor, device))
+        self.dt_proj.bias._no_reinit = True  # a model-wide init that zeroes biases must spare this one
+
+        # S4D-real: A[:, n] = -(n + 1) for every channel; A_log and D stay fp32 whatever the layer dtype.
+        A = torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(self.d_inner, 1)
+        self.A_log = no_weight_decay(nn.Parameter(torch.log(A)))
+        self.D = no_weight_decay(nn.Parameter(torch.ones(self.d_inner, device=device)))
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+
+    def forward(self, hidden_states: torch.Tensor, inference_params=None, seq_idx: torch.Tensor | None = None):
+        """hidden_states: (batch, seqlen, d_model); seq_idx: (batch, seqlen) int32 index of packed
+        sequences (states reset where it changes). Returns (batch, seqlen, d_model)."""
+        batch, seqlen, _ = hidden_states.shape
+        conv_state = ssm_state = None
+        if inference_params is not None:
+            conv_state, ssm_state = cached_states(inference_params, self.layer_idx,
+                                                  lambda: self.allocate_inference_cache(batch, seqlen))
+            if inference_params.seqlen_offset > 0:
+                out, _, _ = self.step(hidden_states, conv_state, ssm_state)
+                return out
+
+        x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (batch, d_inner, seqlen) each
+        if conv_state is not None:
+            conv_state.copy_(conv_tail(x, self.d_conv, seq_idx))
+        x = causal_conv1d(x, self._conv_weight(), self.conv1d.bias, seq_idx=seq_idx, activation=self.activation)
+
+        dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # bias is added inside the scan, in fp32
+        y = selective_scan(
+            x, dt, self._A(), B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), self.D.float(),
+            z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            return_final_state=ssm_state is not None, seq_idx=seq_idx,
+        )
+        if ssm_state is not None:
+            y, final_state = y
+            ssm_state.copy_(final_state)
+        return self.out_proj(y.transpose(1, 2))
+
+    def step(self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
+        """One decoding step. hidden_states: (batch, 1, d_model); conv_state (batch, d_inner, d_conv)
+        and ssm_state (batch, d_inner, d_state) fp32 are updated in place. Returns (out, conv_state, ssm_state)."""
+        if hidden_states.shape[1] != 1:
+            raise ValueError(f"hidden_states: step decodes one token, expected seqlen 1, got {hidden_states.shape[1]}")
+        x, z = self.in_proj(hidden_states.squeeze(1)).chunk(2, dim=-1)  # (batch, d_inner) each
+        x = causal_conv1d_update(x, conv_state, self._conv_weight(), self.conv1d.bias, activation=self.activation)
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight)
+        y = selective_state_update(ssm_state, x, dt, self._A(), B, C, self.D.float(), z=z,
+                                   dt_bias=self.dt_proj.bias.float(), dt_softplus=True)
+        return self.out_proj(y).unsqueeze(1), conv_state, ssm_state
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None, **kwargs):
+        """Zeroed (conv_state (batch, d_inner, d_conv), ssm_state (batch, d_inner, d_state) fp32)."""
+        device = self.out_proj.weight.device
+        conv_dtype = self.conv1d.weight.dtype if dtype is None else dtype
+        conv_state = torch.zeros(batch_size, self.d_inner, self.d_conv, device=device, dtype=conv_dtype)
+        ssm_state = torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=torch.float32)
+        return conv_state, ssm_state
+
+    def _conv_weight(self) -> torch.Tensor:
+        return self.conv1d.weight.squeeze(1)  # (d_inner, 1, d_conv) -> (d_inner, d_conv)
+
+    def _A(self) -> torch.Tensor:
+        return -torch.exp(self.A_log.float())  # (d_inner, d_state), negative: a decaying state

@@ -1,0 +1,200 @@
+"""Mamba-2 mixer: in_proj -> causal depthwise conv over (x, B, C) -> SSD scan -> gated RMSNorm -> out_proj.
+
+Constructor arguments, defaults, parameter names, shapes and initialisation follow the official
+`mamba_ssm.modules.mamba2.Mamba2`, so its checkpoints load unchanged. The in_proj output is split
+as [z0, x0, z, xBC, dt]: z0, x0 (d_inner - d_ssm each) form a gated MLP beside the SSM.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mambakit.ops import RMSNormGated, causal_conv1d, causal_conv1d_update, ssd, ssd_state_update
+from mambakit.ops.ssd import seq_idx_from_cu_seqlens
+
+from ._common import cached_states, conv_tail, conv_tails_varlen, inverse_softplus_dt, no_weight_decay
+
+
+class Mamba2(nn.Module):
+    """Structured-state-space-duality mixer of Mamba-2. Input and output (batch, seqlen, d_model)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 128,
+        d_conv: int = 4,
+        conv_init: float | None = None,
+        expand: int = 2,
+        headdim: int = 64,
+        d_ssm: int | None = None,
+        ngroups: int = 1,
+        A_init_range: tuple[float, float] = (1, 16),
+        D_has_hdim: bool = False,
+        rmsnorm: bool = True,
+        norm_before_gate: bool = False,
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        dt_limit: tuple[float, float] = (0.0, float("inf")),
+        bias: bool = False,
+        conv_bias: bool = True,
+        chunk_size: int = 256,
+        use_mem_eff_path: bool = True,  # accepted for compatibility: the ops choose their own path
+        layer_idx: int | None = None,
+        process_group=None,
+        sequence_parallel: bool = True,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if process_group is not None:
+            raise NotImplementedError("process_group: tensor-parallel Mamba2 is not supported, expected None")
+        factory = {"device": device, "dtype": dtype}
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.conv_init = conv_init
+        self.d_inner = expand * d_model
+        self.headdim = headdim
+        self.d_ssm = self.d_inner if d_ssm is None else d_ssm
+        self.ngroups = ngroups
+        self._check_sizes()
+        self.nheads = self.d_ssm // headdim
+        if not (A_init_range[0] > 0 and A_init_range[1] >= A_init_range[0]):
+            raise ValueError(f"A_init_range: expected 0 < low <= high, got {tuple(A_init_range)}")
+        self.D_has_hdim, self.rmsnorm, self.norm_before_gate = D_has_hdim, rmsnorm, norm_before_gate
+        self.dt_limit = tuple(dt_limit)
+        self.chunk_size = chunk_size
+        self.use_mem_eff_path = use_mem_eff_path
+        self.process_group, self.sequence_parallel = process_group, sequence_parallel
+        self.layer_idx = layer_idx
+        self.activation = "silu"
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * ngroups * d_state + self.nheads, bias=bias, **factory)
+        conv_dim = self.d_ssm + 2 * ngroups * d_state
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, kernel_size=d_conv, groups=conv_dim, padding=d_conv - 1,
+                                bias=conv_bias, **factory)
+        if conv_init is not None:
+            nn.init.uniform_(self.conv1d.weight, -conv_init, conv_init)
+
+        # dt_bias, A_log and D stay fp32 whatever the layer dtype (the recurrence runs in fp32).
+        self.dt_bias = no_weight_decay(nn.Parameter(
+            inverse_softplus_dt(self.nheads, dt_min, dt_max, dt_init_floor, device)))
+        A = torch.empty(self.nheads, dtype=torch.float32, device=device).uniform_(*A_init_range)
+        self.A_log = no_weight_decay(nn.Parameter(torch.log(A)))
+        self.D = no_weight_decay(nn.Parameter(torch.ones(self.d_ssm if D_has_hdim else self.nheads, device=device)))
+        if rmsnorm:
+            self.norm = RMSNormGated(self.d_ssm, eps=1e-5, norm_before_gate=norm_before_gate,
+                                     group_size=self.d_ssm // ngroups, **factory)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+
+    def _check_sizes(self) -> None:
+        for name in ("d_model", "d_state", "d_conv", "headdim", "ngroups", "d_ssm"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if self.d_ssm > self.d_inner:
+            raise ValueError(f"d_ssm: expected at most d_inner = expand * d_model = {self.d_inner}, got {self.d_ssm}")
+        if self.d_ssm % self.headdim:
+            raise ValueError(f"headdim: expected a divisor of d_ssm = {self.d_ssm}, got {self.headdim}")
+        if (self.d_ssm // self.headdim) % self.ngroups:
+            raise ValueError(f"ngroups: expected a divisor of nheads = {self.d_ssm // self.headdim}, got {self.ngroups}")
+
+    def forward(self, u: torch.Tensor, seqlen: int | None = None, seq_idx: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None, inference_params=None) -> torch.Tensor:
+        """u: (batch, seqlen, d_model), or (batch * seqlen, d_model) when `seqlen` is given.
+
+        seq_idx: (batch, seqlen) int32 index of packed sequences (conv and scan states reset where it
+        changes); cu_seqlens: (num_seqs + 1,) boundaries of the sequences packed in a batch of 1
+        (seq_idx is derived from it when missing; with inference_params, one cached state per sequence).
+        Returns the shape of u.
+        """
+        flat = seqlen is not None
+        hidden = u.unflatten(0, (-1, seqlen)) if flat else u
+        batch, length, _ = hidden.shape
+        if cu_seqlens is not None:
+            if batch != 1:
+                raise ValueError(f"cu_seqlens: packed sequences need batch 1, got batch {batch}")
+            if seq_idx is None:
+                seq_idx = seq_idx_from_cu_seqlens(cu_seqlens, length)
+        conv_state = ssm_state = None
+        if inference_params is not None:
+            cache_batch = batch if cu_seqlens is None else cu_seqlens.numel() - 1
+            conv_state, ssm_state = cached_states(inference_params, self.layer_idx,
+                                                  lambda: self.allocate_inference_cache(cache_batch, length))
+            if inference_params.seqlen_offset > 0:
+                out, _, _ = self.step(hidden, conv_state, ssm_state)
+                return out.flatten(0, 1) if flat else out
+
+        d_mlp = self.d_inner - self.d_ssm
+        z0, x0, z, xBC, dt = self.in_proj(hidden).split(
+            [d_mlp, d_mlp, self.d_ssm, self.d_ssm + 2 * self.ngroups * self.d_state, self.nheads], dim=-1)
+        xBC = xBC.transpose(1, 2)  # (batch, conv_dim, seqlen)
+        if conv_state is not None:
+            tail = conv_tail(xBC, self.d_conv, seq_idx) if cu_seqlens is None else \
+                conv_tails_varlen(xBC, self.d_conv, cu_seqlens)
+            conv_state.copy_(tail)
+        xBC = causal_conv1d(xBC, self._conv_weight(), self.conv1d.bias, seq_idx=seq_idx,
+                            activation=self.activation).transpose(1, 2)
+        x, B, C = xBC.split([self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        want_varlen = cu_seqlens is not None and ssm_state is not None
+        y = ssd(
+            x.unflatten(-1, (self.nheads, self.headdim)), dt, self._A(),
+            B.unflatten(-1, (self.ngroups, self.d_state)), C.unflatten(-1, (self.ngroups, self.d_state)),
+            chunk_size=self.chunk_size, D=self._D(),
+            z=None if self.rmsnorm else z.unflatten(-1, (self.nheads, self.headdim)),
+            dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit, seq_idx=seq_idx,
+            cu_seqlens=cu_seqlens,
+            return_final_states=ssm_state is not None and not want_varlen, return_varlen_states=want_varlen,
+        )
+        if ssm_state is not None:
+            y, final_states = y
+            ssm_state.copy_(final_states)
+        out = self._output(y.flatten(-2), z, z0, x0)
+        return out.flatten(0, 1) if flat else out
+
+    def step(self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
+        """One decoding step. hidden_states: (batch, 1, d_model); conv_state (batch, conv_dim, d_conv)
+        and ssm_state (batch, nheads, headdim, d_state) fp32 are updated in place.
+        Returns (out (batch, 1, d_model), conv_state, ssm_state)."""
+        if hidden_states.shape[1] != 1:
+            raise ValueError(f"hidden_states: step decodes one token, expected seqlen 1, got {hidden_states.shape[1]}")
+        d_mlp = self.d_inner - self.d_ssm
+        z0, x0, z, xBC, dt = self.in_proj(hidden_states.squeeze(1)).split(
+            [d_mlp, d_mlp, self.d_ssm, self.d_ssm + 2 * self.ngroups * self.d_state, self.nheads], dim=-1)
+        xBC = causal_conv1d_update(xBC, conv_state, self._conv_weight(), self.conv1d.bias,
+                                   activation=self.activation)
+        x, B, C = xBC.split([self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        y = ssd_state_update(
+            ssm_state, x.unflatten(-1, (self.nheads, self.headdim)), dt, self._A(),
+            B.unflatten(-1, (self.ngroups, self.d_state)), C.unflatten(-1, (self.ngroups, self.d_state)),
+            D=self._D(), z=None if self.rmsnorm else z.unflatten(-1, (self.nheads, self.headdim)),
+            dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit,
+        )
+        out = self._output(y.flatten(-2), z, z0, x0)
+        return out.unsqueeze(1), conv_state, ssm_state
+
+    def _output(self, y: torch.Tensor, z: torch.Tensor, z0: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """Gated norm of the SSM output y (..., d_ssm), the gated MLP part in front, then out_proj."""
+        if self.rmsnorm:
+            y = self.norm(y, z)
+        if x0.shape[-1] > 0:
+            y = torch.cat([F.silu(z0) * x0, y], dim=-1)
+        return self.out_proj(y)
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None, **kwargs):
+        """Zeroed (conv_state (batch, conv_dim, d_conv), ssm_state (batch, nheads, headdim, d_state) fp32)."""
+        device = self.out_proj.weight.device
+        conv_dtype = self.conv1d.weight.dtype if dtype is None else dtype
+        conv_state = torch.zeros(batch_size, self.conv1d.weight.shape[0], self.d_conv, device=device, dtype=conv_dtype)
+        ssm_state = torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device,
+                                dtype=torch.float32)
+        return conv_state, ssm_state
+
+    def _conv_weight(self) -> torch.Tensor:
+        return self.conv1d.weight.squeeze(1)  # (conv_dim, 1, d_conv) -> (conv_dim, d_conv)
+
+    def _A(self) -> torch.Tensor:
+        return -torch.exp(self.A_log.float())  # (nheads,), negative: a decaying state
+
+    def _D(self) -> torch.Tensor:
+        return self.D.float().view(self.nheads, self.headdim) if self.D_has_hdim else self.D.float()
