@@ -1,0 +1,130 @@
+"""`mambakit generate`: stream a model's continuation of a prompt to the terminal.
+
+    mambakit generate --model path/to/ckpt --prompt "def fibonacci(n):" --max-new-tokens 200 --top-p 0.9
+
+The tokenizer saved beside the checkpoint is used unless --tokenizer says otherwise. The prompt comes
+from --prompt, --prompt-file or stdin; speed goes to stderr at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("generate", help="generate text from a checkpoint", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    add_text_arguments(parser, "prompt")
+    group = parser.add_argument_group("sampling (greedy unless one of temperature/top-k/top-p/min-p is given)")
+    group.add_argument("--max-new-tokens", type=int, default=200)
+    group.add_argument("--temperature", type=float)
+    group.add_argument("--top-k", type=int)
+    group.add_argument("--top-p", type=float)
+    group.add_argument("--min-p", type=float)
+    group.add_argument("--repetition-penalty", type=float, default=1.0)
+    group.add_argument("--seed", type=int, help="same seed, same output (default: random)")
+    group.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop once this text appears (repeatable)")
+    group.add_argument("--ignore-eos", action="store_true", help="do not stop at the tokenizer's end-of-text token")
+    parser.add_argument("--no-echo", action="store_true", help="print only the new text, not the prompt")
+    parser.set_defaults(func=run)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, type=Path, help="checkpoint directory (official or transformers layout)")
+    parser.add_argument("--tokenizer", help="tokenizer.json, a directory holding one, or 'byte' (default: the checkpoint's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on CUDA, float32 otherwise")
+
+
+def add_text_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(f"--{name}", help=f"the {name} text (default: read stdin)")
+    source.add_argument(f"--{name}-file", type=Path, help=f"read the {name} from this file")
+
+
+def read_text(args: argparse.Namespace, name: str) -> str:
+    """The text given by --NAME, --NAME-file, or stdin when it is not a terminal."""
+    text, path = getattr(args, name), getattr(args, f"{name}_file")
+    if text is not None:
+        return text
+    if path is not None:
+        return path.read_text(encoding="utf-8")
+    if sys.stdin.isatty():
+        raise ValueError(f"--{name}: give --{name}, --{name}-file, or pipe the text into stdin")
+    return sys.stdin.read()
+
+
+def load_model(args: argparse.Namespace):
+    """(model in eval mode on args.device, tokenizer) from --model, --tokenizer, --device, --dtype."""
+    from mambakit.models import MambaLMHeadModel
+    from mambakit.tokenizer import load_tokenizer
+
+    device = torch.device(args.device)
+    dtype = DTYPES.get(args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = MambaLMHeadModel.from_pretrained(args.model, device=device, dtype=dtype).eval()
+    return model, load_tokenizer(args.tokenizer if args.tokenizer is not None else args.model)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mambakit.generation import SamplingConfig, iterate_tokens
+    from mambakit.generation.generate import prompt_rows, stop_id_tensor
+    from mambakit.generation.stream import stream_text
+
+    try:
+        SamplingConfig(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)  # fail before loading
+        if args.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens: expected an int >= 1, got {args.max_new_tokens}")
+        prompt = read_text(args, "prompt")
+        model, tokenizer = load_model(args)
+        prompts = prompt_rows([tokenizer.encode(prompt)], next(model.parameters()).device)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"mambakit generate: error: {e}", file=sys.stderr)
+        return 2
+    eos = [] if args.ignore_eos else None
+    stop_ids = stop_id_tensor(eos, (), tokenizer, prompts[0].device)
+    steps = iterate_tokens(
+        model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+        eos_token_id=eos, stop_strings=args.stop, tokenizer=tokenizer,
+    )
+    clock = StepClock()
+    if not args.no_echo:
+        sys.stdout.write(prompt)
+    for piece in stream_text(clock.timed(steps), tokenizer, stop_ids):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    print(clock.summary(len(prompts[0])), file=sys.stderr)
+    return 0
+
+
+class StepClock:
+    """Times the prefill (up to the first token) and the decode steps of an `iterate_tokens` stream."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.first = self.end = self.start
+        self.tokens = 0
+
+    def timed(self, steps: Iterable) -> Iterator:
+        for step in steps:
+            self.end = time.perf_counter()
+            if self.tokens == 0:
+                self.first = self.end
+            self.tokens += int(step.active.sum())
+            yield step
+
+    def summary(self, prompt_tokens: int) -> str:
+        prefill, decode = self.first - self.start, self.end - self.first
+        line = f"prompt: {prompt_tokens} tokens in {prefill:.2f} s ({prompt_tokens / max(prefill, 1e-9):.1f} tok/s)"
+        if self.tokens > 1:
+            line += f"; generated: {self.tokens} tokens, {(self.tokens - 1) / max(decode, 1e-9):.1f} tok/s after the first"
+        return line

@@ -1,0 +1,74 @@
+"""Streaming text as tokens arrive, never cutting a character in half."""
+from __future__ import annotations
+
+from typing import Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from mambakit.generation.generate import Step, iterate_tokens, prompt_rows, stop_id_tensor
+
+REPLACEMENT_CHAR = "\ufffd"
+
+
+class TextStream:
+    """Token ids in, text pieces out. A piece is held back while its last character is incomplete
+    (a multi-byte UTF-8 character split over tokens decodes to U+FFFD until its last byte arrives).
+
+    Decoding from the previous piece's tokens onwards (not token by token) keeps the spacing that
+    tokenizers attach to word boundaries.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # start of the tokens decoded for context
+        self.read = 0  # tokens already emitted as text
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text it completes ('' while a character is still partial)."""
+        self.ids.append(int(token_id))
+        text = self.tokenizer.decode(self.ids[self.prefix:])
+        if text.endswith(REPLACEMENT_CHAR):
+            return ""
+        return self._emit(text)
+
+    def flush(self) -> str:
+        """The text still held back (a trailing incomplete character comes out as U+FFFD)."""
+        return self._emit(self.tokenizer.decode(self.ids[self.prefix:]))
+
+    def _emit(self, text: str) -> str:
+        emitted = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(emitted):]
+
+
+def stream(model: nn.Module, prompt: str | Sequence[int], tokenizer=None, **options) -> Iterator[str]:
+    """Generate from one prompt (text or token ids) and yield the new text piece by piece.
+
+    `tokenizer` defaults to `model.tokenizer` (when the loader attached one); `options` are `generate`'s
+    (max_new_tokens, temperature, top_p, seed, stop_strings, ...). Stop tokens are not printed.
+    """
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError("tokenizer: needed to turn tokens into text, got None and the model has none")
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+    if isinstance(ids, torch.Tensor) and ids.dim() != 1:
+        raise ValueError(f"prompt: stream takes one prompt (L,), got shape {tuple(ids.shape)}")
+    prompts = prompt_rows([ids], next(model.parameters()).device)
+    stop_ids = stop_id_tensor(options.get("eos_token_id"), options.get("stop_token_ids", ()), tokenizer, prompts[0].device)
+    yield from stream_text(iterate_tokens(model, prompts, tokenizer=tokenizer, **options), tokenizer, stop_ids)
+
+
+def stream_text(steps: Iterable[Step], tokenizer, stop_ids: torch.Tensor) -> Iterator[str]:
+    """The text of row 0 of `steps` (from `iterate_tokens`), piece by piece, without its stop tokens."""
+    text = TextStream(tokenizer)
+    for step in steps:
+        token = step.tokens[0]
+        if bool(step.active[0]) and not bool(torch.isin(token, stop_ids)):
+            piece = text.push(int(token))
+            if piece:
+                yield piece
+    tail = text.flush()
+    if tail:
+        yield tail
