@@ -314,7 +314,7 @@ def load_pretrained(cls, name: str | os.PathLike, device=None, dtype=None, stric
     """Build `cls` (MambaLMHeadModel) from a checkpoint directory or hub id, in either layout.
 
     dtype / device: those of the built model (parameters the layers keep in fp32 stay fp32);
-    the stored tensors are cast to them. strict=False tolerates missing keys (left as initialized)
+    the stored tensors are cast to them. dtype="auto" takes the stored embedding's dtype. strict=False tolerates missing keys (left as initialized)
     and unexpected ones (ignored), with a warning; shapes must match either way.
     """
     directory = resolve_directory(name)
@@ -322,6 +322,8 @@ def load_pretrained(cls, name: str | os.PathLike, device=None, dtype=None, stric
     state = read_state_dict(directory)
     if layout == "hf":
         state = _rename(state, HF_EMBEDDING, OFFICIAL_EMBEDDING)
+    if dtype == "auto":
+        dtype = state[OFFICIAL_EMBEDDING].dtype if OFFICIAL_EMBEDDING in state else None
     model = cls(config, device=device, dtype=dtype)
     missing, unexpected = load_state_dict_checked(model, state, strict=strict, source=str(directory))
     if missing or unexpected:

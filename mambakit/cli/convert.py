@@ -1,0 +1,50 @@
+"""`mambakit convert`: rewrite a checkpoint in the official `state-spaces` or the `transformers` layout.
+
+    mambakit convert path/to/mamba-130m out/mamba-130m-hf --to hf
+    mambakit convert path/to/hf-checkpoint out/official --to official --dtype bfloat16
+
+The source may be in either layout (detected from its config.json) and is checked in full before
+anything is written. Tokenizer files found beside it are copied along.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from mambakit._io import atomic_path
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("convert", help="convert a checkpoint between the official and transformers layouts",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", help="checkpoint directory (official or transformers layout) or hub id")
+    parser.add_argument("dst", type=Path, help="output directory")
+    parser.add_argument("--to", required=True, choices=["official", "hf"], help="layout to write")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="auto",
+                        help="dtype of the written weights (auto: as stored; parameters kept in fp32 stay fp32)")
+    parser.add_argument("--bin", action="store_true", help="write pytorch_model.bin instead of model.safetensors")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mambakit.models import MambaLMHeadModel
+
+    model = MambaLMHeadModel.from_pretrained(args.src, dtype=DTYPES[args.dtype])
+    model.save_pretrained(args.dst, format=args.to, safe_serialization=not args.bin)
+    src = Path(args.src)
+    copied = [name for name in TOKENIZER_FILES if (src / name).is_file()]
+    for name in copied:
+        with atomic_path(args.dst / name) as tmp:
+            shutil.copyfile(src / name, tmp)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"wrote {args.dst} ({args.to} layout, {n_params:,} parameters, "
+          f"{str(model.backbone.embedding.weight.dtype).removeprefix('torch.')}"
+          + (f", with {', '.join(copied)}" if copied else "") + ")", file=sys.stderr)
+    return 0
