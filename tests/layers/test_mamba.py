@@ -86,7 +86,8 @@ def test_step_by_step_equals_parallel(rel):
     full = layer(x)
     conv_state, ssm_state = layer.allocate_inference_cache(3, 11)
     assert conv_state.shape == (3, 32, 4) and ssm_state.shape == (3, 32, 8) and ssm_state.dtype == torch.float32
-    steps = [layer.step(x[:, t:t + 1], conv_state, ssm_state)[0] for t in range(11)]
+    with torch.no_grad():  # decoding runs without autograd
+        steps = [layer.step(x[:, t:t + 1], conv_state, ssm_state)[0] for t in range(11)]
     assert rel(torch.cat(steps, dim=1), full) < 1e-5
 
 
@@ -96,11 +97,12 @@ def test_prefill_then_decode_equals_parallel(prefill, cache_params, rel):
     x = torch.randn(2, 12, 16)
     full = layer(x)
     params = cache_params(max_seqlen=12, max_batch_size=2)
-    outs = [layer(x[:, :prefill], inference_params=params)]
-    assert set(params.key_value_memory_dict) == {3}
-    for t in range(prefill, 12):
-        params.seqlen_offset = t
-        outs.append(layer(x[:, t:t + 1], inference_params=params))
+    with torch.no_grad():
+        outs = [layer(x[:, :prefill], inference_params=params)]
+        assert set(params.key_value_memory_dict) == {3}
+        for t in range(prefill, 12):
+            params.seqlen_offset = t
+            outs.append(layer(x[:, t:t + 1], inference_params=params))
     assert rel(torch.cat(outs, dim=1), full) < 1e-5
 
 
