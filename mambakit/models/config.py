@@ -94,8 +94,7 @@ class MambaConfig:
             raise ValueError(f"attn_layer_idx: expected unique indices, got {list(self.attn_layer_idx)}")
         if self.ssm_layer not in SSM_LAYERS:
             raise ValueError(f"ssm_cfg['layer']: expected one of {SSM_LAYERS}, got {self.ssm_layer!r}")
-        if len(self.attn_layer_idx) < self.n_layer:
-            _check_mixer_keys("ssm_cfg", self.ssm_cfg, self.ssm_layer)
+        _check_mixer_keys("ssm_cfg", self.ssm_cfg, self.ssm_layer)
         if self.attn_layer_idx:
             _check_mixer_keys("attn_cfg", self.attn_cfg, "MHA")
 

@@ -165,6 +165,24 @@ class MambaLMHeadModel(nn.Module):
             hidden_states = hidden_states[:, -num_last_tokens:]
         return CausalLMOutput(logits=self.lm_head(hidden_states))
 
+    def generate(self, input_ids, max_length=None, **kwargs):
+        """`mambakit.generation.generate(self, input_ids, max_length, **kwargs)`: the official spelling."""
+        from mambakit.generation import generate
+
+        return generate(self, input_ids, max_length, **kwargs)
+
+    def stream(self, prompt, tokenizer=None, **options):
+        """`mambakit.generation.stream(self, prompt, tokenizer, **options)`: yields text as it is generated."""
+        from mambakit.generation import stream
+
+        return stream(self, prompt, tokenizer, **options)
+
+    def log_likelihood(self, text, tokenizer=None):
+        """`mambakit.generation.log_likelihood(self, text, tokenizer)`: teacher-forced per-token scores."""
+        from mambakit.generation import log_likelihood
+
+        return log_likelihood(self, text, tokenizer)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name: str | os.PathLike, device=None, dtype=None,
                         strict: bool = True) -> "MambaLMHeadModel":
