@@ -197,21 +197,3 @@ class MambaLMHeadModel(nn.Module):
         safe_serialization) in the official layout or, with format="hf", the `transformers` one."""
         checkpoint.save_pretrained(self, save_directory, format=format, safe_serialization=safe_serialization)
 
-    # Generation lives in mambakit.generation (a later layer): imported inside the call, see DESIGN.md.
-    def generate(self, input_ids, max_length=None, **kwargs):
-        """Continue prompts (batch, L) or a list of id lists; see `mambakit.generation.generate`."""
-        from mambakit.generation import generate
-
-        return generate(self, input_ids, max_length, **kwargs)
-
-    def stream(self, prompt, tokenizer=None, **kwargs):
-        """Yield the new text piece by piece; see `mambakit.generation.stream`."""
-        from mambakit.generation import stream
-
-        return stream(self, prompt, tokenizer, **kwargs)
-
-    def log_likelihood(self, text, tokenizer=None):
-        """Per-token log-probabilities and perplexity of a text or ids; see `mambakit.generation.log_likelihood`."""
-        from mambakit.generation import log_likelihood
-
-        return log_likelihood(self, text, tokenizer)
