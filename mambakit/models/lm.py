@@ -196,4 +196,3 @@ class MambaLMHeadModel(nn.Module):
         """Write config.json and the weights (model.safetensors, or pytorch_model.bin when not
         safe_serialization) in the official layout or, with format="hf", the `transformers` one."""
         checkpoint.save_pretrained(self, save_directory, format=format, safe_serialization=safe_serialization)
-
