@@ -1,0 +1,133 @@
+"""`TrainConfig`: everything that defines a training run, and the model it builds.
+
+Architectures (all one `MambaConfig`, no separate model code):
+  mamba        Mamba-1 blocks                     mamba2       Mamba-2 blocks
+  hybrid       Mamba-2 blocks, attention at `attn_layer_idx`
+  transformer  Transformer++: attention (rotary) in every layer, each followed by a SwiGLU MLP
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mambakit._io import write_json
+
+ARCHS = ("mamba", "mamba2", "hybrid", "transformer")
+CONFIG_FILE = "train_config.json"
+_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
+
+
+def parse_count(text: str | int) -> int:
+    """'200M' -> 200_000_000, '1.5k' -> 1500, '4096' -> 4096."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmbgtKMBGT]?)\s*", str(text))
+    if not match:
+        raise ValueError(f"expected a count such as 4096, 50k, 200M or 1.5B, got {text!r}")
+    return int(float(match.group(1)) * _SUFFIXES[match.group(2).lower()])
+
+
+@dataclass
+class TrainConfig:
+    """A training run. `batch_size` is the global batch (sequences per optimizer step, over all ranks
+    and accumulation steps), so a run is the same on any number of processes."""
+
+    # data
+    data: list = field(default_factory=lambda: ["default"])
+    tokenizer: str | None = None  # tokenizer.json (file or folder); None: bytes
+    train_tokenizer: int = 0  # > 0: train a BPE of this vocabulary size on the corpus
+    seq_len: int = 1024
+    val_fraction: float = 0.01
+    use_seq_idx: bool = False  # reset the recurrent state at document boundaries (Mamba-2)
+    # model
+    arch: str = "mamba2"
+    d_model: int = 512
+    n_layer: int = 8
+    d_state: int | None = None  # None: the mixer's default (16 Mamba-1, 128 Mamba-2)
+    headdim: int | None = None  # Mamba-2 head size (None: 64)
+    expand: int = 2
+    attn_layer_idx: list = field(default_factory=list)  # hybrid only
+    attn_heads: int | None = None  # None: d_model // 64
+    d_intermediate: int | None = None  # MLP width; None: 0 for SSMs, SwiGLU 8/3 * d_model for transformer
+    # optimisation
+    batch_size: int = 16
+    micro_batch_size: int | None = None  # per rank and forward; None: batch_size // world_size
+    max_tokens: int = 200_000_000
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1
+    warmup_fraction: float = 0.02
+    weight_decay: float = 0.1
+    betas: tuple = (0.9, 0.95)
+    grad_clip: float = 1.0
+    # run
+    seed: int = 0
+    device: str | None = None  # None: cuda when available, else cpu
+    bf16: bool = True  # bf16 autocast on CUDA (CPU runs fp32)
+    fsdp: bool = False  # shard parameters and optimizer state (FSDP2) instead of replicating (DDP)
+    log_interval: int = 10
+    eval_interval: int = 500
+    eval_sequences: int = 256
+    save_interval: int = 1000
+    keep_last: int = 3
+    max_time: float | None = None  # seconds; stop (and save) when exceeded
+
+    def __post_init__(self):
+        self.max_tokens = parse_count(self.max_tokens)
+        self.betas, self.data, self.attn_layer_idx = tuple(self.betas), list(self.data), list(self.attn_layer_idx)
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch: expected one of {ARCHS}, got {self.arch!r}")
+        if self.arch == "hybrid" and not self.attn_layer_idx:
+            raise ValueError("attn_layer_idx: the hybrid arch needs attention layer indices, got none")
+        for name in ("seq_len", "d_model", "n_layer", "batch_size", "log_interval", "eval_interval", "save_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+    def total_steps(self) -> int:
+        return max(1, self.max_tokens // self.tokens_per_step())
+
+    def model_config(self, vocab_size: int):
+        """The `MambaConfig` of this run's model for a `vocab_size` tokenizer."""
+        from mambakit import MambaConfig
+
+        heads = self.attn_heads or max(1, self.d_model // 64)
+        attn_cfg = {"num_heads": heads, "head_dim": self.d_model // heads, "rotary_emb_dim": self.d_model // heads,
+                    "causal": True, "qkv_proj_bias": False, "out_proj_bias": False}
+        ssm_cfg = {"layer": "Mamba1" if self.arch == "mamba" else "Mamba2", "expand": self.expand}
+        if self.d_state is not None:
+            ssm_cfg["d_state"] = self.d_state
+        if self.headdim is not None and self.arch != "mamba":
+            ssm_cfg["headdim"] = self.headdim
+        attn_layers = {"transformer": list(range(self.n_layer)), "hybrid": self.attn_layer_idx}.get(self.arch, [])
+        d_intermediate = self.d_intermediate
+        if d_intermediate is None:  # SwiGLU at 8/3 d_model keeps the MLP at 8 d_model^2 parameters, rounded to 64
+            d_intermediate = (8 * self.d_model // 3 + 63) // 64 * 64 if self.arch == "transformer" else 0
+        return MambaConfig(
+            d_model=self.d_model, d_intermediate=d_intermediate, n_layer=self.n_layer, vocab_size=vocab_size,
+            ssm_cfg=ssm_cfg if len(attn_layers) < self.n_layer else {}, attn_layer_idx=attn_layers,
+            attn_cfg=attn_cfg if attn_layers else {},
+        )
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"train config: unknown fields {unknown}")
+        return cls(**d)
+
+    def save(self, folder: str | os.PathLike) -> None:
+        write_json(Path(folder) / CONFIG_FILE, self.to_dict())
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> "TrainConfig":
+        return cls.from_dict(json.loads((Path(folder) / CONFIG_FILE).read_text()))

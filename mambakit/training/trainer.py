@@ -1,0 +1,359 @@
+"""The language-model trainer: one loop for Mamba, Mamba-2, hybrids and Transformer++, on one
+process or many (torchrun: DDP, or FSDP2 with `fsdp=True`).
+
+    trainer = Trainer(TrainConfig(arch="mamba2", max_tokens="20M"), "runs/m2")
+    trainer.fit()                          # later: Trainer.resume("runs/m2").fit()
+
+Step s of a run trains on global samples [s * batch_size, (s + 1) * batch_size) of the data order
+(see mambakit.data.packed); with the checkpointed optimizer and RNG states this makes a resumed run
+repeat an uninterrupted one exactly (bitwise on the CPU).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from mambakit.data import PackedDataset, build_token_file, corpus_files, rank_sample_offset, train_bpe_tokenizer
+from mambakit.data.packed import Batch
+from mambakit.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+from mambakit.training import checkpoint as ckpt
+from mambakit.training.config import TrainConfig
+from mambakit.training.distributed import Dist, wrap_model
+from mambakit.training.metrics import PLOT_FILE, MetricsLog, bits_per_byte, plot_losses
+from mambakit.training.optim import CosineSchedule, build_optimizer
+
+
+def lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats) of `batch`, computed in fp32."""
+    kwargs = {} if batch.seq_idx is None else {"seq_idx": batch.seq_idx}
+    logits = model(batch.input_ids, **kwargs).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten())
+
+
+def text_bytes(tokenizer: Tokenizer, targets: torch.Tensor) -> int:
+    """UTF-8 bytes of text the target tokens (batch, seq_len) stand for (for bits per byte)."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return int((targets < 256).sum())
+    return sum(len(tokenizer.decode(row.tolist()).encode("utf-8")) for row in targets)
+
+
+class StopRequested:
+    """Records SIGINT / SIGTERM while installed, so that the loop saves and exits between steps."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        with contextlib.suppress(ValueError):  # not the main thread: signals stay with their owner
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._record)
+        return self
+
+    def _record(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+class Trainer:
+    """Builds the data, model, optimizer and schedule of `config` and trains into `run_dir`."""
+
+    def __init__(self, config: TrainConfig, run_dir: str | Path, quiet: bool = False, _resume_from: Path | None = None):
+        from mambakit import MambaLMHeadModel
+
+        self.config, self.run_dir, self.quiet = config, Path(run_dir), quiet
+        self.dist = Dist.setup(config.device)
+        self.device = self.dist.device
+        if _resume_from is None and ckpt.latest_checkpoint(self.run_dir) is not None:
+            raise FileExistsError(f"out: {self.run_dir} already holds checkpoints; resume it (--resume) or choose another")
+        self.micro_batch, self.grad_accum = self._batch_split()
+        self.tokenizer = load_tokenizer(_resume_from) if _resume_from else self._prepare_tokenizer()
+        self.dataset = self._prepare_dataset()
+
+        torch.manual_seed(config.seed)  # every rank builds the same initial weights
+        self.model_config = config.model_config(self.tokenizer.vocab_size)
+        self.model = MambaLMHeadModel(self.model_config, device=self.device)
+        if _resume_from is not None and not config.fsdp:
+            self._load_weights(_resume_from)
+        self.wrapped = wrap_model(self.model, self.dist, config.fsdp)
+        if _resume_from is not None and config.fsdp:
+            self._load_weights(_resume_from)
+        self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay, config.betas)
+        total = config.total_steps()
+        self.schedule = CosineSchedule(config.lr, total, min(total, math.ceil(config.warmup_fraction * total)),
+                                       config.min_lr_ratio)
+        self.step, self.elapsed = 0, 0.0
+        self.metrics = MetricsLog(self.run_dir, enabled=self.dist.is_main)
+        self._val_bytes: int | None = None
+        if _resume_from is not None:
+            self._load_trainer_state(_resume_from)
+        elif self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            config.save(self.run_dir)
+            self.metrics.truncate_after(0)  # records of an earlier attempt that saved no checkpoint
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, quiet: bool = False, **overrides) -> "Trainer":
+        """The trainer of `run_dir` at its latest checkpoint; `overrides` change config fields
+        (e.g. max_tokens to train further, device, eval_interval)."""
+        latest = ckpt.latest_checkpoint(run_dir)
+        if latest is None:
+            raise FileNotFoundError(f"resume: no complete checkpoint in {run_dir}")
+        config = TrainConfig.load(latest)
+        config = TrainConfig.from_dict({**config.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
+        return cls(config, run_dir, quiet=quiet, _resume_from=latest)
+
+    # ---------------------------------------------------------------------------------------------
+    # setup
+
+    def _batch_split(self) -> tuple[int, int]:
+        """(sequences per rank per forward, forwards per optimizer step) for the global batch."""
+        cfg, world = self.config, self.dist.world_size
+        micro = cfg.micro_batch_size or cfg.batch_size // world
+        if micro < 1 or cfg.batch_size % (micro * world):
+            raise ValueError(f"batch_size: the global batch {cfg.batch_size} must be a multiple of micro_batch_size "
+                             f"({micro}) x world size ({world})")
+        return micro, cfg.batch_size // (micro * world)
+
+    def _prepare_tokenizer(self) -> Tokenizer:
+        cfg = self.config
+        if cfg.train_tokenizer <= 0:
+            return load_tokenizer(cfg.tokenizer)
+        if self.dist.is_main:
+            self._say(f"training a {cfg.train_tokenizer}-token BPE tokenizer on the corpus")
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            train_bpe_tokenizer(corpus_files(cfg.data), cfg.train_tokenizer).save(self.run_dir)
+        self.dist.barrier()
+        return load_tokenizer(self.run_dir)
+
+    def _prepare_dataset(self) -> PackedDataset:
+        files = corpus_files(self.config.data)
+        if self.dist.is_main:  # one process tokenizes; the others open its memory-mapped file
+            bar = tqdm(total=len(files), desc="tokenizing", unit="file", disable=self.quiet, leave=False)
+            build_token_file(files, self.tokenizer, progress=lambda done, total: bar.update(1))
+            bar.close()
+        self.dist.barrier()
+        tokens = build_token_file(files, self.tokenizer)
+        dataset = PackedDataset(tokens, self.config.seq_len, self.config.val_fraction, self.config.seed,
+                                with_seq_idx=self.config.use_seq_idx)
+        self._say(f"data: {len(files)} files, {dataset}")
+        return dataset
+
+    def _say(self, text: str) -> None:
+        if self.dist.is_main and not self.quiet:
+            tqdm.write(text)
+
+    # ---------------------------------------------------------------------------------------------
+    # training
+
+    def _autocast(self):
+        use = self.config.bf16 and self.device.type == "cuda"
+        return torch.autocast("cuda", dtype=torch.bfloat16) if use else contextlib.nullcontext()
+
+    def _gradient_sync(self, enabled: bool):
+        """Context for one micro-batch's forward and backward; skips the gradient all-reduce when not
+        `enabled` (all but the last micro-batch of an accumulated step)."""
+        if not self.dist.enabled:
+            return contextlib.nullcontext()
+        if self.config.fsdp:
+            self.wrapped.set_requires_gradient_sync(enabled)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if enabled else self.wrapped.no_sync()
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on the global batch of step `self.step`. Returns (mean loss, grad norm) on device."""
+        cfg, d = self.config, self.dist
+        self.schedule.apply(self.optimizer, self.step)
+        first = self.step * cfg.batch_size
+        total = torch.zeros((), device=self.device)
+        for micro in range(self.grad_accum):
+            start = rank_sample_offset(first, micro, d.rank, d.world_size, self.micro_batch)
+            batch = self.dataset.train_batch(start, self.micro_batch).to(self.device)
+            with self._gradient_sync(micro == self.grad_accum - 1):
+                with self._autocast():
+                    loss = lm_loss(self.wrapped, batch)
+                (loss / self.grad_accum).backward()
+            total += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor over the shards
+            grad_norm = grad_norm.full_tensor()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return total / self.grad_accum, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Validation loss (nats/token), perplexity and bits per byte over the first eval_sequences validation windows."""
+        cfg, d = self.config, self.dist
+        limit = (min(len(self.dataset.val_windows), cfg.eval_sequences) // d.world_size) * d.world_size
+        if limit == 0:
+            return {}
+        model = self.wrapped if cfg.fsdp else self.model  # FSDP ranks must all run the sharded forward
+        model.eval()
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss * tokens, tokens, bytes
+        for batch in self.dataset.val_batches(self.micro_batch, limit, d.rank, d.world_size):
+            with self._autocast():
+                loss = lm_loss(model, batch.to(self.device))
+            n = batch.targets.numel()
+            sums += torch.tensor([float(loss) * n, n, self._batch_bytes(batch)], dtype=torch.float64, device=self.device)
+        model.train()
+        loss_sum, tokens, nbytes = d.sum(sums).tolist()
+        val_loss = loss_sum / tokens
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
+                "val_bpb": bits_per_byte(val_loss, int(tokens), int(nbytes))}
+
+    def _batch_bytes(self, batch: Batch) -> int:
+        return text_bytes(self.tokenizer, batch.targets)
+
+    def fit(self) -> dict:
+        """Train to max_tokens (or until max_time, SIGINT or SIGTERM), evaluating, logging and saving as configured.
+        Returns the last metrics record (with `stopped`: "done", "time" or the signal name)."""
+        cfg, d = self.config, self.dist
+        total = cfg.total_steps()
+        tokens_per_step = cfg.tokens_per_step()
+        self._say(f"model: {self.model_config.n_layer} layers ({cfg.arch}), d_model {cfg.d_model}, "
+                  f"{sum(p.numel() for p in self.model.parameters()):,} parameters; {total} steps of "
+                  f"{cfg.batch_size} x {cfg.seq_len} tokens on {d.world_size} x {self.device.type}")
+        bar = tqdm(total=total, initial=self.step, desc="train", unit="step", disable=self.quiet or not d.is_main,
+                   dynamic_ncols=True)
+        last = {}
+        stopped = "done"
+        window_loss, window_steps, window_start = torch.zeros((), device=self.device), 0, time.perf_counter()
+        run_start = time.perf_counter() - self.elapsed
+        self.wrapped.train()
+        with StopRequested() as stop:
+            while self.step < total:
+                loss, grad_norm = self.train_step()
+                window_loss += loss
+                window_steps += 1
+                bar.update(1)
+                self.elapsed = time.perf_counter() - run_start
+                if self.step % cfg.log_interval == 0 or self.step == total:
+                    seconds = time.perf_counter() - window_start
+                    last = {"step": self.step, "tokens": self.step * tokens_per_step,
+                            "loss": float(d.mean(window_loss / window_steps)), "lr": self.schedule.lr(self.step - 1),
+                            "grad_norm": float(grad_norm), "tok_per_s": window_steps * tokens_per_step / seconds,
+                            "elapsed_s": self.elapsed}
+                    self.metrics.append(last)
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tok_per_s']:,.0f}")
+                    window_loss, window_steps, window_start = torch.zeros((), device=self.device), 0, time.perf_counter()
+                if self.step % cfg.eval_interval == 0 or self.step == total:
+                    self._eval_and_log(last)
+                interrupted = stop.signum is not None
+                out_of_time = cfg.max_time is not None and self.elapsed > cfg.max_time
+                if d.any(interrupted or out_of_time):
+                    stopped = signal.Signals(stop.signum).name if stop.signum else "time"
+                    break
+                if self.step % cfg.save_interval == 0:
+                    self.save()
+        bar.close()
+        if stopped != "done":
+            self._say(f"stopping at step {self.step} ({stopped}): saving a checkpoint")
+            if self.step % cfg.eval_interval:
+                self._eval_and_log(last)
+        if not self._saved_at_current_step():
+            self.save()
+        return {**last, "stopped": stopped, "checkpoint": str(ckpt.checkpoint_dir(self.run_dir, self.step))}
+
+    def _eval_and_log(self, last: dict) -> None:
+        result = self.evaluate()
+        if not result:
+            return
+        record = {"step": self.step, "tokens": self.step * self.config.tokens_per_step(), **result}
+        self.metrics.append(record)
+        last.update(result)
+        self._say(f"step {self.step}: validation loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.2f}, "
+                  f"{result['val_bpb']:.4f} bits per byte")
+
+    # ---------------------------------------------------------------------------------------------
+    # checkpoints
+
+    def _saved_at_current_step(self) -> bool:
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        return latest is not None and latest == ckpt.checkpoint_dir(self.run_dir, self.step)
+
+    def _full_state(self) -> tuple[dict, dict]:
+        """(model state dict, optimizer state dict keyed by parameter names), whole, on the CPU."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=self.dist.enabled)
+        model_state = get_model_state_dict(self.model, options=opts)
+        optim_state = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
+        return model_state, optim_state
+
+    def save(self) -> Path:
+        """Write checkpoint `self.step` (all ranks call this; rank 0 writes)."""
+        model_state, optim_state = self._full_state()
+        folder = ckpt.checkpoint_dir(self.run_dir, self.step)
+        if self.dist.is_main:
+            state = {"step": self.step, "samples": self.step * self.config.batch_size, "elapsed": self.elapsed,
+                     "optimizer": optim_state, "rng": ckpt.rng_state(), "world_size": self.dist.world_size}
+            folder = ckpt.write_checkpoint(self.run_dir, self.step, lambda tmp: self._write_files(tmp, model_state, state),
+                                           self.config.keep_last)
+            records = self.metrics.records()
+            if records:
+                plot_losses(records, self.run_dir / PLOT_FILE, title=f"{self.config.arch} d_model {self.config.d_model}")
+        self.dist.barrier()
+        return folder
+
+    def _write_files(self, folder: Path, model_state: dict, trainer_state: dict) -> None:
+        self._pretrained_view(model_state).save_pretrained(folder)
+        self.tokenizer.save(folder)
+        self.config.save(folder)
+        ckpt.save_trainer_state(folder, trainer_state)
+
+    def _pretrained_view(self, model_state: dict):
+        """A module holding `model_state` that save_pretrained can write (the model itself unless sharded)."""
+        if not (self.config.fsdp and self.dist.enabled):
+            return self.model
+        from mambakit import MambaLMHeadModel
+
+        with torch.device("meta"):
+            view = MambaLMHeadModel(self.model_config)
+        view.load_state_dict(model_state, assign=True)
+        view.tie_weights()
+        return view
+
+    def _load_weights(self, folder: Path) -> None:
+        from mambakit.models.checkpoint import load_state_dict_checked, read_state_dict
+
+        state = read_state_dict(folder)
+        if not (self.config.fsdp and self.dist.enabled):
+            load_state_dict_checked(self.model, state, source=str(folder))
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        if self.model_config.tie_embeddings:
+            state["lm_head.weight"] = state["backbone.embedding.weight"]
+        set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True))
+
+    def _load_trainer_state(self, folder: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        state = ckpt.load_trainer_state(folder)
+        optim_state = ckpt.portable_optimizer_state(state["optimizer"], self.optimizer.param_groups)
+        set_optimizer_state_dict(self.model, self.optimizer, optim_state,
+                                 options=StateDictOptions(full_state_dict=True))
+        ckpt.set_rng_state(state["rng"])
+        self.step, self.elapsed = state["step"], state["elapsed"]
+        if state["samples"] != self.step * self.config.batch_size:
+            raise ValueError(f"batch_size: the checkpoint read {state['samples']} samples in {self.step} steps, "
+                             f"which batch_size {self.config.batch_size} does not repeat; resume with its batch size")
+        if self.dist.is_main:
+            ckpt.remove_stale_temporaries(self.run_dir)
+            self.metrics.truncate_after(self.step)
+        self._say(f"resumed {self.run_dir} at step {self.step} ({folder.name})")
