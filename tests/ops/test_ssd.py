@@ -142,6 +142,21 @@ def test_packed_sequences_equal_separate_runs(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_state_resets_where_seq_idx_changes(backend):
+    """Any labels, not only 0, 1, 2, ...: a run of equal values is one sequence."""
+    length, nheads, headdim, ngroups, N = 50, 2, 3, 1, 4
+    inputs = make_inputs(2, length, nheads, headdim, ngroups, N)
+    seq_idx = torch.tensor([7] * 9 + [3] * 16 + [7] * 1 + [5] * 24, dtype=torch.int32).repeat(2, 1)
+    seq_idx[1] = torch.randint(0, 2, (length,), dtype=torch.int32)  # many one-step sequences
+    h0 = torch.randn(2, nheads, headdim, N)
+    out, final = ssd(**inputs, chunk_size=16, initial_states=h0, seq_idx=seq_idx, return_final_states=True,
+                     backend=backend)
+    ref, ref_final = loop_ssd(**inputs, h0=h0, seq_idx=seq_idx)
+    assert rel_err(out, ref) < 1e-5
+    assert rel_err(final, ref_final) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_results_independent_of_chunk_size(backend):
     length, nheads, headdim, ngroups, N = 200, 4, 4, 1, 8
     inputs = make_inputs(2, length, nheads, headdim, ngroups, N)

@@ -28,8 +28,8 @@ def ssd(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplu
     x, z: (batch, L, nheads, headdim); dt: (batch, L, nheads); A: (nheads,) fp32, negative;
     B, C: (batch, L, ngroups, N), ngroups divides nheads (head h uses group h // (nheads // ngroups));
     D: (nheads,) or (nheads, headdim); dt_bias: (nheads,); initial_states: (batch, nheads, headdim, N);
-    seq_idx: (batch, L) int, non-decreasing: the state resets to zero where it changes (the initial
-    states belong to the first sequence); cu_seqlens: (num_seqs + 1,) int, batch 1, the packed
+    seq_idx: (batch, L) int: the state resets to zero where it changes (the initial states belong
+    to the first sequence); cu_seqlens: (num_seqs + 1,) int, batch 1, the packed
     sequences' boundaries (0, ..., L); when seq_idx is not given it is derived from cu_seqlens.
     Any L; chunk_size changes speed, not results.
     Returns out (batch, L, nheads, headdim) in x's dtype, then with return_final_states
@@ -38,7 +38,9 @@ def ssd(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplu
     """
     _check_ssd_args(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_limit, initial_states, seq_idx,
                     cu_seqlens, return_varlen_states)
-    if cu_seqlens is not None and seq_idx is None:
+    if seq_idx is not None:
+        seq_idx = number_sequences(seq_idx)
+    elif cu_seqlens is not None:
         seq_idx = seq_idx_from_cu_seqlens(cu_seqlens, x.shape[1])
     return dispatch(_IMPLS, backend, x)(
         x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
@@ -67,6 +69,15 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
     _check_step_args(state, x, dt, A, B, C, D, z, dt_bias, dt_limit)
     return dispatch(_STEP_IMPLS, backend, x)(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
                                               dt_softplus=dt_softplus, dt_limit=dt_limit)
+
+
+def number_sequences(seq_idx):
+    """seq_idx (batch, L) -> (batch, L) int32 counting its changes so far: 0, 0, 1, 1, 2, ...
+
+    The same resets as seq_idx, in the non-decreasing form from 0 that every path can rely on.
+    """
+    changes = (seq_idx[:, 1:] != seq_idx[:, :-1]).to(torch.int32)
+    return torch.cat([torch.zeros_like(changes[:, :1]), changes.cumsum(dim=1, dtype=torch.int32)], dim=1)
 
 
 def seq_idx_from_cu_seqlens(cu_seqlens, seqlen):
