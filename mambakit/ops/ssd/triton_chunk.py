@@ -1,0 +1,454 @@
+"""Triton kernels for the chunked Mamba-2 SSD, forward and backward.
+
+Layout: time is cut into chunks of Q steps (the state is stored once per chunk), and each chunk
+into blocks of BT rows (the unit of every tensor-core product). Within a chunk, cs is the
+cumulative sum of a = dt * A from the chunk's start; decays are always exp of a difference of cs
+that is <= 0 (masked before the exp), so nothing overflows however large |A dt| is.
+
+Forward, three launches:
+  1. `_chunk_state_fwd`: dt processing, cs, and each chunk's own state sum_s exp(cs_last - cs_s) dt_s x_s B_s^T.
+  2. `_state_passing`: the recurrence over chunks, S_in[c+1] = exp(cs_last[c]) S_in[c] + local[c].
+  3. `_chunk_scan_fwd`: y_t = exp(cs_t) C_t S_in^T + sum_{s<=t} (C_t.B_s) exp(cs_t - cs_s) dt_s x_s + D x_t, gated.
+Backward, four launches: the mirror of 1 and 2 for the state gradients, one kernel for every
+other gradient of a block (looping over the heads of a group so dB and dC are summed on chip),
+and one for the dt-side gradients (reverse cumsum within the chunk, softplus, clamp).
+seq_idx (numbered 0, 1, 2, ...) masks every term that would cross a sequence boundary.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _process_dt(dt, bias, dt_min, dt_max, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr):
+    """dt + bias -> softplus -> clamp, in fp32 (softplus is the identity above 20, as in torch)."""
+    dt = dt + bias
+    if SOFTPLUS:
+        dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
+    if HAS_LIMIT:
+        dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
+    return dt
+
+
+@triton.jit
+def _load_dt(dt_ptr, bias_ptr, b, h, t, mask, L, H, dt_min, dt_max,
+             HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr):
+    """Processed dt at steps t of (batch b, head h); 0 on masked steps (no input, decay 1)."""
+    raw = tl.load(dt_ptr + (b * L + t) * H + h, mask=mask, other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + h).to(tl.float32) if HAS_BIAS else 0.0
+    return tl.where(mask, _process_dt(raw, bias, dt_min, dt_max, SOFTPLUS, HAS_LIMIT), 0.0)
+
+
+@triton.jit
+def _load_rows(ptr, t, mask, row_stride, col_offset, cols, ncols):
+    """Tile (len(t), len(cols)) of a (..., L, ..., ncols) tensor whose row t starts at t * row_stride + col_offset."""
+    return tl.load(ptr + t[:, None] * row_stride + col_offset + cols[None, :],
+                   mask=mask[:, None] & (cols[None, :] < ncols), other=0.0)
+
+
+@triton.jit
+def _chunk_state_fwd(x_ptr, dt_ptr, A_ptr, B_ptr, bias_ptr, seq_ptr, dtp_ptr, cs_ptr, states_ptr,
+                     L, H, G, P, N, NCHUNKS, dt_min, dt_max,
+                     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
+                     HAS_SEQ: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr,
+                     BN: tl.constexpr, PREC: tl.constexpr):
+    """Grid (nchunks, batch * nheads): writes dt, cs (batch, nheads, nchunks, Q) and the local state (P, N)."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    g = h // (H // G)
+    A = tl.load(A_ptr + h).to(tl.float32)
+    t0 = c * Q
+    tq = t0 + tl.arange(0, Q)
+    dt = _load_dt(dt_ptr, bias_ptr, b, h, tq, tq < L, L, H, dt_min, dt_max, HAS_BIAS, SOFTPLUS, HAS_LIMIT)
+    cs = tl.cumsum(dt * A, axis=0)
+    buf = (bh * NCHUNKS + c) * Q + tl.arange(0, Q)
+    tl.store(dtp_ptr + buf, dt)
+    tl.store(cs_ptr + buf, cs)
+    cs_last = tl.sum(dt * A, axis=0)
+    if HAS_SEQ:
+        seq_last = tl.load(seq_ptr + b * L + tl.minimum(t0 + Q - 1, L - 1))
+
+    cols_p, cols_n, rows = tl.arange(0, BP), tl.arange(0, BN), tl.arange(0, BT)
+    acc = tl.zeros((BP, BN), dtype=tl.float32)
+    cs_before = 0.0
+    for j in range(0, Q // BT):  # blocks past L load zeros and add nothing
+        t = t0 + j * BT + rows
+        m = t < L
+        dtj = _load_dt(dt_ptr, bias_ptr, b, h, t, m, L, H, dt_min, dt_max, HAS_BIAS, SOFTPLUS, HAS_LIMIT)
+        csj = cs_before + tl.cumsum(dtj * A, axis=0)
+        cs_before += tl.sum(dtj * A, axis=0)
+        w = tl.exp(cs_last - csj) * dtj
+        if HAS_SEQ:
+            seqj = tl.load(seq_ptr + b * L + t, mask=m, other=-1)
+            w = tl.where(seqj == seq_last, w, 0.0)
+        xj = _load_rows(x_ptr + b * L * H * P, t, m, H * P, h * P, cols_p, P)
+        Bj = _load_rows(B_ptr + b * L * G * N, t, m, G * N, g * N, cols_n, N).to(xj.dtype)
+        xw = (xj.to(tl.float32) * w[:, None]).to(xj.dtype)
+        acc += tl.dot(tl.trans(xw), Bj, input_precision=PREC)
+    tile = cols_p[:, None] * N + cols_n[None, :]
+    tl.store(states_ptr + ((b * NCHUNKS + c) * H + h) * P * N + tile, acc,
+             mask=(cols_p[:, None] < P) & (cols_n[None, :] < N))
+
+
+@triton.jit
+def _state_passing(states_ptr, cs_ptr, seq_ptr, init_ptr, final_ptr, other_ptr, dlast_ptr,
+                   L, H, P, N, NCHUNKS,
+                   HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr,
+                   Q: tl.constexpr, BPS: tl.constexpr, BN: tl.constexpr):
+    """Grid (batch * nheads, cdiv(P, BPS)). The recurrence over chunks, in place on `states`.
+
+    Forward: states holds each chunk's local state and becomes the state entering each chunk;
+    `final` gets the state after the last chunk, `init` starts it.
+    Reverse: states holds each chunk's direct gradient sum_t exp(cs_t) dY_t^T C_t and becomes the
+    gradient of the state leaving each chunk; `init` is the gradient of the final state, `final`
+    gets the gradient of the initial state, and dlast (batch, nheads, nchunks, cdiv(P, BPS)) the
+    gradient of each chunk's cs_last through the carry: carry * <S_in, dS_out> (S_in from `other`).
+    """
+    bh = tl.program_id(0)
+    pb = tl.program_id(1)
+    b, h = bh // H, bh % H
+    cols_p = pb * BPS + tl.arange(0, BPS)
+    cols_n = tl.arange(0, BN)
+    tile = cols_p[:, None] * N + cols_n[None, :]
+    mask = (cols_p[:, None] < P) & (cols_n[None, :] < N)
+    if HAS_INIT:
+        acc = tl.load(init_ptr + bh * P * N + tile, mask=mask, other=0.0).to(tl.float32)
+    else:
+        acc = tl.zeros((BPS, BN), dtype=tl.float32)
+    for i in range(0, NCHUNKS):
+        c = NCHUNKS - 1 - i if REVERSE else i
+        carry = tl.exp(tl.load(cs_ptr + (bh * NCHUNKS + c) * Q + Q - 1))
+        if HAS_SEQ:  # the carried state belongs to the sequence of the step before the chunk
+            seq_prev = tl.load(seq_ptr + b * L + tl.maximum(c * Q - 1, 0))
+            seq_last = tl.load(seq_ptr + b * L + tl.minimum(c * Q + Q - 1, L - 1))
+            carry = tl.where(seq_prev == seq_last, carry, 0.0)
+        ptr = states_ptr + ((b * NCHUNKS + c) * H + h) * P * N + tile
+        local = tl.load(ptr, mask=mask, other=0.0)
+        if REVERSE:
+            s_in = tl.load(other_ptr + ((b * NCHUNKS + c) * H + h) * P * N + tile, mask=mask, other=0.0)
+            tl.store(dlast_ptr + (bh * NCHUNKS + c) * tl.num_programs(1) + pb, carry * tl.sum(s_in * acc))
+        tl.store(ptr, acc, mask=mask)
+        acc = carry * acc + local
+    tl.store(final_ptr + bh * P * N + tile, acc, mask=mask)
+
+
+@triton.jit
+def _intra_mask(t_rows, t_cols, seq_rows, seq_cols, cs_rows, cs_cols, HAS_SEQ: tl.constexpr):
+    """(keep, decay): keep[t, s] = s <= t within one sequence; decay = exp(cs_t - cs_s) where kept, else 0."""
+    keep = t_rows[:, None] >= t_cols[None, :]
+    if HAS_SEQ:
+        keep = keep & (seq_rows[:, None] == seq_cols[None, :])
+    decay = tl.exp(tl.where(keep, cs_rows[:, None] - cs_cols[None, :], 0.0))
+    return keep, tl.where(keep, decay, 0.0)
+
+
+@triton.jit
+def _chunk_scan_fwd(x_ptr, z_ptr, B_ptr, C_ptr, D_ptr, states_ptr, cs_ptr, dtp_ptr, seq_ptr, out_ptr, y_ptr,
+                    L, H, G, P, N, NCHUNKS,
+                    HAS_Z: tl.constexpr, HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr,
+                    HAS_SEQ: tl.constexpr, STORE_Y: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr,
+                    BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    """Grid (nchunks * Q // BT, batch * nheads): the outputs of one block of rows."""
+    NB: tl.constexpr = Q // BT
+    c, i = tl.program_id(0) // NB, tl.program_id(0) % NB
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    g = h // (H // G)
+    if c * Q + i * BT >= L:
+        return
+    rows = tl.arange(0, BT)
+    cols_p, cols_n = tl.arange(0, BP), tl.arange(0, BN)
+    ti = c * Q + i * BT + rows
+    mi = ti < L
+    buf = (bh * NCHUNKS + c) * Q
+    cs_i = tl.load(cs_ptr + buf + i * BT + rows)
+    x_b, BC_b = x_ptr + b * L * H * P, b * L * G * N
+    Ci = _load_rows(C_ptr + BC_b, ti, mi, G * N, g * N, cols_n, N)
+    dot_type = x_ptr.dtype.element_ty
+    Ci = Ci.to(dot_type)
+    seq_i = tl.load(seq_ptr + b * L + ti, mask=mi, other=-1) if HAS_SEQ else rows
+
+    # Inter-chunk: the entering state seen through the decay since the chunk's start.
+    e = tl.exp(cs_i)
+    if HAS_SEQ:
+        e = tl.where(seq_i == tl.load(seq_ptr + b * L + tl.maximum(c * Q - 1, 0)), e, 0.0)
+    S = tl.load(states_ptr + ((b * NCHUNKS + c) * H + h) * P * N + cols_p[:, None] * N + cols_n[None, :],
+                mask=(cols_p[:, None] < P) & (cols_n[None, :] < N), other=0.0)
+    acc = tl.dot(Ci, tl.trans(S.to(dot_type)), input_precision=PREC) * e[:, None]
+
+    # Intra-chunk: blocks j <= i, the causal masked form.
+    for j in range(0, i + 1):
+        tj = c * Q + j * BT + rows
+        mj = tj < L
+        cs_j = tl.load(cs_ptr + buf + j * BT + rows)
+        dt_j = tl.load(dtp_ptr + buf + j * BT + rows)
+        seq_j = tl.load(seq_ptr + b * L + tj, mask=mj, other=-2) if HAS_SEQ else rows
+        Bj = _load_rows(B_ptr + BC_b, tj, mj, G * N, g * N, cols_n, N).to(dot_type)
+        xj = _load_rows(x_b, tj, mj, H * P, h * P, cols_p, P)
+        _, decay = _intra_mask(ti, tj, seq_i, seq_j, cs_i, cs_j, HAS_SEQ)
+        scores = tl.dot(Ci, tl.trans(Bj), input_precision=PREC) * decay * dt_j[None, :]
+        acc += tl.dot(scores.to(dot_type), xj, input_precision=PREC)
+
+    xi = _load_rows(x_b, ti, mi, H * P, h * P, cols_p, P).to(tl.float32)
+    if HAS_D:
+        if D_PER_CHANNEL:
+            acc += xi * tl.load(D_ptr + h * P + cols_p, mask=cols_p < P, other=0.0)[None, :]
+        else:
+            acc += xi * tl.load(D_ptr + h)
+    offs = ti[:, None] * H * P + h * P + cols_p[None, :]
+    mask = mi[:, None] & (cols_p[None, :] < P)
+    if STORE_Y:
+        tl.store(y_ptr + b * L * H * P + offs, acc, mask=mask)
+    if HAS_Z:
+        zi = tl.load(z_ptr + b * L * H * P + offs, mask=mask, other=0.0).to(tl.float32)
+        acc = acc * zi * tl.sigmoid(zi)
+    tl.store(out_ptr + b * L * H * P + offs, acc, mask=mask)
+
+
+@triton.jit
+def _varlen_states(x_ptr, B_ptr, states_ptr, cs_ptr, dtp_ptr, seq_ptr, cu_ptr, out_ptr,
+                   L, H, G, P, N, NCHUNKS,
+                   Q: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    """Grid (num_seqs, nheads), batch 1: the state after the last step e of each packed sequence,
+    from the entering state of e's chunk and that chunk's steps of the same sequence up to e."""
+    k = tl.program_id(0)
+    h = tl.program_id(1)
+    g = h // (H // G)
+    e = tl.load(cu_ptr + k + 1).to(tl.int32) - 1
+    c = e // Q
+    buf = (h * NCHUNKS + c) * Q
+    cs_e = tl.load(cs_ptr + buf + e - c * Q)
+    seq_e = tl.load(seq_ptr + e)
+    carry = tl.where(tl.load(seq_ptr + tl.maximum(c * Q - 1, 0)) == seq_e, tl.exp(cs_e), 0.0)
+    cols_p, cols_n, rows = tl.arange(0, BP), tl.arange(0, BN), tl.arange(0, BT)
+    tile = cols_p[:, None] * N + cols_n[None, :]
+    mask = (cols_p[:, None] < P) & (cols_n[None, :] < N)
+    acc = carry * tl.load(states_ptr + (c * H + h) * P * N + tile, mask=mask, other=0.0)
+    for j in range(0, Q // BT):
+        t = c * Q + j * BT + rows
+        m = t <= e
+        seq_t = tl.load(seq_ptr + t, mask=m, other=-1)
+        keep = m & (seq_t == seq_e)
+        cs_t = tl.load(cs_ptr + buf + j * BT + rows)
+        w = tl.where(keep, tl.exp(tl.where(keep, cs_e - cs_t, 0.0)) * tl.load(dtp_ptr + buf + j * BT + rows), 0.0)
+        xt = _load_rows(x_ptr, t, m, H * P, h * P, cols_p, P)
+        Bt = _load_rows(B_ptr, t, m, G * N, g * N, cols_n, N).to(xt.dtype)
+        acc += tl.dot(tl.trans((xt.to(tl.float32) * w[:, None]).to(xt.dtype)), Bt, input_precision=PREC)
+    tl.store(out_ptr + (k * H + h) * P * N + tile, acc, mask=mask)
+
+
+@triton.jit
+def _gated_dy(dout_ptr, z_ptr, offs, mask, HAS_Z: tl.constexpr):
+    """Gradient reaching y: dout * silu(z) (just dout without a gate), fp32."""
+    dy = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_Z:
+        zv = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = dy * zv * tl.sigmoid(zv)
+    return dy
+
+
+@triton.jit
+def _chunk_dstate_direct(dout_ptr, z_ptr, C_ptr, cs_ptr, seq_ptr, dstates_ptr,
+                         L, H, G, P, N, NCHUNKS,
+                         HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr,
+                         BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    """Grid (nchunks, batch * nheads): sum_t exp(cs_t) dY_t^T C_t, the gradient of the entering
+    state through this chunk's own outputs (rows of another sequence excluded)."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    g = h // (H // G)
+    cols_p, cols_n, rows = tl.arange(0, BP), tl.arange(0, BN), tl.arange(0, BT)
+    if HAS_SEQ:
+        seq_prev = tl.load(seq_ptr + b * L + tl.maximum(c * Q - 1, 0))
+    dot_type = C_ptr.dtype.element_ty
+    acc = tl.zeros((BP, BN), dtype=tl.float32)
+    for j in range(0, Q // BT):
+        t = c * Q + j * BT + rows
+        m = t < L
+        e = tl.exp(tl.load(cs_ptr + (bh * NCHUNKS + c) * Q + j * BT + rows))
+        if HAS_SEQ:
+            e = tl.where(tl.load(seq_ptr + b * L + t, mask=m, other=-1) == seq_prev, e, 0.0)
+        offs = b * L * H * P + t[:, None] * H * P + h * P + cols_p[None, :]
+        dy = _gated_dy(dout_ptr, z_ptr, offs, m[:, None] & (cols_p[None, :] < P), HAS_Z)
+        Cj = _load_rows(C_ptr + b * L * G * N, t, m, G * N, g * N, cols_n, N)
+        acc += tl.dot(tl.trans((dy * e[:, None]).to(dot_type)), Cj, input_precision=PREC)
+    tl.store(dstates_ptr + ((b * NCHUNKS + c) * H + h) * P * N + cols_p[:, None] * N + cols_n[None, :], acc,
+             mask=(cols_p[:, None] < P) & (cols_n[None, :] < N))
+
+
+@triton.jit
+def _chunk_scan_bwd(x_ptr, z_ptr, dout_ptr, y_ptr, B_ptr, C_ptr, D_ptr, states_ptr, dstates_ptr,
+                    cs_ptr, dtp_ptr, seq_ptr,
+                    dx_ptr, dz_ptr, dB_ptr, dC_ptr, ddt_ptr, dcs_ptr, dlast_ptr, dD_ptr,
+                    L, H, G, P, N, NCHUNKS, HEADS_PER_SPLIT, SPLIT_STRIDE,
+                    HAS_Z: tl.constexpr, HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr,
+                    HAS_SEQ: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr,
+                    BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    """Grid (nchunks * Q // BT, batch * ngroups, head splits): every gradient of one block k.
+
+    For block k as rows t: dC (inter and intra, j <= k). As columns s: dB, dx and dt's direct
+    gradient (intra over blocks i >= k, and the chunk's state). Per head it writes dx, dz, ddt
+    (dt as a multiplier), dcs (gradient of cs), dlast (cs_last through the chunk state) and dD;
+    dB, dC are summed over the split's heads of the group and written per split.
+    """
+    NB: tl.constexpr = Q // BT
+    c, k = tl.program_id(0) // NB, tl.program_id(0) % NB
+    bg = tl.program_id(1)
+    b, g = bg // G, bg % G
+    split = tl.program_id(2)
+    if c * Q + k * BT >= L:
+        return
+    rows = tl.arange(0, BT)
+    cols_p, cols_n = tl.arange(0, BP), tl.arange(0, BN)
+    tk = c * Q + k * BT + rows
+    mk = tk < L
+    n_blocks = tl.minimum(NB, tl.cdiv(L - c * Q, BT))
+    dot_type = x_ptr.dtype.element_ty
+    BC_b = b * L * G * N
+    Ck = _load_rows(C_ptr + BC_b, tk, mk, G * N, g * N, cols_n, N).to(dot_type)
+    Bk = _load_rows(B_ptr + BC_b, tk, mk, G * N, g * N, cols_n, N).to(dot_type)
+    seq_k = tl.load(seq_ptr + b * L + tk, mask=mk, other=-1) if HAS_SEQ else rows
+    if HAS_SEQ:
+        seq_prev = tl.load(seq_ptr + b * L + tl.maximum(c * Q - 1, 0))
+        seq_last = tl.load(seq_ptr + b * L + tl.minimum(c * Q + Q - 1, L - 1))
+    state_tile = cols_p[:, None] * N + cols_n[None, :]
+    state_mask = (cols_p[:, None] < P) & (cols_n[None, :] < N)
+    pmask = mk[:, None] & (cols_p[None, :] < P)
+    dB_acc = tl.zeros((BT, BN), dtype=tl.float32)
+    dC_acc = tl.zeros((BT, BN), dtype=tl.float32)
+    heads_per_group = H // G
+    h_start = g * heads_per_group + split * HEADS_PER_SPLIT
+    h_end = tl.minimum(h_start + HEADS_PER_SPLIT, (g + 1) * heads_per_group)
+    for h in range(h_start, h_end):
+        bh = b * H + h
+        buf = (bh * NCHUNKS + c) * Q
+        cs_k = tl.load(cs_ptr + buf + k * BT + rows)
+        dt_k = tl.load(dtp_ptr + buf + k * BT + rows)
+        cs_last = tl.load(cs_ptr + buf + Q - 1)
+        offs_k = b * L * H * P + tk[:, None] * H * P + h * P + cols_p[None, :]
+        xk = tl.load(x_ptr + offs_k, mask=pmask, other=0.0)
+        dyk = _gated_dy(dout_ptr, z_ptr, offs_k, pmask, HAS_Z)
+        if HAS_Z:  # dz = dout * y * silu'(z)
+            zk = tl.load(z_ptr + offs_k, mask=pmask, other=0.0).to(tl.float32)
+            sig = tl.sigmoid(zk)
+            dz = (tl.load(dout_ptr + offs_k, mask=pmask, other=0.0).to(tl.float32)
+                  * tl.load(y_ptr + offs_k, mask=pmask, other=0.0).to(tl.float32) * sig * (1.0 + zk * (1.0 - sig)))
+            tl.store(dz_ptr + offs_k, dz, mask=pmask)
+        dyk_dot = dyk.to(dot_type)
+
+        # Rows k, inter-chunk: y_t += exp(cs_t) C_t S_in^T.
+        e = tl.exp(cs_k)
+        if HAS_SEQ:
+            e = tl.where(seq_k == seq_prev, e, 0.0)
+        s_in = tl.load(states_ptr + ((b * NCHUNKS + c) * H + h) * P * N + state_tile, mask=state_mask, other=0.0)
+        dC_inter = tl.dot(dyk_dot, s_in.to(dot_type), input_precision=PREC) * e[:, None]
+        dC_acc += dC_inter
+        dcs = tl.sum(dC_inter * Ck.to(tl.float32), axis=1)
+
+        # Rows k, intra-chunk: columns j <= k.
+        for j in range(0, k + 1):
+            tj = c * Q + j * BT + rows
+            mj = tj < L
+            cs_j = tl.load(cs_ptr + buf + j * BT + rows)
+            dt_j = tl.load(dtp_ptr + buf + j * BT + rows)
+            seq_j = tl.load(seq_ptr + b * L + tj, mask=mj, other=-2) if HAS_SEQ else rows
+            Bj = _load_rows(B_ptr + BC_b, tj, mj, G * N, g * N, cols_n, N).to(dot_type)
+            xj = _load_rows(x_ptr + b * L * H * P, tj, mj, H * P, h * P, cols_p, P)
+            _, decay = _intra_mask(tk, tj, seq_k, seq_j, cs_k, cs_j, HAS_SEQ)
+            dscores = tl.dot(dyk_dot, tl.trans(xj), input_precision=PREC) * decay * dt_j[None, :]
+            dC_acc += tl.dot(dscores.to(dot_type), Bj, input_precision=PREC)
+            dcs += tl.sum(dscores * tl.dot(Ck, tl.trans(Bj), input_precision=PREC), axis=1)
+
+        # Columns k, intra-chunk: rows i >= k.
+        dx = tl.zeros((BT, BP), dtype=tl.float32)
+        ddt = tl.zeros((BT,), dtype=tl.float32)
+        for i in range(k, n_blocks):
+            ti = c * Q + i * BT + rows
+            mi = ti < L
+            cs_i = tl.load(cs_ptr + buf + i * BT + rows)
+            seq_i = tl.load(seq_ptr + b * L + ti, mask=mi, other=-1) if HAS_SEQ else rows
+            Ci = _load_rows(C_ptr + BC_b, ti, mi, G * N, g * N, cols_n, N).to(dot_type)
+            offs_i = b * L * H * P + ti[:, None] * H * P + h * P + cols_p[None, :]
+            dyi = _gated_dy(dout_ptr, z_ptr, offs_i, mi[:, None] & (cols_p[None, :] < P), HAS_Z).to(dot_type)
+            _, decay = _intra_mask(ti, tk, seq_i, seq_k, cs_i, cs_k, HAS_SEQ)
+            scores = tl.dot(Ci, tl.trans(Bk), input_precision=PREC) * decay  # (rows i, cols k), no dt
+            dP = tl.dot(dyi, tl.trans(xk), input_precision=PREC)
+            dx += tl.dot(tl.trans((scores * dt_k[None, :]).to(dot_type)), dyi, input_precision=PREC)
+            dB_acc += tl.dot(tl.trans((dP * decay * dt_k[None, :]).to(dot_type)), Ci, input_precision=PREC)
+            r = tl.sum(dP * scores, axis=0)
+            ddt += r
+            dcs -= r * dt_k
+
+        # Columns k, the chunk's state: S_out += exp(cs_last - cs_s) dt_s x_s B_s^T.
+        w = tl.exp(cs_last - cs_k)
+        if HAS_SEQ:
+            w = tl.where(seq_k == seq_last, w, 0.0)
+        ds_out = tl.load(dstates_ptr + ((b * NCHUNKS + c) * H + h) * P * N + state_tile,
+                         mask=state_mask, other=0.0).to(dot_type)
+        v = tl.dot(Bk, tl.trans(ds_out), input_precision=PREC)  # (BT, BP)
+        dx += v * (w * dt_k)[:, None]
+        dB_acc += tl.dot((xk.to(tl.float32) * (w * dt_k)[:, None]).to(dot_type), ds_out, input_precision=PREC)
+        sx = w * tl.sum(xk.to(tl.float32) * v, axis=1)
+        ddt += sx
+        dcs -= sx * dt_k
+        tl.store(dlast_ptr + (bh * NCHUNKS + c) * NB + k, tl.sum(sx * dt_k))
+
+        if HAS_D:
+            xk32 = xk.to(tl.float32)
+            if D_PER_CHANNEL:
+                dx += dyk * tl.load(D_ptr + h * P + cols_p, mask=cols_p < P, other=0.0)[None, :]
+                tl.store(dD_ptr + ((b * NCHUNKS + c) * NB + k) * H * P + h * P + cols_p,
+                         tl.sum(dyk * xk32, axis=0), mask=cols_p < P)
+            else:
+                dx += dyk * tl.load(D_ptr + h)
+                tl.store(dD_ptr + ((b * NCHUNKS + c) * NB + k) * H + h, tl.sum(dyk * xk32))
+        tl.store(dx_ptr + offs_k, dx, mask=pmask)
+        tl.store(ddt_ptr + buf + k * BT + rows, ddt)
+        tl.store(dcs_ptr + buf + k * BT + rows, dcs)
+
+    nmask = mk[:, None] & (cols_n[None, :] < N)
+    offs_n = split * SPLIT_STRIDE + BC_b + tk[:, None] * G * N + g * N + cols_n[None, :]
+    tl.store(dB_ptr + offs_n, dB_acc, mask=nmask)
+    tl.store(dC_ptr + offs_n, dC_acc, mask=nmask)
+
+
+@triton.jit
+def _dt_bwd(dt_ptr, bias_ptr, A_ptr, dtp_ptr, dcs_ptr, ddt_ptr, dlast_ptr, dcarry_ptr,
+            ddt_out_ptr, dA_ptr, dbias_ptr,
+            L, H, NCHUNKS, N_CARRY, dt_min, dt_max,
+            HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
+            Q: tl.constexpr, BT: tl.constexpr, BCARRY: tl.constexpr):
+    """Grid (nchunks, batch * nheads): da = reverse cumsum of dcs over the chunk, then the
+    gradients of dt (through softplus and clamp), A and dt_bias (the last two per chunk)."""
+    NB: tl.constexpr = Q // BT
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    q = tl.arange(0, Q)
+    buf = (bh * NCHUNKS + c) * Q + q
+    dcs = tl.load(dcs_ptr + buf)
+    # cs_last gathers two more terms: through the chunk's own state and through the carry.
+    extra = tl.sum(tl.load(dlast_ptr + (bh * NCHUNKS + c) * NB + tl.arange(0, NB)))
+    bc = tl.arange(0, BCARRY)
+    extra += tl.sum(tl.load(dcarry_ptr + (bh * NCHUNKS + c) * N_CARRY + bc, mask=bc < N_CARRY, other=0.0))
+    t = c * Q + q
+    m = t < L
+    dcs = tl.where(m, dcs, 0.0) + tl.where(q == Q - 1, extra, 0.0)
+    da = tl.sum(dcs, axis=0) - tl.cumsum(dcs, axis=0) + dcs
+    A = tl.load(A_ptr + h)
+    dtp = tl.load(dtp_ptr + buf)
+    tl.store(dA_ptr + bh * NCHUNKS + c, tl.sum(da * dtp))
+    grad = tl.where(m, tl.load(ddt_ptr + buf) + da * A, 0.0)
+    raw = tl.load(dt_ptr + (b * L + t) * H + h, mask=m, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        raw += tl.load(bias_ptr + h).to(tl.float32)
+    if HAS_LIMIT:  # torch.clamp passes the gradient inside [min, max]
+        pre = tl.where(raw <= 20.0, tl.log(1.0 + tl.exp(raw)), raw) if SOFTPLUS else raw
+        grad = tl.where((pre >= dt_min) & (pre <= dt_max), grad, 0.0)
+    if SOFTPLUS:
+        grad = tl.where(raw <= 20.0, grad * tl.sigmoid(raw), grad)
+    tl.store(ddt_out_ptr + (b * L + t) * H + h, grad, mask=m)
+    tl.store(dbias_ptr + bh * NCHUNKS + c, tl.sum(grad))
