@@ -13,6 +13,7 @@ STATE_DTYPES = (torch.float32, torch.float64)
 
 _IMPLS = {
     "reference": lambda: reference.selective_scan,
+    "triton": lambda: __import__("mambakit.ops.selective_scan.triton_scan", fromlist=["_"]).selective_scan,
 }
 _STEP_IMPLS = {
     "reference": lambda: step.selective_state_update,

@@ -1,0 +1,460 @@
+"""Selective scan (Mamba-1) as fused Triton kernels: forward, backward and the autograd Function.
+
+One program owns BLOCK_D channels of one batch row and walks the sequence in tiles of BLOCK_L steps.
+In a tile the recurrence h_t = a_t h_{t-1} + x_t runs as an associative scan over (a, x) pairs on a
+(BLOCK_D, N, BLOCK_L) register block; the state entering the next tile stays in registers. Inputs of
+any float dtype are read once and everything is computed in fp32.
+
+Sequence parallelism (forward): when batch x channel blocks alone do not fill the GPU, the sequence is
+cut into chunks: pass 1 scans every chunk from a zero state (its end state and total decay), pass 2
+chains the chunks, pass 3 rescans every chunk from its true start state and writes the outputs.
+
+Backward: the forward stores the state at the start of every tile (batch, dim, L / BLOCK_L, N) fp32,
+about one byte per (batch, dim, step) at N=16, instead of the N states of every step. The backward
+walks the tiles in reverse, rescans each tile from its stored state, runs the adjoint recurrence
+g_t = C_t dy_t + a_{t+1} g_{t+1} as a reverse associative scan and forms every gradient; B and C
+gradients, summed over channels, are accumulated with atomic adds.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from mambakit.ops.selective_scan import reference
+
+LOG2E = math.log2(math.e)
+TILE_L = 64  # steps per tile; the backward's checkpoint stride
+MAX_BLOCK_D = 4
+FORCE_CHUNKS = None  # tests set an int to exercise the sequence-parallel forward at tiny shapes
+
+
+@triton.jit
+def _affine_combine(a1, x1, a2, x2):
+    # (a1, x1) then (a2, x2): h -> a2 * (a1 * h + x1) + x2
+    return a1 * a2, x1 * a2 + x2
+
+
+@triton.jit
+def _softplus(x):
+    return tl.where(x > 20.0, x, tl.where(x < -15.0, tl.exp(x), tl.log(1.0 + tl.exp(x))))
+
+
+@triton.jit
+def _load_tile(ptr, stride_d, stride_l, d, t, mask):
+    """(BLOCK_D, BLOCK_L) fp32 tile of a (dim, L) slice; zero outside `mask`."""
+    return tl.load(ptr + d[:, None] * stride_d + t[None, :] * stride_l, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _delta_tile(delta_ptr, s_dd, s_dl, bias, d, t, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """Discretization step (BLOCK_D, BLOCK_L): delta (+ bias) (softplus); zero outside `mask`."""
+    raw = _load_tile(delta_ptr, s_dd, s_dl, d, t, mask)
+    if HAS_BIAS:
+        raw += bias[:, None]
+    dt = raw
+    if SOFTPLUS:
+        dt = _softplus(raw)
+    return tl.where(mask, dt, 0.0), raw
+
+
+@triton.jit
+def _decay(dt, A2, t, seq_ptr, s_sl, L, HAS_SEQ_IDX: tl.constexpr):
+    """a_t = exp(dt * A) as (BLOCK_D, N, BLOCK_L); zero where a new sequence starts (seq_idx changes)."""
+    a = tl.exp2(dt[:, None, :] * A2[:, :, None])
+    if HAS_SEQ_IDX:
+        inside = (t > 0) & (t < L)
+        cur = tl.load(seq_ptr + t * s_sl, mask=inside, other=0)
+        prev = tl.load(seq_ptr + (t - 1) * s_sl, mask=inside, other=0)
+        a = tl.where((cur != prev)[None, None, :], 0.0, a)
+    return a
+
+
+@triton.jit
+def _group_rows(ptr, stride_g, stride_n, stride_l, d0, per_group, n, t, mask_nl):
+    """(N, BLOCK_L) fp32 rows of B or C for the group that channel d0 belongs to."""
+    g = d0 // per_group
+    return tl.load(ptr + g * stride_g + n[:, None] * stride_n + t[None, :] * stride_l,
+                   mask=mask_nl, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _scan_fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, h0_ptr,
+    out_ptr, hend_ptr, decay_ptr, ckpt_ptr,
+    dim, L, chunk_len, b_per_group, c_per_group,
+    s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_ob, s_od, s_ol,
+    s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_sb, s_sl,
+    s_h0b, s_h0c, s_h0d, s_heb, s_hec, s_hed, s_kb, s_kd, s_kt,
+    N: tl.constexpr, N_P2: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_SEQ_IDX: tl.constexpr, HAS_H0: tl.constexpr, WRITE_OUT: tl.constexpr,
+    WRITE_DECAY: tl.constexpr, WRITE_CKPT: tl.constexpr,
+):
+    """Scan one chunk of one batch row for BLOCK_D channels; grid (batch, dim blocks, chunks).
+
+    h0 (batch, chunks, dim, N): start state of each chunk (HAS_H0). Writes the chunk's end state to
+    hend (batch, chunks, dim, N), with WRITE_DECAY its total decay prod_t a_t to decay (same shape),
+    with WRITE_OUT the outputs, with WRITE_CKPT the state at every tile start to ckpt (batch, dim, tiles, N).
+    """
+    pid_b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    n = tl.arange(0, N_P2)
+    mask_d = d < dim
+    mask_dn = mask_d[:, None] & (n[None, :] < N)
+    A2 = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mask_dn, other=0.0) * 1.4426950408889634
+    # Loaded even when absent (a dummy pointer) so that every helper gets a tensor; unused then.
+    bias = tl.load(bias_ptr + d, mask=mask_d & HAS_BIAS, other=0.0).to(tl.float32)
+    Dv = tl.load(D_ptr + d, mask=mask_d & HAS_D, other=0.0).to(tl.float32)
+    u_ptr += pid_b * s_ub
+    delta_ptr += pid_b * s_db
+    z_ptr += pid_b * s_zb
+    out_ptr += pid_b * s_ob
+    B_ptr += pid_b * s_Bb
+    C_ptr += pid_b * s_Cb
+    seq_ptr += pid_b * s_sb
+    dn_off = d[:, None] * s_h0d + n[None, :]
+    if HAS_H0:
+        h = tl.load(h0_ptr + pid_b * s_h0b + pid_c * s_h0c + dn_off, mask=mask_dn, other=0.0)
+    else:
+        h = tl.zeros((BLOCK_D, N_P2), tl.float32)
+    total_decay = tl.full((BLOCK_D, N_P2), 1.0, tl.float32)
+    col = tl.arange(0, BLOCK_L)
+    t_start = pid_c * chunk_len
+    t_end = tl.minimum(t_start + chunk_len, L)
+    for t0 in range(t_start, t_end, BLOCK_L):
+        if WRITE_CKPT:
+            tl.store(ckpt_ptr + pid_b * s_kb + d[:, None] * s_kd + (t0 // BLOCK_L) * s_kt + n[None, :], h,
+                     mask=mask_dn)
+        t = t0 + col
+        mask_t = t < t_end
+        mask_dl = mask_d[:, None] & mask_t[None, :]
+        mask_nl = (n[:, None] < N) & mask_t[None, :]
+        u = _load_tile(u_ptr, s_ud, s_ul, d, t, mask_dl)
+        dt, _ = _delta_tile(delta_ptr, s_dd, s_dl, bias, d, t, mask_dl, HAS_BIAS, SOFTPLUS)
+        Bt = _group_rows(B_ptr, s_Bg, s_Bn, s_Bl, pid_d * BLOCK_D, b_per_group, n, t, mask_nl)
+        # Steps past the chunk have dt = 0, so a = 1 and x = 0: the state passes through unchanged.
+        a = _decay(dt, A2, t, seq_ptr, s_sl, L, HAS_SEQ_IDX)
+        x = (dt * u)[:, None, :] * Bt[None, :, :]
+        a_cum, hs = tl.associative_scan((a, x), 2, _affine_combine)
+        hs += a_cum * h[:, :, None]
+        last = (col == BLOCK_L - 1)[None, None, :]
+        h = tl.sum(tl.where(last, hs, 0.0), axis=2)
+        if WRITE_DECAY:
+            total_decay *= tl.sum(tl.where(last, a_cum, 0.0), axis=2)
+        if WRITE_OUT:
+            Ct = _group_rows(C_ptr, s_Cg, s_Cn, s_Cl, pid_d * BLOCK_D, c_per_group, n, t, mask_nl)
+            y = tl.sum(hs * Ct[None, :, :], axis=1)
+            if HAS_D:
+                y += Dv[:, None] * u
+            if HAS_Z:
+                zt = _load_tile(z_ptr, s_zd, s_zl, d, t, mask_dl)
+                y *= zt * tl.sigmoid(zt)
+            tl.store(out_ptr + d[:, None] * s_od + t[None, :] * s_ol, y.to(out_ptr.dtype.element_ty), mask=mask_dl)
+    end_off = pid_b * s_heb + pid_c * s_hec + d[:, None] * s_hed + n[None, :]
+    tl.store(hend_ptr + end_off, h, mask=mask_dn)
+    if WRITE_DECAY:
+        tl.store(decay_ptr + end_off, total_decay, mask=mask_dn)
+
+
+@triton.jit
+def _chain_chunks_kernel(hend_ptr, decay_ptr, h0_ptr, n_chunks, s_b, s_c, DN, HAS_H0: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """Pass 2: start state of chunk c+1 = decay_c * start_c + local_end_c, written over hend in place.
+
+    hend, decay: (batch, chunks, dim, N) from pass 1; h0: (batch, dim, N). After this kernel hend[:, c]
+    holds the true start state of chunk c (hend[:, 0] = h0 or zero).
+    """
+    pid_b = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < DN
+    if HAS_H0:
+        h = tl.load(h0_ptr + pid_b * DN + offs, mask=mask, other=0.0)
+    else:
+        h = tl.zeros((BLOCK,), tl.float32)
+    base = pid_b * s_b + offs
+    for c in range(n_chunks):
+        local_end = tl.load(hend_ptr + base + c * s_c, mask=mask, other=0.0)
+        decay = tl.load(decay_ptr + base + c * s_c, mask=mask, other=0.0)
+        tl.store(hend_ptr + base + c * s_c, h, mask=mask)
+        h = decay * h + local_end
+
+
+@triton.jit
+def _scan_bwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, ckpt_ptr, dout_ptr, dhend_ptr,
+    du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dz_ptr, dbias_ptr, dh0_ptr,
+    dim, L, n_tiles, b_per_group, c_per_group,
+    s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_gb, s_gd, s_gl,
+    s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_sb, s_sl, s_kb, s_kd, s_kt,
+    s_dBb, s_dBg, s_dBn, s_dCb, s_dCg, s_dCn,
+    N: tl.constexpr, N_P2: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_SEQ_IDX: tl.constexpr, HAS_DHEND: tl.constexpr, WRITE_DH0: tl.constexpr,
+):
+    """Gradients of the scan for BLOCK_D channels of one batch row; grid (batch, dim blocks).
+
+    du, ddelta, dz are written (batch, dim, L) with dout's strides (s_g*); dB, dC (batch, G, N, L) fp32,
+    dA (dim, N), dD, dbias (dim,) fp32 are accumulated atomically; dh0 (batch, dim, N) is written.
+    """
+    pid_b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    n = tl.arange(0, N_P2)
+    mask_d = d < dim
+    mask_dn = mask_d[:, None] & (n[None, :] < N)
+    A = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mask_dn, other=0.0)
+    A2 = A * 1.4426950408889634
+    # Loaded even when absent (a dummy pointer) so that every helper gets a tensor; unused then.
+    bias = tl.load(bias_ptr + d, mask=mask_d & HAS_BIAS, other=0.0).to(tl.float32)
+    Dv = tl.load(D_ptr + d, mask=mask_d & HAS_D, other=0.0).to(tl.float32)
+    u_ptr += pid_b * s_ub
+    delta_ptr += pid_b * s_db
+    z_ptr += pid_b * s_zb
+    dout_ptr += pid_b * s_gb
+    du_ptr += pid_b * s_gb
+    ddelta_ptr += pid_b * s_gb
+    dz_ptr += pid_b * s_gb
+    B_ptr += pid_b * s_Bb
+    C_ptr += pid_b * s_Cb
+    dB_ptr += pid_b * s_dBb + ((pid_d * BLOCK_D) // b_per_group) * s_dBg
+    dC_ptr += pid_b * s_dCb + ((pid_d * BLOCK_D) // c_per_group) * s_dCg
+    seq_ptr += pid_b * s_sb
+    if HAS_DHEND:
+        dh_end = tl.load(dhend_ptr + pid_b * dim * N + d[:, None] * N + n[None, :], mask=mask_dn, other=0.0)
+    else:
+        dh_end = tl.zeros((BLOCK_D, N_P2), tl.float32)
+    g_next = tl.zeros((BLOCK_D, N_P2), tl.float32)  # adjoint g at the first step of the tile after this one
+    dA_acc = tl.zeros((BLOCK_D, N_P2), tl.float32)
+    dD_acc = tl.zeros((BLOCK_D,), tl.float32)
+    dbias_acc = tl.zeros((BLOCK_D,), tl.float32)
+    col = tl.arange(0, BLOCK_L)
+    for i in range(n_tiles):
+        t0 = (n_tiles - 1 - i) * BLOCK_L
+        t = t0 + col
+        mask_t = t < L
+        mask_dl = mask_d[:, None] & mask_t[None, :]
+        mask_nl = (n[:, None] < N) & mask_t[None, :]
+        h0 = tl.load(ckpt_ptr + pid_b * s_kb + d[:, None] * s_kd + (t0 // BLOCK_L) * s_kt + n[None, :],
+                     mask=mask_dn, other=0.0)
+        u = _load_tile(u_ptr, s_ud, s_ul, d, t, mask_dl)
+        dt, raw = _delta_tile(delta_ptr, s_dd, s_dl, bias, d, t, mask_dl, HAS_BIAS, SOFTPLUS)
+        Bt = _group_rows(B_ptr, s_Bg, s_Bn, s_Bl, pid_d * BLOCK_D, b_per_group, n, t, mask_nl)
+        Ct = _group_rows(C_ptr, s_Cg, s_Cn, s_Cl, pid_d * BLOCK_D, c_per_group, n, t, mask_nl)
+        # Recompute the states of this tile from its checkpoint.
+        a = _decay(dt, A2, t, seq_ptr, s_sl, L, HAS_SEQ_IDX)
+        dtu = dt * u
+        x = dtu[:, None, :] * Bt[None, :, :]
+        a_cum, hs = tl.associative_scan((a, x), 2, _affine_combine)
+        hs += a_cum * h0[:, :, None]
+        dout = _load_tile(dout_ptr, s_gd, s_gl, d, t, mask_dl)
+        if HAS_Z:
+            y = tl.sum(hs * Ct[None, :, :], axis=1)
+            if HAS_D:
+                y += Dv[:, None] * u
+            zt = _load_tile(z_ptr, s_zd, s_zl, d, t, mask_dl)
+            sz = tl.sigmoid(zt)
+            dz = dout * y * sz * (1.0 + zt * (1.0 - sz))
+            tl.store(dz_ptr + d[:, None] * s_gd + t[None, :] * s_gl, dz.to(dz_ptr.dtype.element_ty), mask=mask_dl)
+            dy = dout * zt * sz
+        else:
+            dy = dout
+        # Adjoint g_t = C_t dy_t + a_{t+1} g_{t+1}, as a reverse scan; a_{t+1} from the next step's delta.
+        mask_next = mask_d[:, None] & (t + 1 < L)[None, :]
+        dt_next, _ = _delta_tile(delta_ptr, s_dd, s_dl, bias, d, t + 1, mask_next, HAS_BIAS, SOFTPLUS)
+        a_next = _decay(dt_next, A2, t + 1, seq_ptr, s_sl, L, HAS_SEQ_IDX)
+        a_next = tl.where((t + 1 < L)[None, None, :], a_next, 0.0)
+        c = Ct[None, :, :] * dy[:, None, :]
+        c += tl.where((t == L - 1)[None, None, :], dh_end[:, :, None], 0.0)
+        a_rcum, g = tl.associative_scan((a_next, c), 2, _affine_combine, reverse=True)
+        g += a_rcum * g_next[:, :, None]
+        g_next = tl.sum(tl.where((col == 0)[None, None, :], g, 0.0), axis=2)
+        # a_t h_{t-1} = h_t - x_t: the decay's share of h_t, without shifting registers.
+        g_decay = g * (hs - x)
+        gB = tl.sum(g * Bt[None, :, :], axis=1)
+        ddt = gB * u + tl.sum(g_decay * A[:, :, None], axis=1)
+        dA_acc += tl.sum(g_decay * dt[:, None, :], axis=2)
+        du = gB * dt
+        if HAS_D:
+            du += Dv[:, None] * dy
+            dD_acc += tl.sum(dy * u, axis=1)
+        if SOFTPLUS:
+            ddt *= tl.sigmoid(raw)
+        ddt = tl.where(mask_dl, ddt, 0.0)
+        dbias_acc += tl.sum(ddt, axis=1)
+        tl.store(du_ptr + d[:, None] * s_gd + t[None, :] * s_gl, du.to(du_ptr.dtype.element_ty), mask=mask_dl)
+        tl.store(ddelta_ptr + d[:, None] * s_gd + t[None, :] * s_gl, ddt.to(ddelta_ptr.dtype.element_ty),
+                 mask=mask_dl)
+        dB = tl.sum(g * dtu[:, None, :], axis=0)
+        dC = tl.sum(hs * dy[:, None, :], axis=0)
+        tl.atomic_add(dB_ptr + n[:, None] * s_dBn + t[None, :], dB, mask=mask_nl, sem="relaxed")
+        tl.atomic_add(dC_ptr + n[:, None] * s_dCn + t[None, :], dC, mask=mask_nl, sem="relaxed")
+    if WRITE_DH0:
+        dt0, _ = _delta_tile(delta_ptr, s_dd, s_dl, bias, d, col, mask_d[:, None] & (col == 0)[None, :],
+                             HAS_BIAS, SOFTPLUS)
+        a0 = tl.exp2(tl.sum(dt0, axis=1)[:, None] * A2)
+        tl.store(dh0_ptr + pid_b * dim * N + d[:, None] * N + n[None, :], a0 * g_next, mask=mask_dn)
+    tl.atomic_add(dA_ptr + d[:, None] * N + n[None, :], dA_acc, mask=mask_dn, sem="relaxed")
+    if HAS_D:
+        tl.atomic_add(dD_ptr + d, dD_acc, mask=mask_d, sem="relaxed")
+    if HAS_BIAS:
+        tl.atomic_add(dbias_ptr + d, dbias_acc, mask=mask_d, sem="relaxed")
+
+
+def _grouped(t: torch.Tensor) -> torch.Tensor:
+    """(batch, N, L) -> (batch, 1, N, L) view; (batch, G, N, L) unchanged."""
+    return t.unsqueeze(1) if t.dim() == 3 else t
+
+
+def _block_d(dim: int, B: torch.Tensor, C: torch.Tensor) -> int:
+    """Channels per program: a power of two that keeps every program inside one group of B and of C."""
+    block = MAX_BLOCK_D
+    for t in (B, C):
+        groups = t.shape[1]
+        if groups > 1:
+            per_group = dim // groups
+            block = min(block, per_group & -per_group)  # largest power of two dividing per_group
+    return block
+
+
+def _num_chunks(batch: int, dim_blocks: int, length: int, device: torch.device) -> int:
+    """Sequence chunks for the forward: enough programs to keep every SM busy, tiles of TILE_L at least."""
+    if FORCE_CHUNKS is not None:
+        return max(1, min(FORCE_CHUNKS, triton.cdiv(length, TILE_L)))
+    if device.type != "cuda":
+        return 1
+    programs_wanted = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    chunks = triton.cdiv(programs_wanted, batch * dim_blocks)
+    return max(1, min(chunks, triton.cdiv(length, 8 * TILE_L)))
+
+
+def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, save_ckpt):
+    """Run the forward kernels; returns out, final_state and (if save_ckpt) the tile checkpoints."""
+    batch, dim, length = u.shape
+    N = A.shape[1]
+    B, C = _grouped(B), _grouped(C)
+    A = A.contiguous()
+    block_d = _block_d(dim, B, C)
+    dim_blocks = triton.cdiv(dim, block_d)
+    n_tiles = triton.cdiv(length, TILE_L)
+    chunks = _num_chunks(batch, dim_blocks, length, u.device)
+    chunk_len = triton.cdiv(n_tiles, chunks) * TILE_L
+    chunks = triton.cdiv(length, chunk_len)
+    dev = u.device
+    out = torch.empty(batch, dim, length, device=dev, dtype=u.dtype)
+    hend = torch.empty(batch, chunks, dim, N, device=dev, dtype=torch.float32)
+    ckpt = torch.empty(batch, dim, n_tiles, N, device=dev, dtype=torch.float32) if save_ckpt else hend
+    h0 = None if initial_state is None else initial_state.float().contiguous().unsqueeze(1)
+    seq = seq_idx if seq_idx is not None else u
+    dummy = u
+
+    def launch(start, write_out, write_decay, decay):
+        s_start = start.stride() if start is not None else (0, 0, 0, 0)
+        _scan_fwd_kernel[(batch, dim_blocks, chunks)](
+            u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
+            delta_bias if delta_bias is not None else dummy, seq, start if start is not None else dummy,
+            out, hend, decay, ckpt,
+            dim, length, chunk_len, dim // B.shape[1], dim // C.shape[1],
+            *u.stride(), *delta.stride(), *(z.stride() if z is not None else (0, 0, 0)), *out.stride(),
+            *B.stride(), *C.stride(), *(seq_idx.stride() if seq_idx is not None else (0, 0)),
+            s_start[0], s_start[1], s_start[2], hend.stride(0), hend.stride(1), hend.stride(2),
+            ckpt.stride(0), ckpt.stride(1), ckpt.stride(2),
+            N=N, N_P2=triton.next_power_of_2(N), BLOCK_D=block_d, BLOCK_L=TILE_L,
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+            HAS_SEQ_IDX=seq_idx is not None, HAS_H0=start is not None, WRITE_OUT=write_out,
+            WRITE_DECAY=write_decay, WRITE_CKPT=write_out and save_ckpt,
+            num_warps=4,
+        )
+
+    if chunks == 1:
+        launch(h0, True, False, hend)
+    else:
+        decay = torch.empty_like(hend)
+        launch(None, False, True, decay)
+        DN = dim * N
+        block = 1024
+        _chain_chunks_kernel[(batch, triton.cdiv(DN, block))](
+            hend, decay, h0 if h0 is not None else hend, chunks, hend.stride(0), hend.stride(1), DN,
+            HAS_H0=h0 is not None, BLOCK=block)
+        launch(hend, True, False, hend)  # each program reads its chunk's start, then writes its end, in place
+    final_state = hend[:, -1]
+    return out, final_state, (ckpt if save_ckpt else None)
+
+
+def _scan_backward(dout, dfinal, saved, delta_softplus, has_h0):
+    u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt = saved
+    batch, dim, length = u.shape
+    N = A.shape[1]
+    Bg, Cg = _grouped(B), _grouped(C)
+    block_d = _block_d(dim, Bg, Cg)
+    dout = dout.contiguous()
+    dev = u.device
+    du = torch.empty_like(dout, dtype=u.dtype)
+    ddelta = torch.empty_like(dout, dtype=delta.dtype)
+    dz = torch.empty_like(dout, dtype=z.dtype) if z is not None else None
+    dB = torch.zeros(Bg.shape, device=dev, dtype=torch.float32)
+    dC = torch.zeros(Cg.shape, device=dev, dtype=torch.float32)
+    dA = torch.zeros(dim, N, device=dev, dtype=torch.float32)
+    dD = torch.zeros(dim, device=dev, dtype=torch.float32) if D is not None else None
+    dbias = torch.zeros(dim, device=dev, dtype=torch.float32) if delta_bias is not None else None
+    dh0 = torch.empty(batch, dim, N, device=dev, dtype=torch.float32) if has_h0 else None
+    dfinal = dfinal.float().contiguous() if dfinal is not None else None
+    dummy = dA
+    _scan_bwd_kernel[(batch, triton.cdiv(dim, block_d))](
+        u, delta, A, Bg, Cg, D if D is not None else dummy, z if z is not None else dummy,
+        delta_bias if delta_bias is not None else dummy, seq_idx if seq_idx is not None else dummy, ckpt,
+        dout, dfinal if dfinal is not None else dummy,
+        du, ddelta, dA, dB, dC, dD if dD is not None else dummy, dz if dz is not None else du,
+        dbias if dbias is not None else dummy, dh0 if dh0 is not None else dummy,
+        dim, length, triton.cdiv(length, TILE_L), dim // Bg.shape[1], dim // Cg.shape[1],
+        *u.stride(), *delta.stride(), *(z.stride() if z is not None else (0, 0, 0)), *dout.stride(),
+        *Bg.stride(), *Cg.stride(), *(seq_idx.stride() if seq_idx is not None else (0, 0)),
+        ckpt.stride(0), ckpt.stride(1), ckpt.stride(2),
+        dB.stride(0), dB.stride(1), dB.stride(2), dC.stride(0), dC.stride(1), dC.stride(2),
+        N=N, N_P2=triton.next_power_of_2(N), BLOCK_D=block_d, BLOCK_L=TILE_L,
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
+        HAS_SEQ_IDX=seq_idx is not None, HAS_DHEND=dfinal is not None, WRITE_DH0=has_h0,
+        num_warps=4,
+    )
+    dB = dB.reshape(B.shape).to(B.dtype)
+    dC = dC.reshape(C.shape).to(C.dtype)
+    return du, ddelta, dA.to(A.dtype), dB, dC, dD, dz, dbias, dh0
+
+
+class SelectiveScanFn(torch.autograd.Function):
+    """Autograd wrapper: saves the inputs and the tile checkpoints, recomputes the rest in backward."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx):
+        save = any(ctx.needs_input_grad)
+        out, final_state, ckpt = _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                               initial_state, seq_idx, save_ckpt=save)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt)
+        ctx.delta_softplus = delta_softplus
+        ctx.has_h0 = initial_state is not None
+        return out, final_state
+
+    @staticmethod
+    def backward(ctx, dout, dfinal):
+        du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _scan_backward(
+            dout, dfinal, ctx.saved_tensors, ctx.delta_softplus, ctx.has_h0)
+        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, dh0, None
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   initial_state=None, return_final_state=False, seq_idx=None):
+    """Triton selective scan; arguments and shapes as `mambakit.ops.selective_scan` (validated there).
+
+    fp64 inputs go to the reference (the kernels compute in fp32).
+    """
+    if any(t is not None and t.dtype == torch.float64 for t in (u, delta, A, B, C, D, z, delta_bias, initial_state)):
+        return reference.selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                        delta_softplus=delta_softplus, initial_state=initial_state,
+                                        return_final_state=return_final_state, seq_idx=seq_idx)
+    out, final_state = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                             initial_state, seq_idx)
+    return (out, final_state) if return_final_state else out
