@@ -73,7 +73,7 @@ class TrainConfig:
     eval_sequences: int = 256
     save_interval: int = 1000
     keep_last: int = 3
-    max_time: float | None = None  # seconds; stop (and save) when exceeded
+    max_time: float | None = None  # seconds of this invocation; then stop and save
 
     def __post_init__(self):
         self.max_tokens = parse_count(self.max_tokens)

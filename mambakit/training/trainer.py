@@ -232,7 +232,8 @@ class Trainer:
         last = {}
         stopped = "done"
         window_loss, window_steps, window_start = torch.zeros((), device=self.device), 0, time.perf_counter()
-        run_start = time.perf_counter() - self.elapsed
+        fit_start = time.perf_counter()  # max_time counts this call only, so a resumed run gets its own
+        run_start = fit_start - self.elapsed
         self.wrapped.train()
         with StopRequested() as stop:
             while self.step < total:
@@ -253,7 +254,7 @@ class Trainer:
                 if self.step % cfg.eval_interval == 0 or self.step == total:
                     self._eval_and_log(last)
                 interrupted = stop.signum is not None
-                out_of_time = cfg.max_time is not None and self.elapsed > cfg.max_time
+                out_of_time = cfg.max_time is not None and time.perf_counter() - fit_start > cfg.max_time
                 if d.any(interrupted or out_of_time):
                     stopped = signal.Signals(stop.signum).name if stop.signum else "time"
                     break

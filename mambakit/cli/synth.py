@@ -1,0 +1,147 @@
+"""`mambakit synth`: train small models on a synthetic task and print accuracy by sequence length,
+like the Mamba paper's tables; saves <out>/<task>.json and <task>.png.
+
+    mambakit synth induction-heads --arch mamba,transformer --train-len 256 --eval-lens 64,...,1048576
+    mambakit synth selective-copying --arch mamba --train-len 4096 --eval-lens 4096
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from mambakit._io import atomic_path, write_json
+from mambakit.tasks import TASKS
+
+
+def parse_lengths(text: str) -> list[int]:
+    """'64,...,1024' -> [64, 128, 256, 512, 1024] (doubling across '...'); '256,4096' -> [256, 4096]."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    lengths: list[int] = []
+    for i, part in enumerate(parts):
+        if part != "...":
+            lengths.append(int(part))
+            continue
+        if i == 0 or i + 1 == len(parts) or parts[i + 1] == "...":
+            raise ValueError(f"eval-lens: '...' must stand between two lengths, got {text!r}")
+        n, stop = lengths[-1] * 2, int(parts[i + 1])
+        while n < stop:
+            lengths.append(n)
+            n *= 2
+    return lengths
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("synth", help="synthetic tasks: accuracy by sequence length",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("task", choices=sorted(TASKS))
+    parser.add_argument("--arch", default="mamba", help="comma-separated: mamba, mamba2, hybrid, transformer (mamba)")
+    parser.add_argument("--d-model", type=int, default=64)
+    parser.add_argument("--n-layer", type=int, default=2)
+    parser.add_argument("--d-state", type=int, default=None, help="SSM state size (mixer default)")
+    parser.add_argument("--headdim", type=int, default=None, help="Mamba-2 head size")
+    parser.add_argument("--vocab", type=int, default=None, help="task vocabulary (the task's default)")
+    parser.add_argument("--train-len", type=int, default=256)
+    parser.add_argument("--eval-lens", type=parse_lengths, default=None, help="e.g. 64,...,1048576 (train length)")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--eval-samples", type=int, default=256, help="sequences per length (fewer past 2^16)")
+    parser.add_argument("--max-attention-len", type=int, default=1 << 16,
+                        help="longest length evaluated for models with attention (quadratic cost)")
+    parser.add_argument("--max-time", type=float, default=None, metavar="SECONDS", help="training time per model")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="runs/synth", help="folder for the JSON and PNG results")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from mambakit.tasks.train import accuracy, task_model, train_task
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    task = TASKS[args.task]() if args.vocab is None else TASKS[args.task](vocab_size=args.vocab)
+    lengths = args.eval_lens or [args.train_len]
+    rows = []
+    for arch in args.arch.split(","):
+        torch.manual_seed(args.seed)
+        extra = {k: v for k, v in (("d_state", args.d_state), ("headdim", args.headdim)) if v is not None}
+        model = task_model(arch, task.vocab_size, args.d_model, args.n_layer, device=device, **extra)
+        start = time.perf_counter()
+        log = train_task(model, task, args.train_len, args.steps, args.batch_size, args.lr, seed=args.seed,
+                         max_time=args.max_time, bf16=args.bf16)
+        train_s = time.perf_counter() - start
+        has_attention = bool(model.config.attn_layer_idx)
+        acc = {}
+        for length in lengths:
+            if has_attention and length > args.max_attention_len:
+                acc[length] = None
+                continue
+            samples = args.eval_samples if length <= 1 << 16 else max(4, args.eval_samples >> 5)
+            try:
+                acc[length] = accuracy(model, task, length, samples, args.batch_size, seed=args.seed + 1, bf16=args.bf16)
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                acc[length] = None
+        rows.append({"arch": arch, "params": sum(p.numel() for p in model.parameters()), "steps": log[-1]["step"],
+                     "train_s": round(train_s, 1), "final_loss": log[-1]["loss"], "accuracy": acc})
+        print(format_row(rows[-1], lengths, header=len(rows) == 1))
+    out = Path(args.out)
+    write_json(out / f"{task.name}.json", {"task": task.name, "task_config": vars(task), "train_len": args.train_len,
+                                           "device": str(device), "args": _plain(vars(args)), "rows": rows})
+    plot_accuracy(rows, lengths, args.train_len, out / f"{task.name}.png", task.name)
+    print()
+    print(format_table(rows, lengths))
+    print(f"\nsaved {out / (task.name + '.json')} and {out / (task.name + '.png')}")
+    return 0
+
+
+def _plain(d: dict) -> dict:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, list, bool, type(None)))}
+
+
+def _length_label(n: int) -> str:
+    return f"2^{n.bit_length() - 1}" if n & (n - 1) == 0 and n >= 64 else str(n)
+
+
+def format_row(row: dict, lengths: list[int], header: bool = False) -> str:
+    cells = ["-" if row["accuracy"][n] is None else f"{100 * row['accuracy'][n]:.1f}" for n in lengths]
+    line = f"{row['arch']:>12} {row['params']:>8,} " + " ".join(f"{c:>6}" for c in cells)
+    if not header:
+        return line
+    head = f"{'model':>12} {'params':>8} " + " ".join(f"{_length_label(n):>6}" for n in lengths)
+    return head + "\n" + line
+
+
+def format_table(rows: list[dict], lengths: list[int]) -> str:
+    """Accuracy (%) by length, one row per model ('-': not run: out of memory or past --max-attention-len)."""
+    return "\n".join(format_row(r, lengths, header=i == 0) for i, r in enumerate(rows))
+
+
+def plot_accuracy(rows: list[dict], lengths: list[int], train_len: int, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for row in rows:
+        points = [(n, 100 * a) for n, a in row["accuracy"].items() if a is not None]
+        if points:
+            ax.plot(*zip(*points), "o-", label=f"{row['arch']} ({row['params']:,} params)")
+    ax.axvline(train_len, color="gray", ls="--", lw=1, label="training length")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,93 @@
+"""Train a model on a synthetic task with fresh samples each step, and measure accuracy by length.
+
+    task = InductionHeads()
+    model = task_model("mamba", task.vocab_size, d_model=64, n_layer=2)
+    train_task(model, task, seq_len=256, steps=2000)
+    accuracy(model, task, seq_len=1 << 20, num_samples=8)
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from mambakit.tasks.synthetic import IGNORE
+
+
+def task_model(arch: str, vocab_size: int, d_model: int = 64, n_layer: int = 2, device=None, **config):
+    """A `MambaLMHeadModel` of `arch` ("mamba", "mamba2", "hybrid", "transformer") sized for a task;
+    `config` sets other `TrainConfig` model fields (d_state, headdim, attn_heads, ...)."""
+    from mambakit import MambaLMHeadModel
+    from mambakit.training import TrainConfig
+
+    model_config = TrainConfig(arch=arch, d_model=d_model, n_layer=n_layer, **config).model_config(vocab_size)
+    model_config.pad_vocab_size_multiple = 1
+    return MambaLMHeadModel(model_config, device=device)
+
+
+def _scored_logits(model, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits at the scored positions (n, vocab), their targets (n,)); only the tail the targets need
+    goes through the LM head, so million-token inputs do not materialize million-row logits."""
+    scored = targets != IGNORE
+    first = int(scored.any(dim=0).nonzero()[0])
+    logits = model(inputs, num_last_tokens=inputs.shape[1] - first).logits
+    return logits[scored[:, first:]], targets[:, first:][scored[:, first:]]
+
+
+def train_task(model, task, seq_len: int, steps: int, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
+               max_time: float | None = None, bf16: bool = False, progress: bool = True,
+               on_log: Callable[[dict], None] | None = None, log_interval: int = 100) -> list[dict]:
+    """Adam at a constant `lr` (the papers' synthetic-task recipe) on `steps` fresh batches, the loss on the
+    scored positions only. Stops early after `max_time` seconds. Returns the logged records."""
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
+    records, start = [], time.perf_counter()
+    model.train()
+    bar = tqdm(range(steps), desc=f"train {task.name}", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        inputs, targets = (t.to(device) for t in task.sample(batch_size, seq_len, generator))
+        with autocast:
+            logits, answers = _scored_logits(model, inputs, targets)
+        loss = F.cross_entropy(logits.float(), answers)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        elapsed = time.perf_counter() - start
+        done = step + 1 == steps or (max_time is not None and elapsed > max_time)
+        if (step + 1) % log_interval == 0 or done:
+            record = {"step": step + 1, "loss": float(loss), "train_acc": float((logits.argmax(-1) == answers).float().mean()),
+                      "elapsed_s": elapsed}
+            records.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_acc']:.3f}")
+            if on_log is not None:
+                on_log(record)
+        if done:
+            break
+    bar.close()
+    return records
+
+
+@torch.no_grad()
+def accuracy(model, task, seq_len: int, num_samples: int = 256, batch_size: int = 64, seed: int = 1,
+             bf16: bool = False) -> float:
+    """Fraction of scored positions predicted right (argmax) on `num_samples` fresh sequences of `seq_len`
+    (a seed other than training's). Batches shrink with length so that one holds about 2^20 tokens."""
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    batch_size = max(1, min(batch_size, (1 << 20) // seq_len))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
+    model.eval()
+    right = total = 0
+    for first in range(0, num_samples, batch_size):
+        inputs, targets = (t.to(device) for t in task.sample(min(batch_size, num_samples - first), seq_len, generator))
+        with autocast:
+            logits, answers = _scored_logits(model, inputs, targets)
+        right += int((logits.argmax(-1) == answers).sum())
+        total += answers.numel()
+    model.train()
+    return right / total
