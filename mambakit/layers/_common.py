@@ -24,14 +24,19 @@ def no_weight_decay(param: torch.nn.Parameter) -> torch.nn.Parameter:
     return param
 
 
-def cached_states(inference_params, layer_idx: int | None, allocate: Callable[[], tuple]) -> tuple:
-    """This layer's states in inference_params.key_value_memory_dict, allocated on first use."""
+def cached_states(inference_params, layer_idx: int | None, batch: int, allocate: Callable[[], tuple]) -> tuple:
+    """This layer's states in inference_params.key_value_memory_dict (allocated on first use), viewed
+    as their first `batch` rows, so that a cache sized for max_batch_size serves smaller batches."""
     if layer_idx is None:
         raise ValueError("layer_idx: decoding with inference_params needs the layer_idx given to the constructor")
     cache = inference_params.key_value_memory_dict
     if layer_idx not in cache:
         cache[layer_idx] = allocate()
-    return cache[layer_idx]
+    states = cache[layer_idx]
+    rows = min(s.shape[0] for s in states if s is not None)
+    if rows < batch:
+        raise ValueError(f"inference_params: layer {layer_idx} caches {rows} rows, the input has batch {batch}")
+    return tuple(None if s is None else s[:batch] for s in states)
 
 
 def conv_tail(x: torch.Tensor, width: int, seq_idx: torch.Tensor | None = None) -> torch.Tensor:

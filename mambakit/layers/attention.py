@@ -105,7 +105,7 @@ class MHA(nn.Module):
         if inference_params is None:
             return self._parallel(x)
         kv_cache, conv_state = cached_states(
-            inference_params, self.layer_idx,
+            inference_params, self.layer_idx, x.shape[0],
             lambda: self.allocate_inference_cache(x.shape[0], inference_params.max_seqlen, dtype=x.dtype))
         if inference_params.seqlen_offset > 0:
             lengths = inference_params.lengths_per_sample
@@ -128,8 +128,8 @@ class MHA(nn.Module):
             cos, sin = rotary_cos_sin(torch.arange(seqlen, device=x.device), self.rotary_emb_dim, self.rotary_emb_base)
             q, k = (apply_rotary(t, cos[None], sin[None], self.rotary_emb_interleaved) for t in (q, k))
         if kv_cache is not None:
-            kv_cache[:batch, :seqlen, 0] = k
-            kv_cache[:batch, :seqlen, 1] = v
+            kv_cache[:, :seqlen, 0] = k
+            kv_cache[:, :seqlen, 1] = v
         context = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=self.causal,
             scale=self.softmax_scale, enable_gqa=self.num_heads != self.num_heads_kv)
@@ -150,14 +150,14 @@ class MHA(nn.Module):
             qkv = causal_conv1d_update(qkv.squeeze(1), conv_state, self.conv1d.weight.squeeze(1),
                                        self.conv1d.bias).unsqueeze(1)
         q, k, v = self._split_heads(qkv)
-        positions = torch.as_tensor(cache_seqlens, device=hidden_states.device).long().expand(batch)
+        positions = torch.as_tensor(cache_seqlens, device=hidden_states.device).long().reshape(-1)[:batch].expand(batch)
         if self.rotary_emb_dim > 0:
             cos, sin = rotary_cos_sin(positions[:, None], self.rotary_emb_dim, self.rotary_emb_base)
             q, k = (apply_rotary(t, cos, sin, self.rotary_emb_interleaved) for t in (q, k))
         rows = torch.arange(batch, device=hidden_states.device)
         kv_cache[rows, positions, 0] = k[:, 0]
         kv_cache[rows, positions, 1] = v[:, 0]
-        keys, values = kv_cache[:batch].unbind(dim=2)  # (batch, max_seqlen, num_heads_kv, head_dim)
+        keys, values = kv_cache.unbind(dim=2)  # (batch, max_seqlen, num_heads_kv, head_dim)
         visible = torch.arange(kv_cache.shape[1], device=hidden_states.device) <= positions[:, None]
         context = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=visible[:, None, None, :],

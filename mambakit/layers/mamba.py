@@ -83,7 +83,7 @@ class Mamba(nn.Module):
         batch, seqlen, _ = hidden_states.shape
         conv_state = ssm_state = None
         if inference_params is not None:
-            conv_state, ssm_state = cached_states(inference_params, self.layer_idx,
+            conv_state, ssm_state = cached_states(inference_params, self.layer_idx, batch,
                                                   lambda: self.allocate_inference_cache(batch, seqlen))
             if inference_params.seqlen_offset > 0:
                 out, _, _ = self.step(hidden_states, conv_state, ssm_state)

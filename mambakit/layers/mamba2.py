@@ -119,7 +119,7 @@ class Mamba2(nn.Module):
         conv_state = ssm_state = None
         if inference_params is not None:
             cache_batch = batch if cu_seqlens is None else cu_seqlens.numel() - 1
-            conv_state, ssm_state = cached_states(inference_params, self.layer_idx,
+            conv_state, ssm_state = cached_states(inference_params, self.layer_idx, cache_batch,
                                                   lambda: self.allocate_inference_cache(cache_batch, length))
             if inference_params.seqlen_offset > 0:
                 out, _, _ = self.step(hidden, conv_state, ssm_state)
