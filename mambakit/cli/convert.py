@@ -36,8 +36,12 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from mambakit.models import MambaLMHeadModel
 
-    model = MambaLMHeadModel.from_pretrained(args.src, dtype=DTYPES[args.dtype])
-    model.save_pretrained(args.dst, format=args.to, safe_serialization=not args.bin)
+    try:
+        model = MambaLMHeadModel.from_pretrained(args.src, dtype=DTYPES[args.dtype])
+        model.save_pretrained(args.dst, format=args.to, safe_serialization=not args.bin)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # CheckpointError is a ValueError
+        print(f"mambakit convert: error: {e}", file=sys.stderr)
+        return 2
     src = Path(args.src)
     copied = [name for name in TOKENIZER_FILES if (src / name).is_file()]
     for name in copied:
