@@ -41,7 +41,7 @@ class Step:
     finished: torch.Tensor
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def generate(
     model: nn.Module,
     input_ids: torch.Tensor | Sequence[Sequence[int]],
@@ -97,7 +97,7 @@ def generate(
     return GenerationOutput(sequences, num_new, torch.stack(scores, dim=1) if output_scores and scores else None)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def iterate_tokens(
     model: nn.Module,
     prompts: list[torch.Tensor],

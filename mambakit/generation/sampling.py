@@ -61,7 +61,12 @@ def row_seeds(seed: int | Sequence[int] | None, batch_size: int, device: torch.d
     (drawn from torch's global generator, so `torch.manual_seed` reproduces it)."""
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
-    seeds = [seed + row for row in range(batch_size)] if isinstance(seed, Integral) else list(seed)
+    if isinstance(seed, Integral) and not isinstance(seed, bool):
+        seeds = [seed + row for row in range(batch_size)]
+    elif isinstance(seed, (Sequence, torch.Tensor)):
+        seeds = [s.item() if isinstance(s, torch.Tensor) else s for s in seed]
+    else:
+        raise ValueError(f"seed: expected an int or a list of ints (one per row), got {seed!r}")
     if len(seeds) != batch_size:
         raise ValueError(f"seed: expected an int or {batch_size} ints (one per row), got {len(seeds)}")
     for s in seeds:

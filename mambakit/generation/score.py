@@ -30,7 +30,7 @@ class TokenScores:
         return math.exp(-self.total / self.logprobs.numel())
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def log_likelihood(model: nn.Module, text: str | Sequence[int] | torch.Tensor, tokenizer=None) -> TokenScores:
     """Score one sequence, given as text (needs `tokenizer`, default `model.tokenizer`) or token ids (L,), L >= 2.
 
