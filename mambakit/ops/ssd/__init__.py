@@ -13,8 +13,10 @@ from .reference import DEFAULT_DT_LIMIT, check_dt_limit
 
 __all__ = ["ssd", "mamba_chunk_scan_combined", "ssd_state_update"]
 
-_IMPLS = {"reference": lambda: reference.ssd}
-_STEP_IMPLS = {"reference": lambda: step.ssd_state_update}
+_IMPLS = {"reference": lambda: reference.ssd,
+          "triton": lambda: __import__("mambakit.ops.ssd.triton_ssd", fromlist=["_"]).ssd}
+_STEP_IMPLS = {"reference": lambda: step.ssd_state_update,
+               "triton": lambda: __import__("mambakit.ops.ssd.triton_step", fromlist=["_"]).ssd_state_update}
 
 
 def ssd(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplus=False,
@@ -122,7 +124,7 @@ def _check_cu_seqlens(cu_seqlens, batch, seqlen, seq_idx):
     """cu_seqlens must be (0, ..., L), strictly increasing, with batch 1, and agree with seq_idx if given."""
     check_dtype("cu_seqlens", cu_seqlens, INDEX_DTYPES)
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens: expected shape (num_seqs + 1,) with num_seqs >= 1, got {tuple(cu_seqlens.shape)}")
+        raise ValueError(f"cu_seqlens: expected shape (num_seqs + 1,), num_seqs >= 1, got {tuple(cu_seqlens.shape)}")
     if batch != 1:
         raise ValueError(f"cu_seqlens: packed sequences need batch 1, got batch {batch}")
     bounds = cu_seqlens.tolist()

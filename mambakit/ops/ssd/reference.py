@@ -63,6 +63,42 @@ def _pad_to_chunks(t, length, value=0.0):
     return F.pad(t, widths, value=value)
 
 
+def _chunk_decays(dA, seq_idx, chunk_size):
+    """Decay factors (exp of log-decay sums, all <= 0) within chunks, zero across sequence boundaries.
+
+    dA: (b, c, l, h) the per-step log-decays dt * A; seq_idx: (b, c * l) or None.
+    Returns decay (b, h, c, l, l), the factor from step s's input to step t's state, and
+    decay_from_start (b, h, c, l), the factor from the state entering the chunk to step t.
+    """
+    batch, nchunks = dA.shape[:2]
+    dA = dA.permute(0, 3, 1, 2)  # (b, h, c, l)
+    seg = segment_sum(dA)
+    from_start = dA.cumsum(dim=-1)
+    if seq_idx is not None:
+        seq_c = seq_idx.reshape(batch, nchunks, chunk_size)
+        same_seq = seq_c[:, :, :, None] == seq_c[:, :, None, :]  # (b, c, l, l)
+        seg = seg.masked_fill(~same_seq[:, None], float("-inf"))
+        # The state entering a chunk belongs to the sequence of the step just before the chunk
+        # (the initial states belong to the first step's sequence).
+        prev_step = torch.cat([seq_idx[:, :1], seq_idx[:, chunk_size - 1:-1:chunk_size]], dim=1)
+        continues = seq_c == prev_step[:, :, None]  # (b, c, l)
+        from_start = from_start.masked_fill(~continues[:, None], float("-inf"))
+    return seg.exp(), from_start.exp()
+
+
+def _pass_states(initial_states, carry, chunk_states):
+    """Recurrence over chunks: entering[c + 1] = carry[c] * entering[c] + chunk_states[c].
+
+    initial_states: (b, h, p, n); carry: (b, h, c); chunk_states: (b, c, h, p, n).
+    Returns the states entering each chunk (b, c, h, p, n) and the final states (b, h, p, n).
+    """
+    state, entering = initial_states, []
+    for c in range(chunk_states.shape[1]):
+        entering.append(state)
+        state = carry[:, :, c, None, None] * state + chunk_states[:, c]
+    return torch.stack(entering, dim=1), state
+
+
 def ssd(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplus=False,
         dt_limit=DEFAULT_DT_LIMIT, initial_states=None, seq_idx=None, cu_seqlens=None,
         return_final_states=False, return_varlen_states=False):
@@ -96,20 +132,8 @@ def ssd(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplu
     C_c = chunked(C).repeat_interleave(heads_per_group, dim=3)
     x_dt = x_c * dt_c[..., None]  # the input term dt_t x_t of the recurrence
 
-    # (1) log-decays and their within-chunk segment sums.
-    dA = (dt_c * A.to(dtype)).permute(0, 3, 1, 2)  # (b, h, c, l)
-    seg = segment_sum(dA)  # (b, h, c, l, l): log-decay from step s to step t
-    decay_from_start = dA.cumsum(dim=-1)  # (b, h, c, l): log-decay from the chunk's entering state to t
-    if seq_idx is not None:
-        seq_c = seq_idx.reshape(batch, nchunks, chunk_size)
-        same_seq = seq_c[:, :, :, None] == seq_c[:, :, None, :]  # (b, c, l, l)
-        seg = seg.masked_fill(~same_seq[:, None], float("-inf"))
-        # The state entering a chunk belongs to the sequence of the step just before the chunk
-        # (the initial states belong to the first step's sequence).
-        prev_step = torch.cat([seq_idx[:, :1], seq_idx[:, chunk_size - 1:padded - 1:chunk_size]], dim=1)
-        continues = seq_c == prev_step[:, :, None]  # (b, c, l)
-        decay_from_start = decay_from_start.masked_fill(~continues[:, None], float("-inf"))
-    decay = seg.exp()
+    # (1) decays within chunks, zero across sequence boundaries.
+    decay, decay_from_start = _chunk_decays(dt_c * A.to(dtype), seq_idx, chunk_size)
 
     # (2) intra-chunk outputs: the masked quadratic form (C_t . B_s) * decay(s -> t) * dt_s x_s.
     scores = torch.einsum("bclhn,bcshn->bhcls", C_c, B_c) * decay
@@ -119,19 +143,14 @@ def ssd(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplu
     decay_to_end = decay[..., -1, :]  # (b, h, c, l)
     chunk_states = torch.einsum("bhcl,bclhn,bclhp->bchpn", decay_to_end, B_c, x_dt)
 
-    # (4) pass states across chunks: entering[c + 1] = exp(chunk log-decay) * entering[c] + chunk_states[c].
-    carry = decay_from_start[..., -1].exp()  # (b, h, c): zero where a sequence starts in the chunk
-    state = (initial_states.to(dtype) if initial_states is not None
-             else x.new_zeros(batch, nheads, headdim, B.shape[-1], dtype=dtype))
-    entering = []
-    for c in range(nchunks):
-        entering.append(state)
-        state = carry[:, :, c, None, None] * state + chunk_states[:, c]
-    final_states = state
-    entering = torch.stack(entering, dim=1)  # (b, c, h, p, n)
+    # (4) pass states across chunks.
+    if initial_states is None:
+        initial_states = x.new_zeros(batch, nheads, headdim, B.shape[-1])
+    carry = decay_from_start[..., -1]  # (b, h, c): zero where a sequence starts in the chunk
+    entering, final_states = _pass_states(initial_states.to(dtype), carry, chunk_states)
 
     # (5) entering states seen through the decay up to each step.
-    y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", C_c, entering, decay_from_start.exp())
+    y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", C_c, entering, decay_from_start)
 
     y = y.reshape(batch, padded, nheads, headdim)[:, :seqlen]
     if D is not None:
@@ -152,12 +171,12 @@ def ssd(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplu
 def _states_at_ends(cu_seqlens, chunk_size, entering, decay, decay_from_start, B_c, x_dt):
     """State after the last step of each packed sequence (batch 1): (num_seqs, nheads, headdim, N).
 
-    The state at step t of chunk c is its entering state seen through decay_from_start plus the
+    The state at step t of chunk c is its entering state times decay_from_start plus the
     chunk's inputs up to t, each through decay(s -> t); both are already masked by sequence.
     """
     ends = cu_seqlens[1:].long() - 1
     c, t = ends // chunk_size, ends % chunk_size
-    from_entering = decay_from_start[0][:, c, t].exp()[..., None, None] * entering[0, c].transpose(0, 1)
+    from_entering = decay_from_start[0][:, c, t][..., None, None] * entering[0, c].transpose(0, 1)
     weights = decay[0][:, c, t, :]  # (h, num_seqs, l)
     from_inputs = torch.einsum("hsl,slhn,slhp->hspn", weights, B_c[0, c], x_dt[0, c])
     return (from_entering + from_inputs).transpose(0, 1)
