@@ -150,7 +150,8 @@ class MHA(nn.Module):
             qkv = causal_conv1d_update(qkv.squeeze(1), conv_state, self.conv1d.weight.squeeze(1),
                                        self.conv1d.bias).unsqueeze(1)
         q, k, v = self._split_heads(qkv)
-        positions = torch.as_tensor(cache_seqlens, device=hidden_states.device).long().reshape(-1)[:batch].expand(batch)
+        positions = torch.as_tensor(cache_seqlens, device=hidden_states.device).long().reshape(-1)
+        positions = positions[:batch].expand(batch)  # an int, or one length per row of a larger cache
         if self.rotary_emb_dim > 0:
             cos, sin = rotary_cos_sin(positions[:, None], self.rotary_emb_dim, self.rotary_emb_base)
             q, k = (apply_rotary(t, cos, sin, self.rotary_emb_interleaved) for t in (q, k))

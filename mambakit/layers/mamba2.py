@@ -96,8 +96,9 @@ class Mamba2(nn.Module):
             raise ValueError(f"d_ssm: expected at most d_inner = expand * d_model = {self.d_inner}, got {self.d_ssm}")
         if self.d_ssm % self.headdim:
             raise ValueError(f"headdim: expected a divisor of d_ssm = {self.d_ssm}, got {self.headdim}")
-        if (self.d_ssm // self.headdim) % self.ngroups:
-            raise ValueError(f"ngroups: expected a divisor of nheads = {self.d_ssm // self.headdim}, got {self.ngroups}")
+        nheads = self.d_ssm // self.headdim
+        if nheads % self.ngroups:
+            raise ValueError(f"ngroups: expected a divisor of nheads = d_ssm / headdim = {nheads}, got {self.ngroups}")
 
     def forward(self, u: torch.Tensor, seqlen: int | None = None, seq_idx: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, inference_params=None) -> torch.Tensor:
