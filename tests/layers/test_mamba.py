@@ -116,6 +116,21 @@ def test_packed_sequences_equal_separate_runs(rel):
     assert rel(packed, separate) < 1e-5
 
 
+def test_packed_prefill_then_decode_continues_the_last_sequence(cache_params, rel):
+    layer = randomized(Mamba(d_model=16, d_state=8, layer_idx=0))
+    earlier, last, new = torch.randn(1, 6, 16), torch.randn(1, 2, 16), torch.randn(1, 3, 16)  # last < d_conv
+    seq_idx = torch.tensor([[0] * 6 + [1] * 2], dtype=torch.int32)
+    params = cache_params(max_seqlen=11, max_batch_size=1)
+    with torch.no_grad():
+        layer(torch.cat([earlier, last], dim=1), inference_params=params, seq_idx=seq_idx)
+        outs = []
+        for t in range(3):
+            params.seqlen_offset = 8 + t
+            outs.append(layer(new[:, t:t + 1], inference_params=params))
+    alone = layer(torch.cat([last, new], dim=1))[:, 2:]
+    assert rel(torch.cat(outs, dim=1), alone) < 1e-5
+
+
 def test_gradients_reach_every_parameter():
     layer = randomized(Mamba(d_model=16, d_state=8, bias=True))
     x = torch.randn(2, 9, 16, requires_grad=True)
