@@ -101,7 +101,8 @@ class MixerModel(nn.Module):
         unknown = sorted(set(initializer_cfg) - set(INITIALIZER_KEYS))
         if unknown:
             raise ValueError(f"initializer_cfg: unknown keys {unknown}; accepted: {list(INITIALIZER_KEYS)}")
-        # Each block adds one residual branch (the mixer), two with an MLP.
+        # Each block adds one residual branch (the mixer), two with an MLP. (The official
+        # MambaLMHeadModel re-applies the init with one per layer, dropping the MLP's factor.)
         initializer_cfg.setdefault("n_residuals_per_layer", 1 if d_intermediate == 0 else 2)
         self.apply(partial(_init_weights, n_layer=n_layer, **initializer_cfg))
 

@@ -192,3 +192,19 @@ def test_package_exports():
                  "selective_scan_fn", "mamba_chunk_scan_combined", "causal_conv1d_fn", "rms_norm"):
         assert hasattr(mambakit, name), name
     assert mambakit.MambaLMHeadModel is MambaLMHeadModel
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bfloat16_model_tracks_float32(kind, tiny):
+    # Same (bf16-representable) weights in a bf16 and an fp32 model; SSM parameters stay fp32 in both.
+    config = MambaConfig(**tiny.CONFIGS[kind])
+    half = tiny.randomize_(MambaLMHeadModel(config, dtype=torch.bfloat16)).eval()
+    assert half.backbone.embedding.weight.dtype == torch.bfloat16
+    full = MambaLMHeadModel(config).eval()
+    full.load_state_dict(half.state_dict())
+    ids = tiny.random_ids(full, seqlen=33)
+    with torch.no_grad():
+        out, ref = half(ids).logits, full(ids).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    # Every layer rounds its activations to bf16 (each alone ~4e-3), the logits once more.
+    assert tiny.rel_err(out.float(), ref) < 2e-2
