@@ -88,10 +88,15 @@ class Mamba2(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
 
     def _check_sizes(self) -> None:
-        for name in ("d_model", "d_state", "d_conv", "headdim", "ngroups", "d_ssm"):
+        for name in ("d_model", "d_state", "d_conv", "headdim", "ngroups"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
+        if not isinstance(self.d_inner, int) or self.d_inner < 1:
+            raise ValueError(f"expand: expected expand * d_model to be a positive int, "
+                             f"got {self.expand} * {self.d_model}")
+        if not isinstance(self.d_ssm, int) or self.d_ssm < 1:
+            raise ValueError(f"d_ssm: expected a positive int, got {self.d_ssm!r}")
         if self.d_ssm > self.d_inner:
             raise ValueError(f"d_ssm: expected at most d_inner = expand * d_model = {self.d_inner}, got {self.d_ssm}")
         if self.d_ssm % self.headdim:

@@ -191,6 +191,8 @@ def test_gradients_reach_every_parameter():
     (dict(ngroups=3), "ngroups"),
     (dict(d_ssm=96), "d_ssm"),
     (dict(A_init_range=(0, 16)), "A_init_range"),
+    (dict(expand=1.5), "expand"),
+    (dict(d_state=0), "d_state"),
     (dict(process_group=object()), "process_group"),
 ])
 def test_bad_arguments_raise(kwargs, match):
