@@ -5,6 +5,8 @@ without `backend`, already checked here, and returns what the public function re
 """
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from .._common import FLOAT_DTYPES, INDEX_DTYPES, check_dtype, check_same_device, check_shape, dispatch
@@ -13,10 +15,11 @@ from .reference import DEFAULT_DT_LIMIT, check_dt_limit
 
 __all__ = ["ssd", "mamba_chunk_scan_combined", "ssd_state_update"]
 
+# Loaders, so that Triton is imported only when its path is chosen.
 _IMPLS = {"reference": lambda: reference.ssd,
-          "triton": lambda: __import__("mambakit.ops.ssd.triton_ssd", fromlist=["_"]).ssd}
+          "triton": lambda: importlib.import_module(".triton_ssd", __name__).ssd}
 _STEP_IMPLS = {"reference": lambda: step.ssd_state_update,
-               "triton": lambda: __import__("mambakit.ops.ssd.triton_step", fromlist=["_"]).ssd_state_update}
+               "triton": lambda: importlib.import_module(".triton_step", __name__).ssd_state_update}
 
 
 def ssd(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplus=False,
