@@ -17,6 +17,12 @@ from .reference import DEFAULT_DT_LIMIT
 
 BLOCK_T = 64  # rows per tensor-core block
 BLOCK_STATE_P = 16  # headdim rows per program of the state recurrence
+# Launch options per kernel (warps, software-pipelining depth), measured on an H100.
+LAUNCH = {
+    "chunk_state": dict(num_warps=4, num_stages=2),
+    "scan_fwd": dict(num_warps=4, num_stages=2),
+    "scan_bwd": dict(num_warps=8, num_stages=1),
+}
 
 
 def _pow2(n: int) -> int:
@@ -72,7 +78,7 @@ def ssd_forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, 
         x, dt, A, B, dt_bias if dt_bias is not None else none, seq, dtp, cs, states,
         L, H, G, P, N, nchunks, lo, hi,
         HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit, HAS_SEQ=seq_idx is not None,
-        Q=Q, BT=BT, BP=BP, BN=BN, PREC=prec, num_warps=4)
+        Q=Q, BT=BT, BP=BP, BN=BN, PREC=prec, **LAUNCH["chunk_state"])
     final = torch.empty(batch, H, P, N, **f32)
     init = initial_states.contiguous() if initial_states is not None else none
     k._state_passing[(batch * H, triton.cdiv(P, BLOCK_STATE_P))](
@@ -87,7 +93,7 @@ def ssd_forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, 
         L, H, G, P, N, nchunks,
         HAS_Z=z is not None, HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2,
         HAS_SEQ=seq_idx is not None, STORE_Y=y.numel() > 0, Q=Q, BT=BT, BP=BP, BN=BN, PREC=prec,
-        num_warps=4, num_stages=2)
+        **LAUNCH["scan_fwd"])
     varlen = torch.empty(0, device=dev)  # outputs of a custom op must not alias one another
     if return_varlen_states:
         nseq = cu_seqlens.numel() - 1
@@ -130,7 +136,7 @@ def ssd_backward(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_sof
     dstates = torch.empty(batch, nchunks, H, P, N, **f32)
     k._chunk_dstate_direct[(nchunks, batch * H)](
         dout, z if z is not None else none, C, cs, seq, dstates, L, H, G, P, N, nchunks,
-        HAS_Z=z is not None, HAS_SEQ=has_seq, Q=Q, BT=BT, BP=BP, BN=BN, PREC=prec, num_warps=4)
+        HAS_Z=z is not None, HAS_SEQ=has_seq, Q=Q, BT=BT, BP=BP, BN=BN, PREC=prec, **LAUNCH["chunk_state"])
     n_pblocks = triton.cdiv(P, BLOCK_STATE_P)
     dcarry = torch.empty(batch, H, nchunks, n_pblocks, **f32)
     dinit = torch.empty(batch, H, P, N, **f32)
@@ -157,7 +163,7 @@ def ssd_backward(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_sof
         dx, dz, dB_parts, dC_parts, ddt_direct, dcs, dlast, dD_parts,
         L, H, G, P, N, nchunks, heads_per_split, batch * L * G * N,
         HAS_Z=z is not None, HAS_D=D is not None, D_PER_CHANNEL=d_per_channel, HAS_SEQ=has_seq,
-        Q=Q, BT=BT, BP=BP, BN=BN, PREC=prec, num_warps=8, num_stages=1)
+        Q=Q, BT=BT, BP=BP, BN=BN, PREC=prec, **LAUNCH["scan_bwd"])
 
     # dt, A, dt_bias.
     ddt = torch.empty_like(dt)
