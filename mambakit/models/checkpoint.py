@@ -241,26 +241,34 @@ def _listing(keys: list[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def _merge_tied_head(state: dict[str, torch.Tensor]) -> list[str]:
+    """Drop lm_head.weight from `state` for a model whose head shares the embedding; a pair stored under
+    the head's name only becomes the embedding. Returns the problems found (a head unequal to the embedding)."""
+    head = state.pop(HEAD, None)
+    if head is None:
+        return []
+    embedding = state.setdefault(OFFICIAL_EMBEDDING, head)
+    if embedding.shape != head.shape or not torch.equal(embedding, head):
+        return [f"{HEAD} differs from {OFFICIAL_EMBEDDING} but config.tie_embeddings is True"]
+    return []
+
+
 def load_state_dict_checked(model, state_dict: dict[str, torch.Tensor], strict: bool = True,
                             source: str = "state_dict") -> tuple[list[str], list[str]]:
     """Copy official-layout `state_dict` into `model` (a MambaLMHeadModel), after checking all of it.
 
     Raises CheckpointError, with the model untouched, listing wrongly shaped or non-finite tensors
-    and (when strict) missing and unexpected keys. With tied embeddings lm_head.weight may be absent,
-    and if present must equal the embedding. Tensors are cast to each parameter's dtype and device.
-    Returns (missing_keys, unexpected_keys), empty when strict.
+    and (when strict) missing and unexpected keys. With tied embeddings either lm_head.weight or the
+    embedding may be absent; when both are present they must be equal. Tensors are cast to each
+    parameter's dtype and device. Returns (missing_keys, unexpected_keys), empty when strict.
     """
     expected = model.state_dict()
     state = dict(state_dict)
     problems = []
+    expected_keys = set(expected)
     if model.config.tie_embeddings:
-        head, embedding = state.pop(HEAD, None), state.get(OFFICIAL_EMBEDDING)
-        if head is not None and embedding is not None and (head.shape != embedding.shape
-                                                           or not torch.equal(head, embedding)):
-            problems.append(f"{HEAD} differs from {OFFICIAL_EMBEDDING} but config.tie_embeddings is True")
-        expected_keys = set(expected) - {HEAD}
-    else:
-        expected_keys = set(expected)
+        problems += _merge_tied_head(state)
+        expected_keys.discard(HEAD)
     missing = sorted(expected_keys - set(state))
     unexpected = sorted(set(state) - expected_keys)
     wrong_shape = [f"{k} {tuple(v.shape)} (model: {tuple(expected[k].shape)})" for k, v in sorted(state.items())

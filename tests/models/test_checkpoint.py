@@ -242,3 +242,11 @@ def test_save_refuses_a_directory_holding_other_weights(tmp_path, tiny):
     model.save_pretrained(tmp_path, safe_serialization=False)  # overwriting the same file is fine
     with pytest.raises(ValueError, match="format"):
         model.save_pretrained(tmp_path, format="gguf")
+
+
+def test_tied_checkpoint_holding_only_the_head(tiny):
+    source, target = tiny.build("mamba1"), tiny.build("mamba1")
+    state = {k: v for k, v in source.state_dict().items() if k != "backbone.embedding.weight"}
+    load_state_dict_checked(target, state)
+    assert torch.equal(target.backbone.embedding.weight, source.backbone.embedding.weight)
+    assert target.lm_head.weight is target.backbone.embedding.weight
