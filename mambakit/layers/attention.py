@@ -156,9 +156,9 @@ class MHA(nn.Module):
             cos, sin = rotary_cos_sin(positions[:, None], self.rotary_emb_dim, self.rotary_emb_base)
             q, k = (apply_rotary(t, cos, sin, self.rotary_emb_interleaved) for t in (q, k))
         rows = torch.arange(batch, device=hidden_states.device)
-        kv_cache[rows, positions, 0] = k[:, 0]
-        kv_cache[rows, positions, 1] = v[:, 0]
-        keys, values = kv_cache.unbind(dim=2)  # (batch, max_seqlen, num_heads_kv, head_dim)
+        kv_cache[rows, positions, 0] = k[:, 0].to(kv_cache.dtype)
+        kv_cache[rows, positions, 1] = v[:, 0].to(kv_cache.dtype)
+        keys, values = kv_cache.to(q.dtype).unbind(dim=2)  # (batch, max_seqlen, num_heads_kv, head_dim)
         visible = torch.arange(kv_cache.shape[1], device=hidden_states.device) <= positions[:, None]
         context = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=visible[:, None, None, :],

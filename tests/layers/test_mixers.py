@@ -1,6 +1,6 @@
 """What every mixer shares: bf16 (built with dtype=bfloat16, fp32 weights loaded) stays within bf16
-accuracy of fp32 in the parallel forward and in decoding, with A_log, D, dt_bias kept fp32; a cache
-allocated for more rows than the batch serves the batch from its first rows."""
+accuracy of fp32 in the parallel forward and in decoding (bf16 or fp32 cache), with A_log, D, dt_bias
+kept fp32; a cache allocated for more rows than the batch serves the batch from its first rows."""
 from functools import partial
 
 import pytest
@@ -16,8 +16,9 @@ MIXERS = {
 FP32_PARAMETERS = {"A_log", "D", "dt_bias"}
 
 
+@pytest.mark.parametrize("cache_dtype", [None, torch.float32])
 @pytest.mark.parametrize("name", MIXERS)
-def test_bf16_layer_matches_fp32(name, cache_params, rel):
+def test_bf16_layer_matches_fp32(name, cache_dtype, cache_params, rel):
     fp32 = MIXERS[name]()
     bf16 = MIXERS[name](dtype=torch.bfloat16)
     bf16.load_state_dict(fp32.state_dict())
@@ -28,6 +29,7 @@ def test_bf16_layer_matches_fp32(name, cache_params, rel):
     out = bf16(x.bfloat16())
     assert out.dtype == torch.bfloat16 and rel(out, ref) < 1e-2
     params = cache_params(max_seqlen=12, max_batch_size=2)
+    params.key_value_memory_dict[0] = bf16.allocate_inference_cache(2, 12, dtype=cache_dtype)
     with torch.no_grad():
         outs = [bf16(x[:, :5].bfloat16(), inference_params=params)]
         for t in range(5, 12):
