@@ -6,6 +6,11 @@ model.safetensors.index.json, or pytorch_model.bin (read with weights_only=True,
 - official: config.json holds `MambaConfig` fields; keys are those of `MambaLMHeadModel.state_dict()`.
 - hf: config.json of `MambaForCausalLM` (model_type "mamba") or `Mamba2ForCausalLM` ("mamba2");
   keys differ only by `backbone.embeddings.weight` (official: `backbone.embedding.weight`).
+  transformers' vocab_size is the padded embedding size; its Mamba2 gated norm is the official
+  one with norm_before_gate=False and group_size = d_inner / n_groups; D is per head; time_step_limit
+  is dt_limit; layer_norm_epsilon must be 1e-5 (fixed in the official model). Hybrids (attention,
+  MLPs), LayerNorm and other Mamba2 norms have no transformers equivalent and are refused by name.
+  Init-only arguments without a transformers field (A_init_range, conv_init) are not carried over.
 
 Loading checks the whole state dict against the model (missing, unexpected, wrongly shaped and
 non-finite tensors, all listed in one error) before copying anything, so a failed load leaves the
