@@ -32,6 +32,7 @@ def register(subparsers) -> None:
     group.add_argument("--repetition-penalty", type=float, default=1.0)
     group.add_argument("--seed", type=int, help="same seed, same output (default: random)")
     group.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop once this text appears (repeatable)")
+    group.add_argument("--stop-token-id", type=int, action="append", default=[], metavar="ID", help="stop at this token (repeatable)")
     group.add_argument("--ignore-eos", action="store_true", help="do not stop at the tokenizer's end-of-text token")
     parser.add_argument("--no-echo", action="store_true", help="print only the new text, not the prompt")
     parser.set_defaults(func=run)
@@ -85,15 +86,15 @@ def run(args: argparse.Namespace) -> int:
         prompt = read_text(args, "prompt")
         model, tokenizer = load_model(args)
         prompts = prompt_rows([tokenizer.encode(prompt)], next(model.parameters()).device)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad input, missing files, unusable --device
         print(f"mambakit generate: error: {e}", file=sys.stderr)
         return 2
     eos = [] if args.ignore_eos else None
-    stop_ids = stop_id_tensor(eos, (), tokenizer, prompts[0].device)
+    stop_ids = stop_id_tensor(eos, args.stop_token_id, tokenizer, prompts[0].device)
     steps = iterate_tokens(
         model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-        eos_token_id=eos, stop_strings=args.stop, tokenizer=tokenizer,
+        eos_token_id=eos, stop_token_ids=args.stop_token_id, stop_strings=args.stop, tokenizer=tokenizer,
     )
     clock = StepClock()
     if not args.no_echo:

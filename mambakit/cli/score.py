@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
         text = read_text(args, "text")
         model, tokenizer = load_model(args)
         scores = log_likelihood(model, text, tokenizer=tokenizer)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad input, missing files, unusable --device
         print(f"mambakit score: error: {e}", file=sys.stderr)
         return 2
     ids, logprobs = scores.token_ids.tolist(), scores.logprobs.tolist()
