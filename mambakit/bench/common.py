@@ -42,9 +42,12 @@ def device_slug() -> str:
     return "cpu" if not torch.cuda.is_available() else name.split()[-1]
 
 
+MEASURED_SUFFIXES = ("_ms", "_gbs", "_gb", "_tok_s", "_err")
+
+
 def row_key(row: dict) -> tuple:
     """Rows are the same measurement when everything but the measured figures agrees."""
-    return tuple(sorted((k, str(v)) for k, v in row.items() if not k.endswith(("_ms", "_gbs", "_gb", "_tok_s"))))
+    return tuple(sorted((k, str(v)) for k, v in row.items() if not k.endswith(MEASURED_SUFFIXES)))
 
 
 def save_rows(path: str | Path, rows: Iterable[dict]) -> dict:

@@ -27,7 +27,8 @@ from mambakit.ops.selective_scan import reference
 
 LOG2E = math.log2(math.e)
 TILE_L = 64  # steps per tile; the backward's checkpoint stride
-MAX_BLOCK_D = 4
+FWD_BLOCK_D, FWD_WARPS = 4, 4  # channels per program, warps per program (tuned on an H100)
+BWD_BLOCK_D, BWD_WARPS = 4, 4
 FORCE_CHUNKS = None  # tests set an int to exercise the sequence-parallel forward at tiny shapes
 
 
@@ -73,11 +74,14 @@ def _decay(dt, A2, t, seq_ptr, s_sl, L, HAS_SEQ_IDX: tl.constexpr):
 
 
 @triton.jit
-def _group_rows(ptr, stride_g, stride_n, stride_l, d0, per_group, n, t, mask_nl):
-    """(N, BLOCK_L) fp32 rows of B or C for the group that channel d0 belongs to."""
-    g = d0 // per_group
-    return tl.load(ptr + g * stride_g + n[:, None] * stride_n + t[None, :] * stride_l,
-                   mask=mask_nl, other=0.0).to(tl.float32)
+def _group_rows(ptr, stride_g, stride_n, stride_l, d, per_group, n, t, mask_d, mask_t, N: tl.constexpr):
+    """B or C as (BLOCK_D, N, BLOCK_L) fp32, the row of each channel's group. Loaded in 3D on purpose:
+    this load fixes the layout of every (BLOCK_D, N, BLOCK_L) block, a run of consecutive steps in each
+    thread, so that most of the scan is sequential inside threads."""
+    g = d // per_group
+    offs = g[:, None, None] * stride_g + n[None, :, None] * stride_n + t[None, None, :] * stride_l
+    mask = mask_d[:, None, None] & (n < N)[None, :, None] & mask_t[None, None, :]
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -133,13 +137,12 @@ def _scan_fwd_kernel(
         t = t0 + col
         mask_t = t < t_end
         mask_dl = mask_d[:, None] & mask_t[None, :]
-        mask_nl = (n[:, None] < N) & mask_t[None, :]
         u = _load_tile(u_ptr, s_ud, s_ul, d, t, mask_dl)
         dt, _ = _delta_tile(delta_ptr, s_dd, s_dl, bias, d, t, mask_dl, HAS_BIAS, SOFTPLUS)
-        Bt = _group_rows(B_ptr, s_Bg, s_Bn, s_Bl, pid_d * BLOCK_D, b_per_group, n, t, mask_nl)
+        Bt = _group_rows(B_ptr, s_Bg, s_Bn, s_Bl, d, b_per_group, n, t, mask_d, mask_t, N)
         # Steps past the chunk have dt = 0, so a = 1 and x = 0: the state passes through unchanged.
         a = _decay(dt, A2, t, seq_ptr, s_sl, L, HAS_SEQ_IDX)
-        x = (dt * u)[:, None, :] * Bt[None, :, :]
+        x = (dt * u)[:, None, :] * Bt
         a_cum, hs = tl.associative_scan((a, x), 2, _affine_combine)
         hs += a_cum * h[:, :, None]
         last = (col == BLOCK_L - 1)[None, None, :]
@@ -147,8 +150,8 @@ def _scan_fwd_kernel(
         if WRITE_DECAY:
             total_decay *= tl.sum(tl.where(last, a_cum, 0.0), axis=2)
         if WRITE_OUT:
-            Ct = _group_rows(C_ptr, s_Cg, s_Cn, s_Cl, pid_d * BLOCK_D, c_per_group, n, t, mask_nl)
-            y = tl.sum(hs * Ct[None, :, :], axis=1)
+            Ct = _group_rows(C_ptr, s_Cg, s_Cn, s_Cl, d, c_per_group, n, t, mask_d, mask_t, N)
+            y = tl.sum(hs * Ct, axis=1)
             if HAS_D:
                 y += Dv[:, None] * u
             if HAS_Z:
@@ -243,17 +246,17 @@ def _scan_bwd_kernel(
                      mask=mask_dn, other=0.0)
         u = _load_tile(u_ptr, s_ud, s_ul, d, t, mask_dl)
         dt, raw = _delta_tile(delta_ptr, s_dd, s_dl, bias, d, t, mask_dl, HAS_BIAS, SOFTPLUS)
-        Bt = _group_rows(B_ptr, s_Bg, s_Bn, s_Bl, pid_d * BLOCK_D, b_per_group, n, t, mask_nl)
-        Ct = _group_rows(C_ptr, s_Cg, s_Cn, s_Cl, pid_d * BLOCK_D, c_per_group, n, t, mask_nl)
+        Bt = _group_rows(B_ptr, s_Bg, s_Bn, s_Bl, d, b_per_group, n, t, mask_d, mask_t, N)
+        Ct = _group_rows(C_ptr, s_Cg, s_Cn, s_Cl, d, c_per_group, n, t, mask_d, mask_t, N)
         # Recompute the states of this tile from its checkpoint.
         a = _decay(dt, A2, t, seq_ptr, s_sl, L, HAS_SEQ_IDX)
         dtu = dt * u
-        x = dtu[:, None, :] * Bt[None, :, :]
+        x = dtu[:, None, :] * Bt
         a_cum, hs = tl.associative_scan((a, x), 2, _affine_combine)
         hs += a_cum * h0[:, :, None]
         dout = _load_tile(dout_ptr, s_gd, s_gl, d, t, mask_dl)
         if HAS_Z:
-            y = tl.sum(hs * Ct[None, :, :], axis=1)
+            y = tl.sum(hs * Ct, axis=1)
             if HAS_D:
                 y += Dv[:, None] * u
             zt = _load_tile(z_ptr, s_zd, s_zl, d, t, mask_dl)
@@ -268,14 +271,15 @@ def _scan_bwd_kernel(
         dt_next, _ = _delta_tile(delta_ptr, s_dd, s_dl, bias, d, t + 1, mask_next, HAS_BIAS, SOFTPLUS)
         a_next = _decay(dt_next, A2, t + 1, seq_ptr, s_sl, L, HAS_SEQ_IDX)
         a_next = tl.where((t + 1 < L)[None, None, :], a_next, 0.0)
-        c = Ct[None, :, :] * dy[:, None, :]
-        c += tl.where((t == L - 1)[None, None, :], dh_end[:, :, None], 0.0)
+        c = Ct * dy[:, None, :]
+        if HAS_DHEND:
+            c += tl.where((t == L - 1)[None, None, :], dh_end[:, :, None], 0.0)
         a_rcum, g = tl.associative_scan((a_next, c), 2, _affine_combine, reverse=True)
         g += a_rcum * g_next[:, :, None]
         g_next = tl.sum(tl.where((col == 0)[None, None, :], g, 0.0), axis=2)
         # a_t h_{t-1} = h_t - x_t: the decay's share of h_t, without shifting registers.
         g_decay = g * (hs - x)
-        gB = tl.sum(g * Bt[None, :, :], axis=1)
+        gB = tl.sum(g * Bt, axis=1)
         ddt = gB * u + tl.sum(g_decay * A[:, :, None], axis=1)
         dA_acc += tl.sum(g_decay * dt[:, None, :], axis=2)
         du = gB * dt
@@ -310,9 +314,8 @@ def _grouped(t: torch.Tensor) -> torch.Tensor:
     return t.unsqueeze(1) if t.dim() == 3 else t
 
 
-def _block_d(dim: int, B: torch.Tensor, C: torch.Tensor) -> int:
-    """Channels per program: a power of two that keeps every program inside one group of B and of C."""
-    block = MAX_BLOCK_D
+def _block_d(dim: int, B: torch.Tensor, C: torch.Tensor, block: int) -> int:
+    """Channels per program: at most `block`, a power of two that keeps every program in one group of B and C."""
     for t in (B, C):
         groups = t.shape[1]
         if groups > 1:
@@ -338,7 +341,7 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_s
     N = A.shape[1]
     B, C = _grouped(B), _grouped(C)
     A = A.contiguous()
-    block_d = _block_d(dim, B, C)
+    block_d = FWD_BLOCK_D  # any block: each channel reads its own group's rows of B and C
     dim_blocks = triton.cdiv(dim, block_d)
     n_tiles = triton.cdiv(length, TILE_L)
     chunks = _num_chunks(batch, dim_blocks, length, u.device)
@@ -367,7 +370,7 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_s
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
             HAS_SEQ_IDX=seq_idx is not None, HAS_H0=start is not None, WRITE_OUT=write_out,
             WRITE_DECAY=write_decay, WRITE_CKPT=write_out and save_ckpt,
-            num_warps=4,
+            num_warps=FWD_WARPS,
         )
 
     if chunks == 1:
@@ -390,7 +393,7 @@ def _scan_backward(dout, dfinal, saved, delta_softplus, has_h0):
     batch, dim, length = u.shape
     N = A.shape[1]
     Bg, Cg = _grouped(B), _grouped(C)
-    block_d = _block_d(dim, Bg, Cg)
+    block_d = _block_d(dim, Bg, Cg, BWD_BLOCK_D)
     dout = dout.contiguous()
     dev = u.device
     du = torch.empty_like(dout, dtype=u.dtype)
@@ -418,7 +421,7 @@ def _scan_backward(dout, dfinal, saved, delta_softplus, has_h0):
         N=N, N_P2=triton.next_power_of_2(N), BLOCK_D=block_d, BLOCK_L=TILE_L,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
         HAS_SEQ_IDX=seq_idx is not None, HAS_DHEND=dfinal is not None, WRITE_DH0=has_h0,
-        num_warps=4,
+        num_warps=BWD_WARPS,
     )
     dB = dB.reshape(B.shape).to(B.dtype)
     dC = dC.reshape(C.shape).to(C.dtype)
