@@ -33,7 +33,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     Where seq_idx changes, the decay is zeroed so that h restarts from zero.
     """
     dtype = compute_dtype(u)
-    batch, dim, length = u.shape
+    batch, dim, _ = u.shape
     delta = discretize_delta(delta, delta_bias, delta_softplus, dtype)
     u32 = u.to(dtype)
     B = expand_groups(B.to(dtype), dim)  # (batch, dim, N, L)
@@ -47,8 +47,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
     h = u32.new_zeros(batch, dim, A.shape[1]) if initial_state is None else initial_state.to(dtype)
     states = []
-    for t in range(length):
-        h = decay[:, :, t] * h + inputs[:, :, t]
+    # unbind, not decay[:, :, t]: indexing in a loop makes the backward allocate a full-size gradient per step.
+    for decay_t, input_t in zip(decay.unbind(2), inputs.unbind(2)):
+        h = decay_t * h + input_t
         states.append(h)
     y = torch.einsum("bdln,bdnl->bdl", torch.stack(states, dim=2), C)
 
