@@ -93,6 +93,25 @@ def _chunk_state_fwd(x_ptr, dt_ptr, A_ptr, B_ptr, bias_ptr, seq_ptr, dtp_ptr, cs
 
 
 @triton.jit
+def _chunk_step_loads(states_ptr, cs_ptr, seq_ptr, other_ptr, i, b, h, bh, tile, mask, L, H, P, N, NCHUNKS,
+                      HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr, Q: tl.constexpr):
+    """What step i of `_state_passing` reads: the chunk's tile, its carry, and (reverse) its entering state."""
+    c = NCHUNKS - 1 - i if REVERSE else i
+    carry = tl.exp(tl.load(cs_ptr + (bh * NCHUNKS + c) * Q + Q - 1))
+    if HAS_SEQ:  # the carried state belongs to the sequence of the step before the chunk
+        seq_prev = tl.load(seq_ptr + b * L + tl.maximum(c * Q - 1, 0))
+        seq_last = tl.load(seq_ptr + b * L + tl.minimum(c * Q + Q - 1, L - 1))
+        carry = tl.where(seq_prev == seq_last, carry, 0.0)
+    offset = ((b * NCHUNKS + c) * H + h) * P * N + tile
+    local = tl.load(states_ptr + offset, mask=mask, other=0.0)
+    if REVERSE:
+        s_in = tl.load(other_ptr + offset, mask=mask, other=0.0)
+    else:
+        s_in = local
+    return local, carry, s_in
+
+
+@triton.jit
 def _state_passing(states_ptr, cs_ptr, seq_ptr, init_ptr, final_ptr, other_ptr, dlast_ptr,
                    L, H, P, N, NCHUNKS,
                    HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr,
@@ -117,20 +136,19 @@ def _state_passing(states_ptr, cs_ptr, seq_ptr, init_ptr, final_ptr, other_ptr, 
         acc = tl.load(init_ptr + bh * P * N + tile, mask=mask, other=0.0).to(tl.float32)
     else:
         acc = tl.zeros((BPS, BN), dtype=tl.float32)
+    # Each step's loads are issued one step ahead: the loop is bound by memory latency, not work.
+    local, carry, s_in = _chunk_step_loads(states_ptr, cs_ptr, seq_ptr, other_ptr, 0, b, h, bh, tile, mask,
+                                           L, H, P, N, NCHUNKS, HAS_SEQ, REVERSE, Q)
     for i in range(0, NCHUNKS):
         c = NCHUNKS - 1 - i if REVERSE else i
-        carry = tl.exp(tl.load(cs_ptr + (bh * NCHUNKS + c) * Q + Q - 1))
-        if HAS_SEQ:  # the carried state belongs to the sequence of the step before the chunk
-            seq_prev = tl.load(seq_ptr + b * L + tl.maximum(c * Q - 1, 0))
-            seq_last = tl.load(seq_ptr + b * L + tl.minimum(c * Q + Q - 1, L - 1))
-            carry = tl.where(seq_prev == seq_last, carry, 0.0)
-        ptr = states_ptr + ((b * NCHUNKS + c) * H + h) * P * N + tile
-        local = tl.load(ptr, mask=mask, other=0.0)
+        next_local, next_carry, next_s_in = _chunk_step_loads(
+            states_ptr, cs_ptr, seq_ptr, other_ptr, tl.minimum(i + 1, NCHUNKS - 1), b, h, bh, tile, mask,
+            L, H, P, N, NCHUNKS, HAS_SEQ, REVERSE, Q)
         if REVERSE:
-            s_in = tl.load(other_ptr + ((b * NCHUNKS + c) * H + h) * P * N + tile, mask=mask, other=0.0)
             tl.store(dlast_ptr + (bh * NCHUNKS + c) * tl.num_programs(1) + pb, carry * tl.sum(s_in * acc))
-        tl.store(ptr, acc, mask=mask)
+        tl.store(states_ptr + ((b * NCHUNKS + c) * H + h) * P * N + tile, acc, mask=mask)
         acc = carry * acc + local
+        local, carry, s_in = next_local, next_carry, next_s_in
     tl.store(final_ptr + bh * P * N + tile, acc, mask=mask)
 
 

@@ -20,7 +20,7 @@ BLOCK_STATE_P = 16  # headdim rows per program of the state recurrence
 # Launch options per kernel (warps, software-pipelining depth), measured on an H100.
 LAUNCH = {
     "chunk_state": dict(num_warps=4, num_stages=2),
-    "scan_fwd": dict(num_warps=4, num_stages=2),
+    "scan_fwd": dict(num_warps=4, num_stages=1),
     "scan_bwd": dict(num_warps=8, num_stages=1),
 }
 
