@@ -19,7 +19,7 @@ from mambakit import MambaConfig, MambaLMHeadModel
 from mambakit.bench.common import format_table, save_rows
 from mambakit.generation import iterate_tokens
 
-COLUMNS = ["model", "impl", "prompt_len", "new_tokens", "prefill_tok_s", "decode_tok_s", "load"]
+COLUMNS = ["model", "impl", "threads", "prompt_len", "new_tokens", "prefill_tok_s", "decode_tok_s", "load"]
 SHAPE = dict(d_model=768, n_layer=24, vocab_size=50280)
 SSM_CFG = {"mamba1": {"layer": "Mamba1"}, "mamba2": {"layer": "Mamba2", "d_state": 128, "headdim": 64}}
 
@@ -73,9 +73,12 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--models", default="mamba1,mamba2")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-baseline", action="store_true", help="skip transformers")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "generation-cpu.json")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     prompt = torch.randint(0, SHAPE["vocab_size"], (1, args.prompt_len))
     impls = {"mambakit": ours} if args.no_baseline else {"mambakit": ours, "transformers": transformers_baseline}

@@ -69,8 +69,10 @@ def generate(
     see `SamplingConfig` (greedy when none is given). `seed`: an int (row b uses seed + b) or one per row;
     a row's output depends only on its prompt and seed, never on the rest of the batch. A row stops at
     `eos_token_id` (default: the tokenizer's), any of `stop_token_ids`, or once its generated text holds one
-    of `stop_strings` (needs `tokenizer`); the stop token is kept. Returns the sequences (prompt + new
-    tokens, see `GenerationOutput`), or a `GenerationOutput` with `return_dict_in_generate=True`.
+    of `stop_strings` (needs `tokenizer`); the stop token is kept, later positions hold `pad_token_id`
+    (default: the first stop id, else 0). `cache_dtype`: of the conv / KV states (default: the model's;
+    SSM states are always fp32). Returns the sequences (prompt + new tokens, see `GenerationOutput`), or
+    a `GenerationOutput` with `return_dict_in_generate=True` (`output_scores=True` adds the logits).
     """
     device = next(model.parameters()).device
     prompts = prompt_rows(input_ids, device)
