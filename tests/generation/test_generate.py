@@ -22,13 +22,14 @@ def greedy_reference(model, ids: torch.Tensor, steps: int, vocab: int, penalty: 
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_step_decoding_equals_the_parallel_forward(kind, make_model, vocab):
+@pytest.mark.parametrize("prompt_len", [1, 19])  # shorter than the conv window; three SSD chunks of 8
+def test_step_decoding_equals_the_parallel_forward(kind, prompt_len, make_model, vocab):
     model = make_model(kind).double()
-    ids = torch.randint(0, vocab, (2, 19))  # spans three SSD chunks of 8
+    ids = torch.randint(0, vocab, (2, prompt_len))
     out = generate(model, ids, max_new_tokens=10, output_scores=True, return_dict_in_generate=True)
     assert torch.equal(out.sequences, greedy_reference(model, ids, 10, vocab))
     assert out.num_new_tokens.tolist() == [10, 10]
-    parallel = model(out.sequences).logits[:, 18:-1, :vocab].float().detach()
+    parallel = model(out.sequences).logits[:, prompt_len - 1 : -1, :vocab].float().detach()
     assert out.scores.shape == (2, 10, vocab)
     assert float((out.scores - parallel).norm() / parallel.norm()) < 1e-6
 
