@@ -76,7 +76,7 @@ def run_triton(inputs, chunk_size, softplus=True, dt_limit=(0.0, float("inf"))):
                           return_final_states=True)
 
 
-def check_against_loop(inputs, chunk_size, tol, softplus=True, dt_limit=None):
+def check_against_loop(inputs, chunk_size, tol, softplus=True, dt_limit=None, grad_tol=None):
     out, final = run_triton(inputs, chunk_size, softplus, dt_limit or (0.0, float("inf")))
     ref_inputs = {k: v.detach().double().requires_grad_(v.requires_grad) if v.is_floating_point() else v
                   for k, v in inputs.items()}
@@ -92,7 +92,8 @@ def check_against_loop(inputs, chunk_size, tol, softplus=True, dt_limit=None):
     for name, v in inputs.items():
         if v.is_floating_point():
             assert v.grad is not None and torch.isfinite(v.grad).all(), name
-            assert rel_err(v.grad, ref_inputs[name].grad) < tol, (name, rel_err(v.grad, ref_inputs[name].grad))
+            err = rel_err(v.grad, ref_inputs[name].grad)
+            assert err < (grad_tol or {}).get(name, tol), (name, err)
 
 
 @pytest.mark.parametrize("case", ["groups+init+z", "seq_idx+channel_D+limit", "multi_block"])
@@ -112,9 +113,12 @@ def test_forward_backward_fp32(case, monkeypatch):
 
 
 def test_large_decay_is_finite_and_exact():
-    """|A dt| up to ~100 per step: every decay underflows to 0 rather than overflowing."""
+    """|A dt| up to ~100 per step: every decay underflows to 0 rather than overflowing.
+
+    dA sums da_t * dt_t with dt_t ~ 50 over terms that nearly cancel: in fp32 it keeps about
+    three digits there (seen up to 5e-4), far beyond the |A dt| < 2 of trained models."""
     inputs = make(1, 40, 2, 4, 1, 4, dt_scale=30.0, init=True)
-    check_against_loop(inputs, chunk_size=16, tol=1e-4)
+    check_against_loop(inputs, chunk_size=16, tol=1e-4, grad_tol={"A": 2e-3, "dt_bias": 2e-3})
 
 
 def test_varlen_states():

@@ -5,13 +5,15 @@ into blocks of BT rows (the unit of every tensor-core product). Within a chunk, 
 cumulative sum of a = dt * A from the chunk's start; decays are always exp of a difference of cs
 that is <= 0 (masked before the exp), so nothing overflows however large |A dt| is.
 
-Forward, three launches:
+Forward, four launches:
+  0. `_chunk_cb`: C_t . B_s within each chunk, once per group (every head of the group reads it).
   1. `_chunk_state_fwd`: dt processing, cs, and each chunk's own state sum_s exp(cs_last - cs_s) dt_s x_s B_s^T.
   2. `_state_passing`: the recurrence over chunks, S_in[c+1] = exp(cs_last[c]) S_in[c] + local[c].
   3. `_chunk_scan_fwd`: y_t = exp(cs_t) C_t S_in^T + sum_{s<=t} (C_t.B_s) exp(cs_t - cs_s) dt_s x_s + D x_t, gated.
-Backward, four launches: the mirror of 1 and 2 for the state gradients, one kernel for every
-other gradient of a block (looping over the heads of a group so dB and dC are summed on chip),
-and one for the dt-side gradients (reverse cumsum within the chunk, softplus, clamp).
+Backward, five launches: the mirror of 1 and 2 for the state gradients; the per-head gradients
+of a block (dx, dz, dD, and the gradients of dt and of cs); dB and dC, looping over the heads of
+a group so that they are summed on chip; and the dt-side gradients (reverse cumsum of the cs
+gradient within the chunk, softplus, clamp, A, dt_bias).
 seq_idx (numbered 0, 1, 2, ...) masks every term that would cross a sequence boundary.
 """
 from __future__ import annotations
@@ -163,15 +165,44 @@ def _intra_mask(t_rows, t_cols, seq_rows, seq_cols, cs_rows, cs_cols, HAS_SEQ: t
 
 
 @triton.jit
-def _chunk_scan_fwd(x_ptr, z_ptr, B_ptr, C_ptr, D_ptr, states_ptr, cs_ptr, dtp_ptr, seq_ptr, out_ptr, y_ptr,
+def _chunk_cb(B_ptr, C_ptr, cb_ptr, L, G, N, NCHUNKS,
+              Q: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    """Grid (nchunks * NB * NB, batch * ngroups): cb[b, c, g, t, s] = C_t . B_s for the blocks on or
+    below the diagonal, computed once per group and read by every head of it (fp32)."""
+    NB: tl.constexpr = Q // BT
+    c = tl.program_id(0) // (NB * NB)
+    i = tl.program_id(0) // NB % NB
+    j = tl.program_id(0) % NB
+    bg = tl.program_id(1)
+    b, g = bg // G, bg % G
+    if (j > i) | (c * Q + i * BT >= L):
+        return
+    rows, cols_n = tl.arange(0, BT), tl.arange(0, BN)
+    ti, tj = c * Q + i * BT + rows, c * Q + j * BT + rows
+    Ci = _load_rows(C_ptr + b * L * G * N, ti, ti < L, G * N, g * N, cols_n, N)
+    Bj = _load_rows(B_ptr + b * L * G * N, tj, tj < L, G * N, g * N, cols_n, N).to(Ci.dtype)
+    cb = tl.dot(Ci, tl.trans(Bj), input_precision=PREC)
+    tl.store(_cb_tile(cb_ptr, bg, c, i, j, NCHUNKS, Q, BT), cb)
+
+
+@triton.jit
+def _cb_tile(cb_ptr, bg, c, i, j, NCHUNKS, Q: tl.constexpr, BT: tl.constexpr):
+    """Pointers to the (BT, BT) tile (rows block i, columns block j) of chunk c's C B^T."""
+    rows = tl.arange(0, BT)
+    return (cb_ptr + (bg * NCHUNKS + c) * Q * Q + (i * BT + rows)[:, None] * Q + j * BT + rows[None, :])
+
+
+@triton.jit
+def _chunk_scan_fwd(x_ptr, z_ptr, C_ptr, cb_ptr, D_ptr, states_ptr, cs_ptr, dtp_ptr, seq_ptr, out_ptr, y_ptr,
                     L, H, G, P, N, NCHUNKS,
                     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr,
                     HAS_SEQ: tl.constexpr, STORE_Y: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr,
                     BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
-    """Grid (nchunks * Q // BT, batch * nheads): the outputs of one block of rows."""
+    """Grid (batch * nheads, nchunks * Q // BT): the outputs of one block of rows (the heads of a
+    chunk run side by side and share its C B^T tiles in L2)."""
     NB: tl.constexpr = Q // BT
-    c, i = tl.program_id(0) // NB, tl.program_id(0) % NB
-    bh = tl.program_id(1)
+    c, i = tl.program_id(1) // NB, tl.program_id(1) % NB
+    bh = tl.program_id(0)
     b, h = bh // H, bh % H
     g = h // (H // G)
     if c * Q + i * BT >= L:
@@ -203,10 +234,9 @@ def _chunk_scan_fwd(x_ptr, z_ptr, B_ptr, C_ptr, D_ptr, states_ptr, cs_ptr, dtp_p
         cs_j = tl.load(cs_ptr + buf + j * BT + rows)
         dt_j = tl.load(dtp_ptr + buf + j * BT + rows)
         seq_j = tl.load(seq_ptr + b * L + tj, mask=mj, other=-2) if HAS_SEQ else rows
-        Bj = _load_rows(B_ptr + BC_b, tj, mj, G * N, g * N, cols_n, N).to(dot_type)
         xj = _load_rows(x_b, tj, mj, H * P, h * P, cols_p, P)
         _, decay = _intra_mask(ti, tj, seq_i, seq_j, cs_i, cs_j, HAS_SEQ)
-        scores = tl.dot(Ci, tl.trans(Bj), input_precision=PREC) * decay * dt_j[None, :]
+        scores = tl.load(_cb_tile(cb_ptr, b * G + g, c, i, j, NCHUNKS, Q, BT)) * decay * dt_j[None, :]
         acc += tl.dot(scores.to(dot_type), xj, input_precision=PREC)
 
     xi = _load_rows(x_b, ti, mi, H * P, h * P, cols_p, P).to(tl.float32)
@@ -298,20 +328,128 @@ def _chunk_dstate_direct(dout_ptr, z_ptr, C_ptr, cs_ptr, seq_ptr, dstates_ptr,
 
 
 @triton.jit
-def _chunk_scan_bwd(x_ptr, z_ptr, dout_ptr, y_ptr, B_ptr, C_ptr, D_ptr, states_ptr, dstates_ptr,
-                    cs_ptr, dtp_ptr, seq_ptr,
-                    dx_ptr, dz_ptr, dB_ptr, dC_ptr, ddt_ptr, dcs_ptr, dlast_ptr, dD_ptr,
-                    L, H, G, P, N, NCHUNKS, HEADS_PER_SPLIT, SPLIT_STRIDE,
-                    HAS_Z: tl.constexpr, HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr,
-                    HAS_SEQ: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr,
-                    BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
-    """Grid (nchunks * Q // BT, batch * ngroups, head splits): every gradient of one block k.
+def _chunk_scan_bwd_dx(x_ptr, z_ptr, dout_ptr, y_ptr, B_ptr, C_ptr, cb_ptr, D_ptr, states_ptr, dstates_ptr,
+                       cs_ptr, dtp_ptr, seq_ptr, dx_ptr, dz_ptr, ddt_ptr, dcs_ptr, dstate_w_ptr, dD_ptr,
+                       L, H, G, P, N, NCHUNKS,
+                       HAS_Z: tl.constexpr, HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr,
+                       HAS_SEQ: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr,
+                       BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    """Grid (batch * nheads, nchunks * Q // BT): the per-head gradients of block k.
 
-    For block k as rows t: dC (inter and intra, j <= k). As columns s: dB, dx and dt's direct
-    gradient (intra over blocks i >= k, and the chunk's state). Per head it writes dx, dz, ddt
-    (dt as a multiplier), dcs (gradient of cs), dlast (cs_last through the chunk state) and dD;
-    dB, dC are summed over the split's heads of the group and written per split.
+    As columns s: dx, dt's direct gradient (dt as a multiplier) and the -s side of dcs (intra
+    over blocks i >= k). As rows t: the +t side of dcs (intra over j <= k, and the entering
+    state). dcs leaves out the diagonal s = t, whose decay exp(0) depends on no a, so that no
+    large +x - x pair is ever summed. dstate_w: the gradient of each step's state weight
+    exp(cs_last - cs_s) (times that weight), which `_dt_bwd` spreads over the steps after s.
+    Also dz and dD (per block).
     """
+    NB: tl.constexpr = Q // BT
+    c, k = tl.program_id(1) // NB, tl.program_id(1) % NB
+    bh = tl.program_id(0)
+    b, h = bh // H, bh % H
+    g = h // (H // G)
+    bg = b * G + g
+    if c * Q + k * BT >= L:
+        return
+    rows = tl.arange(0, BT)
+    cols_p, cols_n = tl.arange(0, BP), tl.arange(0, BN)
+    tk = c * Q + k * BT + rows
+    mk = tk < L
+    n_blocks = tl.minimum(NB, tl.cdiv(L - c * Q, BT))
+    dot_type = x_ptr.dtype.element_ty
+    buf = (bh * NCHUNKS + c) * Q
+    cs_k = tl.load(cs_ptr + buf + k * BT + rows)
+    dt_k = tl.load(dtp_ptr + buf + k * BT + rows)
+    cs_last = tl.load(cs_ptr + buf + Q - 1)
+    seq_k = tl.load(seq_ptr + b * L + tk, mask=mk, other=-1) if HAS_SEQ else rows
+    pmask = mk[:, None] & (cols_p[None, :] < P)
+    offs_k = b * L * H * P + tk[:, None] * H * P + h * P + cols_p[None, :]
+    xk = tl.load(x_ptr + offs_k, mask=pmask, other=0.0)
+    dyk = _gated_dy(dout_ptr, z_ptr, offs_k, pmask, HAS_Z)
+    if HAS_Z:  # dz = dout * y * silu'(z)
+        zk = tl.load(z_ptr + offs_k, mask=pmask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(zk)
+        dz = (tl.load(dout_ptr + offs_k, mask=pmask, other=0.0).to(tl.float32)
+              * tl.load(y_ptr + offs_k, mask=pmask, other=0.0).to(tl.float32) * sig * (1.0 + zk * (1.0 - sig)))
+        tl.store(dz_ptr + offs_k, dz, mask=pmask)
+    dyk_dot = dyk.to(dot_type)
+    state_tile = cols_p[:, None] * N + cols_n[None, :]
+    state_mask = (cols_p[:, None] < P) & (cols_n[None, :] < N)
+    state_offset = ((b * NCHUNKS + c) * H + h) * P * N
+
+    # Rows k, entering state: y_t += exp(cs_t) C_t S_in^T, so dcs_t += dY_t . (that term).
+    e = tl.exp(cs_k)
+    if HAS_SEQ:
+        e = tl.where(seq_k == tl.load(seq_ptr + b * L + tl.maximum(c * Q - 1, 0)), e, 0.0)
+    Ck = _load_rows(C_ptr + b * L * G * N, tk, mk, G * N, g * N, cols_n, N).to(dot_type)
+    s_in = tl.load(states_ptr + state_offset + state_tile, mask=state_mask, other=0.0).to(dot_type)
+    dcs = e * tl.sum(dyk * tl.dot(Ck, tl.trans(s_in), input_precision=PREC), axis=1)
+
+    # Rows k, intra-chunk: columns j <= k.
+    for j in range(0, k + 1):
+        tj = c * Q + j * BT + rows
+        mj = tj < L
+        cs_j = tl.load(cs_ptr + buf + j * BT + rows)
+        dt_j = tl.load(dtp_ptr + buf + j * BT + rows)
+        seq_j = tl.load(seq_ptr + b * L + tj, mask=mj, other=-2) if HAS_SEQ else rows
+        xj = _load_rows(x_ptr + b * L * H * P, tj, mj, H * P, h * P, cols_p, P)
+        _, decay = _intra_mask(tk, tj, seq_k, seq_j, cs_k, cs_j, HAS_SEQ)
+        dP = tl.dot(dyk_dot, tl.trans(xj), input_precision=PREC)
+        strict = tk[:, None] > tj[None, :]
+        dcs += tl.sum(tl.where(strict, dP * tl.load(_cb_tile(cb_ptr, bg, c, k, j, NCHUNKS, Q, BT)), 0.0)
+                      * decay * dt_j[None, :], axis=1)
+
+    # Columns k, intra-chunk: rows i >= k.
+    dx = tl.zeros((BT, BP), dtype=tl.float32)
+    ddt = tl.zeros((BT,), dtype=tl.float32)
+    for i in range(k, n_blocks):
+        ti = c * Q + i * BT + rows
+        mi = ti < L
+        cs_i = tl.load(cs_ptr + buf + i * BT + rows)
+        seq_i = tl.load(seq_ptr + b * L + ti, mask=mi, other=-1) if HAS_SEQ else rows
+        offs_i = b * L * H * P + ti[:, None] * H * P + h * P + cols_p[None, :]
+        dyi = _gated_dy(dout_ptr, z_ptr, offs_i, mi[:, None] & (cols_p[None, :] < P), HAS_Z).to(dot_type)
+        _, decay = _intra_mask(ti, tk, seq_i, seq_k, cs_i, cs_k, HAS_SEQ)
+        scores = tl.load(_cb_tile(cb_ptr, bg, c, i, k, NCHUNKS, Q, BT)) * decay  # (rows i, cols k), no dt
+        dP = tl.dot(dyi, tl.trans(xk), input_precision=PREC)
+        dx += tl.dot(tl.trans((scores * dt_k[None, :]).to(dot_type)), dyi, input_precision=PREC)
+        ddt += tl.sum(dP * scores, axis=0)
+        dcs -= tl.sum(tl.where(ti[:, None] > tk[None, :], dP * scores, 0.0), axis=0) * dt_k
+
+    # Columns k, the chunk's state: S_out += exp(cs_last - cs_s) dt_s x_s B_s^T.
+    w = tl.exp(cs_last - cs_k)
+    if HAS_SEQ:
+        w = tl.where(seq_k == tl.load(seq_ptr + b * L + tl.minimum(c * Q + Q - 1, L - 1)), w, 0.0)
+    Bk = _load_rows(B_ptr + b * L * G * N, tk, mk, G * N, g * N, cols_n, N).to(dot_type)
+    ds_out = tl.load(dstates_ptr + state_offset + state_tile, mask=state_mask, other=0.0).to(dot_type)
+    v = tl.dot(Bk, tl.trans(ds_out), input_precision=PREC)  # (BT, BP)
+    dx += v * (w * dt_k)[:, None]
+    sx = w * tl.sum(xk.to(tl.float32) * v, axis=1)
+    ddt += sx
+    tl.store(dstate_w_ptr + buf + k * BT + rows, sx * dt_k)
+
+    if HAS_D:
+        xk32 = xk.to(tl.float32)
+        if D_PER_CHANNEL:
+            dx += dyk * tl.load(D_ptr + h * P + cols_p, mask=cols_p < P, other=0.0)[None, :]
+            tl.store(dD_ptr + ((b * NCHUNKS + c) * NB + k) * H * P + h * P + cols_p,
+                     tl.sum(dyk * xk32, axis=0), mask=cols_p < P)
+        else:
+            dx += dyk * tl.load(D_ptr + h)
+            tl.store(dD_ptr + ((b * NCHUNKS + c) * NB + k) * H + h, tl.sum(dyk * xk32))
+    tl.store(dx_ptr + offs_k, dx, mask=pmask)
+    tl.store(ddt_ptr + buf + k * BT + rows, ddt)
+    tl.store(dcs_ptr + buf + k * BT + rows, dcs)
+
+
+@triton.jit
+def _chunk_scan_bwd_dbdc(x_ptr, z_ptr, dout_ptr, B_ptr, C_ptr, states_ptr, dstates_ptr, cs_ptr, dtp_ptr, seq_ptr,
+                         dB_ptr, dC_ptr, L, H, G, P, N, NCHUNKS, HEADS_PER_SPLIT, SPLIT_STRIDE,
+                         HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr,
+                         BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+    """Grid (nchunks * Q // BT, batch * ngroups, head splits): dB and dC of block k, summed over
+    a split of the group's heads. The score gradient dG = (dY x^T) * decay * dt is summed over
+    heads before its one product with B (rows k) or C (columns k) per block pair."""
     NB: tl.constexpr = Q // BT
     c, k = tl.program_id(0) // NB, tl.program_id(0) % NB
     bg = tl.program_id(1)
@@ -325,137 +463,102 @@ def _chunk_scan_bwd(x_ptr, z_ptr, dout_ptr, y_ptr, B_ptr, C_ptr, D_ptr, states_p
     mk = tk < L
     n_blocks = tl.minimum(NB, tl.cdiv(L - c * Q, BT))
     dot_type = x_ptr.dtype.element_ty
-    BC_b = b * L * G * N
-    Ck = _load_rows(C_ptr + BC_b, tk, mk, G * N, g * N, cols_n, N).to(dot_type)
-    Bk = _load_rows(B_ptr + BC_b, tk, mk, G * N, g * N, cols_n, N).to(dot_type)
     seq_k = tl.load(seq_ptr + b * L + tk, mask=mk, other=-1) if HAS_SEQ else rows
-    if HAS_SEQ:
-        seq_prev = tl.load(seq_ptr + b * L + tl.maximum(c * Q - 1, 0))
-        seq_last = tl.load(seq_ptr + b * L + tl.minimum(c * Q + Q - 1, L - 1))
+    pmask = mk[:, None] & (cols_p[None, :] < P)
     state_tile = cols_p[:, None] * N + cols_n[None, :]
     state_mask = (cols_p[:, None] < P) & (cols_n[None, :] < N)
-    pmask = mk[:, None] & (cols_p[None, :] < P)
-    dB_acc = tl.zeros((BT, BN), dtype=tl.float32)
-    dC_acc = tl.zeros((BT, BN), dtype=tl.float32)
     heads_per_group = H // G
     h_start = g * heads_per_group + split * HEADS_PER_SPLIT
     h_end = tl.minimum(h_start + HEADS_PER_SPLIT, (g + 1) * heads_per_group)
+    dB = tl.zeros((BT, BN), dtype=tl.float32)
+    dC = tl.zeros((BT, BN), dtype=tl.float32)
+
+    # Through the states: rows k read the entering state, columns k feed the chunk's state.
     for h in range(h_start, h_end):
-        bh = b * H + h
-        buf = (bh * NCHUNKS + c) * Q
+        buf = ((b * H + h) * NCHUNKS + c) * Q
         cs_k = tl.load(cs_ptr + buf + k * BT + rows)
         dt_k = tl.load(dtp_ptr + buf + k * BT + rows)
-        cs_last = tl.load(cs_ptr + buf + Q - 1)
-        offs_k = b * L * H * P + tk[:, None] * H * P + h * P + cols_p[None, :]
-        xk = tl.load(x_ptr + offs_k, mask=pmask, other=0.0)
-        dyk = _gated_dy(dout_ptr, z_ptr, offs_k, pmask, HAS_Z)
-        if HAS_Z:  # dz = dout * y * silu'(z)
-            zk = tl.load(z_ptr + offs_k, mask=pmask, other=0.0).to(tl.float32)
-            sig = tl.sigmoid(zk)
-            dz = (tl.load(dout_ptr + offs_k, mask=pmask, other=0.0).to(tl.float32)
-                  * tl.load(y_ptr + offs_k, mask=pmask, other=0.0).to(tl.float32) * sig * (1.0 + zk * (1.0 - sig)))
-            tl.store(dz_ptr + offs_k, dz, mask=pmask)
-        dyk_dot = dyk.to(dot_type)
-
-        # Rows k, inter-chunk: y_t += exp(cs_t) C_t S_in^T.
         e = tl.exp(cs_k)
+        w = tl.exp(tl.load(cs_ptr + buf + Q - 1) - cs_k) * dt_k
         if HAS_SEQ:
-            e = tl.where(seq_k == seq_prev, e, 0.0)
-        s_in = tl.load(states_ptr + ((b * NCHUNKS + c) * H + h) * P * N + state_tile, mask=state_mask, other=0.0)
-        dC_inter = tl.dot(dyk_dot, s_in.to(dot_type), input_precision=PREC) * e[:, None]
-        dC_acc += dC_inter
-        dcs = tl.sum(dC_inter * Ck.to(tl.float32), axis=1)
+            e = tl.where(seq_k == tl.load(seq_ptr + b * L + tl.maximum(c * Q - 1, 0)), e, 0.0)
+            w = tl.where(seq_k == tl.load(seq_ptr + b * L + tl.minimum(c * Q + Q - 1, L - 1)), w, 0.0)
+        offs_k = b * L * H * P + tk[:, None] * H * P + h * P + cols_p[None, :]
+        dyk = _gated_dy(dout_ptr, z_ptr, offs_k, pmask, HAS_Z)
+        xk = tl.load(x_ptr + offs_k, mask=pmask, other=0.0).to(tl.float32)
+        state_offset = ((b * NCHUNKS + c) * H + h) * P * N + state_tile
+        s_in = tl.load(states_ptr + state_offset, mask=state_mask, other=0.0).to(dot_type)
+        ds_out = tl.load(dstates_ptr + state_offset, mask=state_mask, other=0.0).to(dot_type)
+        dC += tl.dot((dyk * e[:, None]).to(dot_type), s_in, input_precision=PREC)
+        dB += tl.dot((xk * w[:, None]).to(dot_type), ds_out, input_precision=PREC)
 
-        # Rows k, intra-chunk: columns j <= k.
-        for j in range(0, k + 1):
-            tj = c * Q + j * BT + rows
-            mj = tj < L
+    # dC, intra-chunk: columns j <= k.
+    for j in range(0, k + 1):
+        tj = c * Q + j * BT + rows
+        mj = tj < L
+        seq_j = tl.load(seq_ptr + b * L + tj, mask=mj, other=-2) if HAS_SEQ else rows
+        dG = tl.zeros((BT, BT), dtype=tl.float32)
+        for h in range(h_start, h_end):
+            buf = ((b * H + h) * NCHUNKS + c) * Q
+            cs_k = tl.load(cs_ptr + buf + k * BT + rows)
             cs_j = tl.load(cs_ptr + buf + j * BT + rows)
             dt_j = tl.load(dtp_ptr + buf + j * BT + rows)
-            seq_j = tl.load(seq_ptr + b * L + tj, mask=mj, other=-2) if HAS_SEQ else rows
-            Bj = _load_rows(B_ptr + BC_b, tj, mj, G * N, g * N, cols_n, N).to(dot_type)
+            dyk = _gated_dy(dout_ptr, z_ptr, b * L * H * P + tk[:, None] * H * P + h * P + cols_p[None, :],
+                            pmask, HAS_Z).to(dot_type)
             xj = _load_rows(x_ptr + b * L * H * P, tj, mj, H * P, h * P, cols_p, P)
             _, decay = _intra_mask(tk, tj, seq_k, seq_j, cs_k, cs_j, HAS_SEQ)
-            dscores = tl.dot(dyk_dot, tl.trans(xj), input_precision=PREC) * decay * dt_j[None, :]
-            dC_acc += tl.dot(dscores.to(dot_type), Bj, input_precision=PREC)
-            dcs += tl.sum(dscores * tl.dot(Ck, tl.trans(Bj), input_precision=PREC), axis=1)
+            dG += tl.dot(dyk, tl.trans(xj), input_precision=PREC) * decay * dt_j[None, :]
+        Bj = _load_rows(B_ptr + b * L * G * N, tj, mj, G * N, g * N, cols_n, N).to(dot_type)
+        dC += tl.dot(dG.to(dot_type), Bj, input_precision=PREC)
 
-        # Columns k, intra-chunk: rows i >= k.
-        dx = tl.zeros((BT, BP), dtype=tl.float32)
-        ddt = tl.zeros((BT,), dtype=tl.float32)
-        for i in range(k, n_blocks):
-            ti = c * Q + i * BT + rows
-            mi = ti < L
+    # dB, intra-chunk: rows i >= k.
+    for i in range(k, n_blocks):
+        ti = c * Q + i * BT + rows
+        mi = ti < L
+        seq_i = tl.load(seq_ptr + b * L + ti, mask=mi, other=-1) if HAS_SEQ else rows
+        dG = tl.zeros((BT, BT), dtype=tl.float32)
+        for h in range(h_start, h_end):
+            buf = ((b * H + h) * NCHUNKS + c) * Q
+            cs_k = tl.load(cs_ptr + buf + k * BT + rows)
             cs_i = tl.load(cs_ptr + buf + i * BT + rows)
-            seq_i = tl.load(seq_ptr + b * L + ti, mask=mi, other=-1) if HAS_SEQ else rows
-            Ci = _load_rows(C_ptr + BC_b, ti, mi, G * N, g * N, cols_n, N).to(dot_type)
-            offs_i = b * L * H * P + ti[:, None] * H * P + h * P + cols_p[None, :]
-            dyi = _gated_dy(dout_ptr, z_ptr, offs_i, mi[:, None] & (cols_p[None, :] < P), HAS_Z).to(dot_type)
+            dt_k = tl.load(dtp_ptr + buf + k * BT + rows)
+            dyi = _gated_dy(dout_ptr, z_ptr, b * L * H * P + ti[:, None] * H * P + h * P + cols_p[None, :],
+                            mi[:, None] & (cols_p[None, :] < P), HAS_Z).to(dot_type)
+            xk = tl.load(x_ptr + b * L * H * P + tk[:, None] * H * P + h * P + cols_p[None, :], mask=pmask, other=0.0)
             _, decay = _intra_mask(ti, tk, seq_i, seq_k, cs_i, cs_k, HAS_SEQ)
-            scores = tl.dot(Ci, tl.trans(Bk), input_precision=PREC) * decay  # (rows i, cols k), no dt
-            dP = tl.dot(dyi, tl.trans(xk), input_precision=PREC)
-            dx += tl.dot(tl.trans((scores * dt_k[None, :]).to(dot_type)), dyi, input_precision=PREC)
-            dB_acc += tl.dot(tl.trans((dP * decay * dt_k[None, :]).to(dot_type)), Ci, input_precision=PREC)
-            r = tl.sum(dP * scores, axis=0)
-            ddt += r
-            dcs -= r * dt_k
-
-        # Columns k, the chunk's state: S_out += exp(cs_last - cs_s) dt_s x_s B_s^T.
-        w = tl.exp(cs_last - cs_k)
-        if HAS_SEQ:
-            w = tl.where(seq_k == seq_last, w, 0.0)
-        ds_out = tl.load(dstates_ptr + ((b * NCHUNKS + c) * H + h) * P * N + state_tile,
-                         mask=state_mask, other=0.0).to(dot_type)
-        v = tl.dot(Bk, tl.trans(ds_out), input_precision=PREC)  # (BT, BP)
-        dx += v * (w * dt_k)[:, None]
-        dB_acc += tl.dot((xk.to(tl.float32) * (w * dt_k)[:, None]).to(dot_type), ds_out, input_precision=PREC)
-        sx = w * tl.sum(xk.to(tl.float32) * v, axis=1)
-        ddt += sx
-        dcs -= sx * dt_k
-        tl.store(dlast_ptr + (bh * NCHUNKS + c) * NB + k, tl.sum(sx * dt_k))
-
-        if HAS_D:
-            xk32 = xk.to(tl.float32)
-            if D_PER_CHANNEL:
-                dx += dyk * tl.load(D_ptr + h * P + cols_p, mask=cols_p < P, other=0.0)[None, :]
-                tl.store(dD_ptr + ((b * NCHUNKS + c) * NB + k) * H * P + h * P + cols_p,
-                         tl.sum(dyk * xk32, axis=0), mask=cols_p < P)
-            else:
-                dx += dyk * tl.load(D_ptr + h)
-                tl.store(dD_ptr + ((b * NCHUNKS + c) * NB + k) * H + h, tl.sum(dyk * xk32))
-        tl.store(dx_ptr + offs_k, dx, mask=pmask)
-        tl.store(ddt_ptr + buf + k * BT + rows, ddt)
-        tl.store(dcs_ptr + buf + k * BT + rows, dcs)
+            dG += tl.dot(dyi, tl.trans(xk), input_precision=PREC) * decay * dt_k[None, :]
+        Ci = _load_rows(C_ptr + b * L * G * N, ti, mi, G * N, g * N, cols_n, N).to(dot_type)
+        dB += tl.dot(tl.trans(dG.to(dot_type)), Ci, input_precision=PREC)
 
     nmask = mk[:, None] & (cols_n[None, :] < N)
-    offs_n = split * SPLIT_STRIDE + BC_b + tk[:, None] * G * N + g * N + cols_n[None, :]
-    tl.store(dB_ptr + offs_n, dB_acc, mask=nmask)
-    tl.store(dC_ptr + offs_n, dC_acc, mask=nmask)
+    offs_n = split * SPLIT_STRIDE + b * L * G * N + tk[:, None] * G * N + g * N + cols_n[None, :]
+    tl.store(dB_ptr + offs_n, dB, mask=nmask)
+    tl.store(dC_ptr + offs_n, dC, mask=nmask)
 
 
 @triton.jit
-def _dt_bwd(dt_ptr, bias_ptr, A_ptr, dtp_ptr, dcs_ptr, ddt_ptr, dlast_ptr, dcarry_ptr,
+def _dt_bwd(dt_ptr, bias_ptr, A_ptr, dtp_ptr, dcs_ptr, ddt_ptr, dstate_w_ptr, dcarry_ptr,
             ddt_out_ptr, dA_ptr, dbias_ptr,
             L, H, NCHUNKS, N_CARRY, dt_min, dt_max,
             HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
-            Q: tl.constexpr, BT: tl.constexpr, BCARRY: tl.constexpr):
-    """Grid (nchunks, batch * nheads): da = reverse cumsum of dcs over the chunk, then the
-    gradients of dt (through softplus and clamp), A and dt_bias (the last two per chunk)."""
-    NB: tl.constexpr = Q // BT
+            Q: tl.constexpr, BCARRY: tl.constexpr):
+    """Grid (nchunks, batch * nheads): the gradient of each a = dt * A, then those of dt (through
+    softplus and clamp), A and dt_bias (the last two per chunk).
+
+    a_u enters cs_t for t >= u (da_u: reverse cumsum of dcs), the state weight exp(cs_last - cs_s)
+    for s < u (prefix sum of dstate_w before u), and the carry exp(cs_last) for every u."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
     q = tl.arange(0, Q)
     buf = (bh * NCHUNKS + c) * Q + q
-    dcs = tl.load(dcs_ptr + buf)
-    # cs_last gathers two more terms: through the chunk's own state and through the carry.
-    extra = tl.sum(tl.load(dlast_ptr + (bh * NCHUNKS + c) * NB + tl.arange(0, NB)))
-    bc = tl.arange(0, BCARRY)
-    extra += tl.sum(tl.load(dcarry_ptr + (bh * NCHUNKS + c) * N_CARRY + bc, mask=bc < N_CARRY, other=0.0))
     t = c * Q + q
     m = t < L
-    dcs = tl.where(m, dcs, 0.0) + tl.where(q == Q - 1, extra, 0.0)
-    da = tl.sum(dcs, axis=0) - tl.cumsum(dcs, axis=0) + dcs
+    dcs = tl.where(m, tl.load(dcs_ptr + buf), 0.0)  # steps past L: never written
+    dstate_w = tl.where(m, tl.load(dstate_w_ptr + buf), 0.0)
+    bc = tl.arange(0, BCARRY)
+    dcarry = tl.sum(tl.load(dcarry_ptr + (bh * NCHUNKS + c) * N_CARRY + bc, mask=bc < N_CARRY, other=0.0))
+    da = tl.cumsum(dcs, axis=0, reverse=True) + (tl.cumsum(dstate_w, axis=0) - dstate_w) + dcarry
     A = tl.load(A_ptr + h)
     dtp = tl.load(dtp_ptr + buf)
     tl.store(dA_ptr + bh * NCHUNKS + c, tl.sum(da * dtp))

@@ -21,7 +21,8 @@ BLOCK_STATE_P = 16  # headdim rows per program of the state recurrence
 LAUNCH = {
     "chunk_state": dict(num_warps=4, num_stages=2),
     "scan_fwd": dict(num_warps=4, num_stages=1),
-    "scan_bwd": dict(num_warps=8, num_stages=1),
+    "scan_bwd_dx": dict(num_warps=4, num_stages=1),
+    "scan_bwd_dbdc": dict(num_warps=4, num_stages=1),
 }
 
 
@@ -57,7 +58,8 @@ def ssd_forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, 
 
     Returns out (b, L, H, P) in x's dtype, final_states (b, H, P, N) fp32, varlen_states
     (num_seqs, H, P, N) fp32 or empty, y before the gate (z given and store_y) or empty, and the
-    buffers the backward reads: cs and dt (b, H, nchunks, Q) fp32, entering states (b, nchunks, H, P, N) fp32.
+    buffers the backward reads: cs and dt (b, H, nchunks, Q) fp32, entering states (b, nchunks, H, P, N)
+    fp32, and C B^T within each chunk (b, G, nchunks, Q, Q) fp32.
     """
     from . import triton_chunk as k
 
@@ -85,11 +87,15 @@ def ssd_forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, 
         states, cs, seq, init, final, none, none, L, H, P, N, nchunks,
         HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None, REVERSE=False,
         Q=Q, BPS=BLOCK_STATE_P, BN=BN, num_warps=4)
+    NB = Q // BT
+    cb = torch.empty(batch, G, nchunks, Q, Q, **f32)
+    k._chunk_cb[(nchunks * NB * NB, batch * G)](B, C, cb, L, G, N, nchunks, Q=Q, BT=BT, BN=BN, PREC=prec,
+                                                **LAUNCH["chunk_state"])
     out = torch.empty_like(x)
     y = torch.empty_like(x) if (z is not None and store_y) else torch.empty(0, device=dev)
     Dc = D.contiguous() if D is not None else none
-    k._chunk_scan_fwd[(nchunks * (Q // BT), batch * H)](
-        x, z if z is not None else none, B, C, Dc, states, cs, dtp, seq, out, y,
+    k._chunk_scan_fwd[(batch * H, nchunks * NB)](
+        x, z if z is not None else none, C, cb, Dc, states, cs, dtp, seq, out, y,
         L, H, G, P, N, nchunks,
         HAS_Z=z is not None, HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2,
         HAS_SEQ=seq_idx is not None, STORE_Y=y.numel() > 0, Q=Q, BT=BT, BP=BP, BN=BN, PREC=prec,
@@ -100,7 +106,7 @@ def ssd_forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, 
         varlen = torch.empty(nseq, H, P, N, **f32)
         k._varlen_states[(nseq, H)](x, B, states, cs, dtp, seq, cu_seqlens.contiguous(), varlen,
                                     L, H, G, P, N, nchunks, Q=Q, BT=BT, BP=BP, BN=BN, PREC=prec, num_warps=4)
-    return out, final, varlen, y, cs, dtp, states
+    return out, final, varlen, y, cs, dtp, states, cb
 
 
 def _head_splits(batch, G, H, nblocks_total, device) -> int:
@@ -114,7 +120,7 @@ def _head_splits(batch, G, H, nblocks_total, device) -> int:
 
 
 def ssd_backward(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max,
-                 initial_states, seq_idx, y, cs, dtp, states):
+                 initial_states, seq_idx, y, cs, dtp, states, cb):
     """Gradients of every input from the forward's buffers. Returns (dx, ddt, dA, dB, dC, dD, dz,
     ddt_bias, dinitial_states); an absent input gets an empty tensor."""
     from . import triton_chunk as k
@@ -145,35 +151,38 @@ def ssd_backward(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_sof
         dstates, cs, seq, dfinal if dfinal is not None else none, dinit, states, dcarry, L, H, P, N, nchunks,
         HAS_INIT=dfinal is not None, HAS_SEQ=has_seq, REVERSE=True, Q=Q, BPS=BLOCK_STATE_P, BN=BN, num_warps=4)
 
-    # Every other gradient, block by block.
-    splits = _head_splits(batch, G, H, nchunks * NB, dev)
-    heads_per_split = -(-(H // G) // splits)
+    # Every other gradient, block by block: per head, then dB and dC per group.
     dx = torch.empty_like(x)
     dz = torch.empty_like(z) if z is not None else torch.empty(0, device=dev)
-    dB_parts = torch.empty(splits, batch, L, G, N, **f32)
-    dC_parts = torch.empty(splits, batch, L, G, N, **f32)
     ddt_direct = torch.empty(batch, H, nchunks, Q, **f32)
     dcs = torch.empty(batch, H, nchunks, Q, **f32)
-    dlast = torch.zeros(batch, H, nchunks, NB, **f32)  # blocks past L write nothing
+    dstate_w = torch.empty(batch, H, nchunks, Q, **f32)
     d_per_channel = D is not None and D.dim() == 2
     dD_parts = torch.zeros(batch, nchunks * NB, H, P if d_per_channel else 1, **f32) if D is not None else none
-    k._chunk_scan_bwd[(nchunks * NB, batch * G, splits)](
-        x, z if z is not None else none, dout, y if z is not None else none, B, C,
+    k._chunk_scan_bwd_dx[(batch * H, nchunks * NB)](
+        x, z if z is not None else none, dout, y if z is not None else none, B, C, cb,
         D.contiguous() if D is not None else none, states, dstates, cs, dtp, seq,
-        dx, dz, dB_parts, dC_parts, ddt_direct, dcs, dlast, dD_parts,
-        L, H, G, P, N, nchunks, heads_per_split, batch * L * G * N,
+        dx, dz, ddt_direct, dcs, dstate_w, dD_parts, L, H, G, P, N, nchunks,
         HAS_Z=z is not None, HAS_D=D is not None, D_PER_CHANNEL=d_per_channel, HAS_SEQ=has_seq,
-        Q=Q, BT=BT, BP=BP, BN=BN, PREC=prec, **LAUNCH["scan_bwd"])
+        Q=Q, BT=BT, BP=BP, BN=BN, PREC=prec, **LAUNCH["scan_bwd_dx"])
+    splits = _head_splits(batch, G, H, nchunks * NB, dev)
+    heads_per_split = -(-(H // G) // splits)
+    dB_parts = torch.empty(splits, batch, L, G, N, **f32)
+    dC_parts = torch.empty(splits, batch, L, G, N, **f32)
+    k._chunk_scan_bwd_dbdc[(nchunks * NB, batch * G, splits)](
+        x, z if z is not None else none, dout, B, C, states, dstates, cs, dtp, seq, dB_parts, dC_parts,
+        L, H, G, P, N, nchunks, heads_per_split, batch * L * G * N,
+        HAS_Z=z is not None, HAS_SEQ=has_seq, Q=Q, BT=BT, BP=BP, BN=BN, PREC=prec, **LAUNCH["scan_bwd_dbdc"])
 
     # dt, A, dt_bias.
     ddt = torch.empty_like(dt)
     dA_parts = torch.empty(batch, H, nchunks, **f32)
     dbias_parts = torch.empty(batch, H, nchunks, **f32)
     k._dt_bwd[(nchunks, batch * H)](
-        dt, dt_bias if dt_bias is not None else none, A, dtp, dcs, ddt_direct, dlast, dcarry,
+        dt, dt_bias if dt_bias is not None else none, A, dtp, dcs, ddt_direct, dstate_w, dcarry,
         ddt, dA_parts, dbias_parts, L, H, nchunks, n_pblocks, lo, hi,
         HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit,
-        Q=Q, BT=BT, BCARRY=triton.next_power_of_2(n_pblocks), num_warps=4)
+        Q=Q, BCARRY=triton.next_power_of_2(n_pblocks), num_warps=4)
 
     dB = dB_parts.sum(0).to(B.dtype)
     dC = dC_parts.sum(0).to(C.dtype)
@@ -193,7 +202,7 @@ def _ssd_fwd_op(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_si
                 D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool,
                 dt_min: float, dt_max: float, initial_states: Optional[Tensor], seq_idx: Optional[Tensor],
                 cu_seqlens: Optional[Tensor], return_varlen_states: bool, store_y: bool
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return ssd_forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max, initial_states,
                        seq_idx, cu_seqlens, return_varlen_states, store_y)
 
@@ -208,22 +217,22 @@ def _(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max, in
     y = torch.empty_like(x) if (z is not None and store_y) else x.new_empty(0, dtype=torch.float32)
     return (torch.empty_like(x), x.new_empty(batch, H, P, N, **f32), varlen, y,
             x.new_empty(batch, H, nchunks, Q, **f32), x.new_empty(batch, H, nchunks, Q, **f32),
-            x.new_empty(batch, nchunks, H, P, N, **f32))
+            x.new_empty(batch, nchunks, H, P, N, **f32), x.new_empty(batch, G, nchunks, Q, Q, **f32))
 
 
 @torch.library.custom_op("mambakit::ssd_bwd", mutates_args=())
 def _ssd_bwd_op(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
                 chunk_size: int, D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor],
                 dt_softplus: bool, dt_min: float, dt_max: float, initial_states: Optional[Tensor],
-                seq_idx: Optional[Tensor], y: Tensor, cs: Tensor, dtp: Tensor, states: Tensor
+                seq_idx: Optional[Tensor], y: Tensor, cs: Tensor, dtp: Tensor, states: Tensor, cb: Tensor
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return ssd_backward(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max,
-                        initial_states, seq_idx, y, cs, dtp, states)
+                        initial_states, seq_idx, y, cs, dtp, states, cb)
 
 
 @_ssd_bwd_op.register_fake
 def _(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max, initial_states,
-      seq_idx, y, cs, dtp, states):
+      seq_idx, y, cs, dtp, states, cb):
     def like(t):
         return torch.empty_like(t) if t is not None else x.new_empty(0, dtype=torch.float32)
 
@@ -236,20 +245,20 @@ _FWD_INPUTS = ("x", "dt", "A", "B", "C", "chunk_size", "D", "z", "dt_bias", "dt_
 
 def _setup_context(ctx, inputs, output):
     args = dict(zip(_FWD_INPUTS, inputs))
-    _, _, _, y, cs, dtp, states = output
+    _, _, _, y, cs, dtp, states, cb = output
     ctx.save_for_backward(args["x"], args["dt"], args["A"], args["B"], args["C"], args["D"], args["z"],
-                          args["dt_bias"], args["initial_states"], args["seq_idx"], y, cs, dtp, states)
+                          args["dt_bias"], args["initial_states"], args["seq_idx"], y, cs, dtp, states, cb)
     ctx.options = (args["chunk_size"], args["dt_softplus"], args["dt_min"], args["dt_max"])
     ctx.has_initial = args["initial_states"] is not None
 
 
 def _backward(ctx, dout, dfinal, *unused):
-    x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, y, cs, dtp, states = ctx.saved_tensors
+    x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, y, cs, dtp, states, cb = ctx.saved_tensors
     chunk_size, dt_softplus, dt_min, dt_max = ctx.options
     if dout is None:
         dout = torch.zeros_like(x)
     grads = _ssd_bwd_op(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max,
-                        initial_states, seq_idx, y, cs, dtp, states)
+                        initial_states, seq_idx, y, cs, dtp, states, cb)
     dx, ddt, dA, dB, dC, dD, dz, dbias, dinit = grads
     present = lambda g, t: g if t is not None else None  # noqa: E731
     return (dx, ddt, dA, dB, dC, None, present(dD, D), present(dz, z), present(dbias, dt_bias), None, None, None,
