@@ -12,11 +12,11 @@ from mambakit.cli.train import add_train_options, given_options
 
 # A model and budget that train to readable Python-ish text on two CPU cores within the time limit.
 DEMO_CONFIG = dict(
-    arch="mamba2", d_model=128, n_layer=4, d_state=32, headdim=32, seq_len=256, batch_size=8,
-    max_tokens=2_000_000, lr=3e-3, warmup_fraction=0.05, log_interval=10, eval_interval=100,
-    eval_sequences=64, save_interval=100, keep_last=1, max_time=180.0, device="cpu",
+    arch="mamba2", d_model=128, n_layer=4, d_state=32, headdim=32, ssm_options={"chunk_size": 64},
+    seq_len=256, batch_size=8, max_tokens=600_000, lr=3e-3, warmup_fraction=0.05, log_interval=10,
+    eval_interval=100, eval_sequences=64, save_interval=100, keep_last=1, max_time=180.0, device="cpu",
 )
-DEFAULT_PROMPT = "def read_config(path):\n    "
+DEFAULT_PROMPT = "import os\n\n\ndef read_config(path):\n"
 # What a demo run folder may hold; anything else means the folder is not ours to replace.
 RUN_FILES = ("checkpoint-", ".checkpoint-", "latest", ".latest", "metrics.jsonl", "loss.png", "train_config.json")
 

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from mambakit.training.config import ARCHS, TrainConfig, parse_count
 
@@ -33,6 +34,8 @@ OPTIONS = [
     ("--d-state", "d_state", dict(type=int, help="SSM state size (mixer default)")),
     ("--headdim", "headdim", dict(type=int, help="Mamba-2 head size (64)")),
     ("--expand", "expand", dict(type=int, help="SSM inner width / d_model (2)")),
+    ("--ssm-options", "ssm_options", dict(type=json.loads, metavar="JSON",
+                                          help='further mixer arguments, e.g. \'{"chunk_size": 64}\'')),
     ("--attn-layer-idx", "attn_layer_idx", dict(type=_int_list, metavar="I,J", help="hybrid: attention layer indices")),
     ("--attn-heads", "attn_heads", dict(type=int, help="attention heads (d_model / 64)")),
     ("--d-intermediate", "d_intermediate", dict(type=int, help="MLP width after each mixer (0; transformer 8/3 d_model)")),

@@ -50,6 +50,7 @@ class TrainConfig:
     d_state: int | None = None  # None: the mixer's default (16 Mamba-1, 128 Mamba-2)
     headdim: int | None = None  # Mamba-2 head size (None: 64)
     expand: int = 2
+    ssm_options: dict = field(default_factory=dict)  # further mixer arguments (chunk_size, dt_min, ngroups, ...)
     attn_layer_idx: list = field(default_factory=list)  # hybrid only
     attn_heads: int | None = None  # None: d_model // 64
     d_intermediate: int | None = None  # MLP width; None: 0 for SSMs, SwiGLU 8/3 * d_model for transformer
@@ -99,7 +100,7 @@ class TrainConfig:
         heads = self.attn_heads or max(1, self.d_model // 64)
         attn_cfg = {"num_heads": heads, "head_dim": self.d_model // heads, "rotary_emb_dim": self.d_model // heads,
                     "causal": True, "qkv_proj_bias": False, "out_proj_bias": False}
-        ssm_cfg = {"layer": "Mamba1" if self.arch == "mamba" else "Mamba2", "expand": self.expand}
+        ssm_cfg = {"layer": "Mamba1" if self.arch == "mamba" else "Mamba2", "expand": self.expand, **self.ssm_options}
         if self.d_state is not None:
             ssm_cfg["d_state"] = self.d_state
         if self.headdim is not None and self.arch != "mamba":

@@ -267,7 +267,7 @@ class Trainer:
                 self._eval_and_log(last)
         if not self._saved_at_current_step():
             self.save()
-        return {**last, "stopped": stopped, "checkpoint": str(ckpt.checkpoint_dir(self.run_dir, self.step))}
+        return {**last, "step": self.step, "tokens": self.step * tokens_per_step, "stopped": stopped, "checkpoint": str(ckpt.checkpoint_dir(self.run_dir, self.step))}
 
     def _eval_and_log(self, last: dict) -> None:
         result = self.evaluate()
