@@ -16,7 +16,7 @@ import torch
 from mambakit.bench.common import device_slug, format_table, save_rows
 from mambakit.bench.ssd import CHUNK, official_ssd, ssd_fn, ssd_inputs, timed
 
-COLUMNS = ["impl", "L", "fwd_ms", "fwdbwd_ms", "fwd_ns_per_token", "fwdbwd_ns_per_token"]
+COLUMNS = ["impl", "L", "fwd_ms", "fwdbwd_ms", "fwd_ns_per_token", "fwdbwd_ns_per_token", "finite"]
 
 
 def measure(lengths: list[int], impls: list[str]) -> list[dict]:
@@ -28,10 +28,18 @@ def measure(lengths: list[int], impls: list[str]) -> list[dict]:
                 continue
             fwd, fwdbwd = timed(ssd_fn(impl), inputs, backward=True)
             rows.append(dict(op="ssd_scaling", impl=impl, L=L, batch=1, chunk=CHUNK, fwd_ms=fwd, fwdbwd_ms=fwdbwd,
-                             fwd_ns_per_token=fwd * 1e6 / L, fwdbwd_ns_per_token=fwdbwd * 1e6 / L))
+                             fwd_ns_per_token=fwd * 1e6 / L, fwdbwd_ns_per_token=fwdbwd * 1e6 / L,
+                             finite=all_finite(ssd_fn(impl), inputs)))
         del inputs
         torch.cuda.empty_cache()
     return rows
+
+
+def all_finite(fn, inputs: dict) -> bool:
+    """No NaN or inf in the output or in any gradient (bf16, the whole length)."""
+    out = fn(inputs)
+    grads = torch.autograd.grad(out, list(inputs.values()), torch.randn_like(out))
+    return bool(torch.isfinite(out).all()) and all(bool(torch.isfinite(g).all()) for g in grads)
 
 
 def plot(path: Path) -> Path:

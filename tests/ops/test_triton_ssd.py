@@ -174,10 +174,10 @@ def test_custom_op_compiles_and_differentiates():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("length", [256, 1000, 4096])
+@pytest.mark.parametrize("dtype,length", [(torch.float32, 1000), (torch.bfloat16, 4096)])
 def test_gpu_matches_reference(dtype, length):
-    """Real shapes on the GPU against the reference in float64, gradients included."""
+    """Real shapes on the GPU against the reference in float64, gradients included (the CPU
+    interpreter cannot catch a GPU miscompile); 1000 steps: many sequences, last chunk partial."""
     from mambakit.ops.ssd import reference
 
     inputs = make(2, length, 8, 64, 2, 128, dtype=dtype, seq=length == 1000)

@@ -55,9 +55,9 @@ def _chunk_state_fwd(x_ptr, dt_ptr, A_ptr, B_ptr, bias_ptr, seq_ptr, dtp_ptr, cs
                      HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
                      HAS_SEQ: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr,
                      BN: tl.constexpr, PREC: tl.constexpr):
-    """Grid (nchunks, batch * nheads): writes dt, cs (batch, nheads, nchunks, Q) and the local state (P, N)."""
-    c = tl.program_id(0)
-    bh = tl.program_id(1)
+    """Grid (batch * nheads, nchunks): writes dt, cs (batch, nheads, nchunks, Q) and the local state (P, N)."""
+    c = tl.program_id(1)
+    bh = tl.program_id(0)
     b, h = bh // H, bh % H
     g = h // (H // G)
     A = tl.load(A_ptr + h).to(tl.float32)
@@ -302,10 +302,10 @@ def _chunk_dstate_direct(dout_ptr, z_ptr, C_ptr, cs_ptr, seq_ptr, dstates_ptr,
                          L, H, G, P, N, NCHUNKS,
                          HAS_Z: tl.constexpr, HAS_SEQ: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr,
                          BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
-    """Grid (nchunks, batch * nheads): sum_t exp(cs_t) dY_t^T C_t, the gradient of the entering
+    """Grid (batch * nheads, nchunks): sum_t exp(cs_t) dY_t^T C_t, the gradient of the entering
     state through this chunk's own outputs (rows of another sequence excluded)."""
-    c = tl.program_id(0)
-    bh = tl.program_id(1)
+    c = tl.program_id(1)
+    bh = tl.program_id(0)
     b, h = bh // H, bh % H
     g = h // (H // G)
     cols_p, cols_n, rows = tl.arange(0, BP), tl.arange(0, BN), tl.arange(0, BT)

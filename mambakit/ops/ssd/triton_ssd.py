@@ -76,7 +76,7 @@ def ssd_forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, 
     states = torch.empty(batch, nchunks, H, P, N, **f32)
     seq = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else none
     prec = _prec(x)
-    k._chunk_state_fwd[(nchunks, batch * H)](
+    k._chunk_state_fwd[(batch * H, nchunks)](
         x, dt, A, B, dt_bias if dt_bias is not None else none, seq, dtp, cs, states,
         L, H, G, P, N, nchunks, lo, hi,
         HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit, HAS_SEQ=seq_idx is not None,
@@ -140,7 +140,7 @@ def ssd_backward(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_sof
 
     # Gradient of the state entering / leaving each chunk.
     dstates = torch.empty(batch, nchunks, H, P, N, **f32)
-    k._chunk_dstate_direct[(nchunks, batch * H)](
+    k._chunk_dstate_direct[(batch * H, nchunks)](
         dout, z if z is not None else none, C, cs, seq, dstates, L, H, G, P, N, nchunks,
         HAS_Z=z is not None, HAS_SEQ=has_seq, Q=Q, BT=BT, BP=BP, BN=BN, PREC=prec, **LAUNCH["chunk_state"])
     n_pblocks = triton.cdiv(P, BLOCK_STATE_P)
