@@ -11,6 +11,7 @@ ACTIVATIONS = (None, "silu", "swish")
 
 _IMPLS = {
     "reference": lambda: reference.causal_conv1d,
+    "triton": lambda: __import__("mambakit.ops.conv1d.triton_conv", fromlist=["_"]).causal_conv1d,
 }
 _STEP_IMPLS = {
     "reference": lambda: step.causal_conv1d_update,

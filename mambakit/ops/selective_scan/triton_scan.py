@@ -27,8 +27,9 @@ from mambakit.ops.selective_scan import reference
 
 LOG2E = math.log2(math.e)
 TILE_L = 64  # steps per tile; the backward's checkpoint stride
-FWD_BLOCK_D, FWD_WARPS = 4, 4  # channels per program, warps per program (tuned on an H100)
+FWD_BLOCK_D, FWD_WARPS, FWD_UNROLL = 32, 1, 8  # channels per program, warps, steps unrolled (H100)
 BWD_BLOCK_D, BWD_WARPS = 4, 4
+FWD_PROGRAMS_PER_SM = 8  # below this many programs per SM the forward also splits the sequence
 FORCE_CHUNKS = None  # tests set an int to exercise the sequence-parallel forward at tiny shapes
 
 
@@ -40,7 +41,9 @@ def _affine_combine(a1, x1, a2, x2):
 
 @triton.jit
 def _softplus(x):
-    return tl.where(x > 20.0, x, tl.where(x < -15.0, tl.exp(x), tl.log(1.0 + tl.exp(x))))
+    # log(1 + e^x) through the hardware exp2/log2; exact branches where 1 + e^x would round.
+    e = tl.exp2(x * 1.4426950408889634)
+    return tl.where(x > 20.0, x, tl.where(x < -15.0, e, tl.log2(1.0 + e) * 0.6931471805599453))
 
 
 @triton.jit
@@ -84,24 +87,30 @@ def _group_rows(ptr, stride_g, stride_n, stride_l, d, per_group, n, t, mask_d, m
     return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["s_n"])
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, h0_ptr,
     out_ptr, hend_ptr, decay_ptr, ckpt_ptr,
-    dim, L, chunk_len, b_per_group, c_per_group,
+    dim, L, chunk_len, b_per_group, c_per_group, s_n,
     s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_ob, s_od, s_ol,
     s_Bb, s_Bg, s_Bn, s_Bl, s_Cb, s_Cg, s_Cn, s_Cl, s_sb, s_sl,
     s_h0b, s_h0c, s_h0d, s_heb, s_hec, s_hed, s_kb, s_kd, s_kt,
-    N: tl.constexpr, N_P2: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    N: tl.constexpr, N_P2: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, UNROLL: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_SEQ_IDX: tl.constexpr, HAS_H0: tl.constexpr, WRITE_OUT: tl.constexpr,
     WRITE_DECAY: tl.constexpr, WRITE_CKPT: tl.constexpr,
 ):
-    """Scan one chunk of one batch row for BLOCK_D channels; grid (batch, dim blocks, chunks).
+    """Scan one chunk of one batch row for BLOCK_D channels (inside one group of B and of C), one step
+    at a time: the state (BLOCK_D, N) stays in registers, a channel per thread and its N states inside
+    the thread, so a step is N independent multiply-adds with no communication. Grid (batch, dim blocks,
+    chunks). Steps are unrolled UNROLL at a time so that their loads are in flight together.
 
     h0 (batch, chunks, dim, N): start state of each chunk (HAS_H0). Writes the chunk's end state to
     hend (batch, chunks, dim, N), with WRITE_DECAY its total decay prod_t a_t to decay (same shape),
-    with WRITE_OUT the outputs, with WRITE_CKPT the state at every tile start to ckpt (batch, dim, tiles, N).
+    with WRITE_OUT the outputs, with WRITE_CKPT the state at every BLOCK_L-step tile start to ckpt
+    (batch, dim, tiles, N). B and C are best laid out (batch, G, L, N) (s_Bn = 1) so that a step's
+    N values are adjacent. s_n = 1 is the N stride of A and of the states, passed unspecialized: were the
+    compiler to see N contiguous there, it would spread N over threads to vectorize those few accesses.
     """
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -109,59 +118,68 @@ def _scan_fwd_kernel(
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     n = tl.arange(0, N_P2)
     mask_d = d < dim
-    mask_dn = mask_d[:, None] & (n[None, :] < N)
-    A2 = tl.load(A_ptr + d[:, None] * N + n[None, :], mask=mask_dn, other=0.0) * 1.4426950408889634
-    # Loaded even when absent (a dummy pointer) so that every helper gets a tensor; unused then.
+    mask_n = n < N
+    mask_nd = mask_d[:, None] & mask_n[None, :]  # states are (BLOCK_D, N)
+    A2 = tl.load(A_ptr + d[:, None] * N + n[None, :] * s_n, mask=mask_nd, other=0.0) * 1.4426950408889634
+    # Loaded even when absent (a dummy pointer) so that every tensor exists; unused then.
     bias = tl.load(bias_ptr + d, mask=mask_d & HAS_BIAS, other=0.0).to(tl.float32)
     Dv = tl.load(D_ptr + d, mask=mask_d & HAS_D, other=0.0).to(tl.float32)
-    u_ptr += pid_b * s_ub
-    delta_ptr += pid_b * s_db
-    z_ptr += pid_b * s_zb
-    out_ptr += pid_b * s_ob
-    B_ptr += pid_b * s_Bb
-    C_ptr += pid_b * s_Cb
+    u_ptrs = u_ptr + pid_b * s_ub + d * s_ud
+    delta_ptrs = delta_ptr + pid_b * s_db + d * s_dd
+    z_ptrs = z_ptr + pid_b * s_zb + d * s_zd
+    out_ptrs = out_ptr + pid_b * s_ob + d * s_od
+    B_ptrs = B_ptr + pid_b * s_Bb + ((pid_d * BLOCK_D) // b_per_group) * s_Bg + n * s_Bn
+    C_ptrs = C_ptr + pid_b * s_Cb + ((pid_d * BLOCK_D) // c_per_group) * s_Cg + n * s_Cn
     seq_ptr += pid_b * s_sb
-    dn_off = d[:, None] * s_h0d + n[None, :]
+    nd_off = d[:, None] * s_hed + n[None, :] * s_n
     if HAS_H0:
-        h = tl.load(h0_ptr + pid_b * s_h0b + pid_c * s_h0c + dn_off, mask=mask_dn, other=0.0)
+        h = tl.load(h0_ptr + pid_b * s_h0b + pid_c * s_h0c + d[:, None] * s_h0d + n[None, :] * s_n, mask=mask_nd,
+                    other=0.0)
     else:
         h = tl.zeros((BLOCK_D, N_P2), tl.float32)
     total_decay = tl.full((BLOCK_D, N_P2), 1.0, tl.float32)
-    col = tl.arange(0, BLOCK_L)
     t_start = pid_c * chunk_len
     t_end = tl.minimum(t_start + chunk_len, L)
+    prev_seq = 0
+    if HAS_SEQ_IDX:
+        prev_seq = tl.load(seq_ptr + tl.maximum(t_start - 1, 0) * s_sl)
     for t0 in range(t_start, t_end, BLOCK_L):
         if WRITE_CKPT:
-            tl.store(ckpt_ptr + pid_b * s_kb + d[:, None] * s_kd + (t0 // BLOCK_L) * s_kt + n[None, :], h,
-                     mask=mask_dn)
-        t = t0 + col
-        mask_t = t < t_end
-        mask_dl = mask_d[:, None] & mask_t[None, :]
-        u = _load_tile(u_ptr, s_ud, s_ul, d, t, mask_dl)
-        dt, _ = _delta_tile(delta_ptr, s_dd, s_dl, bias, d, t, mask_dl, HAS_BIAS, SOFTPLUS)
-        Bt = _group_rows(B_ptr, s_Bg, s_Bn, s_Bl, d, b_per_group, n, t, mask_d, mask_t, N)
-        # Steps past the chunk have dt = 0, so a = 1 and x = 0: the state passes through unchanged.
-        a = _decay(dt, A2, t, seq_ptr, s_sl, L, HAS_SEQ_IDX)
-        x = (dt * u)[:, None, :] * Bt
-        a_cum, hs = tl.associative_scan((a, x), 2, _affine_combine)
-        hs += a_cum * h[:, :, None]
-        last = (col == BLOCK_L - 1)[None, None, :]
-        h = tl.sum(tl.where(last, hs, 0.0), axis=2)
-        if WRITE_DECAY:
-            total_decay *= tl.sum(tl.where(last, a_cum, 0.0), axis=2)
-        if WRITE_OUT:
-            Ct = _group_rows(C_ptr, s_Cg, s_Cn, s_Cl, d, c_per_group, n, t, mask_d, mask_t, N)
-            y = tl.sum(hs * Ct, axis=1)
-            if HAS_D:
-                y += Dv[:, None] * u
-            if HAS_Z:
-                zt = _load_tile(z_ptr, s_zd, s_zl, d, t, mask_dl)
-                y *= zt * tl.sigmoid(zt)
-            tl.store(out_ptr + d[:, None] * s_od + t[None, :] * s_ol, y.to(out_ptr.dtype.element_ty), mask=mask_dl)
-    end_off = pid_b * s_heb + pid_c * s_hec + d[:, None] * s_hed + n[None, :]
-    tl.store(hend_ptr + end_off, h, mask=mask_dn)
+            tl.store(ckpt_ptr + pid_b * s_kb + d[:, None] * s_kd + n[None, :] * s_n + (t0 // BLOCK_L) * s_kt, h,
+                     mask=mask_nd)
+        for t1 in range(t0, t0 + BLOCK_L, UNROLL):
+            for j in tl.static_range(UNROLL):
+                t = t1 + j
+                live = t < t_end
+                u = tl.load(u_ptrs + t * s_ul, mask=mask_d & live, other=0.0).to(tl.float32)
+                dt = tl.load(delta_ptrs + t * s_dl, mask=mask_d & live, other=0.0).to(tl.float32)
+                if HAS_BIAS:
+                    dt += bias
+                if SOFTPLUS:
+                    dt = _softplus(dt)
+                dt = tl.where(live, dt, 0.0)  # past the chunk: a = 1, x = 0, the state passes through
+                Bt = tl.load(B_ptrs + t * s_Bl, mask=mask_n & live, other=0.0).to(tl.float32)
+                a = tl.exp2(dt[:, None] * A2)
+                if HAS_SEQ_IDX:
+                    cur_seq = tl.load(seq_ptr + t * s_sl, mask=live, other=0)
+                    a = tl.where(live & (cur_seq != prev_seq), 0.0, a)
+                    prev_seq = cur_seq
+                h = a * h + (dt * u)[:, None] * Bt[None, :]
+                if WRITE_DECAY:
+                    total_decay *= a
+                if WRITE_OUT:
+                    Ct = tl.load(C_ptrs + t * s_Cl, mask=mask_n & live, other=0.0).to(tl.float32)
+                    y = tl.sum(h * Ct[None, :], axis=1)
+                    if HAS_D:
+                        y += Dv * u
+                    if HAS_Z:
+                        zt = tl.load(z_ptrs + t * s_zl, mask=mask_d & live, other=0.0).to(tl.float32)
+                        y *= zt * tl.sigmoid(zt)
+                    tl.store(out_ptrs + t * s_ol, y.to(out_ptr.dtype.element_ty), mask=mask_d & live)
+    end_off = pid_b * s_heb + pid_c * s_hec + nd_off
+    tl.store(hend_ptr + end_off, h, mask=mask_nd)
     if WRITE_DECAY:
-        tl.store(decay_ptr + end_off, total_decay, mask=mask_dn)
+        tl.store(decay_ptr + end_off, total_decay, mask=mask_nd)
 
 
 @triton.jit
@@ -314,6 +332,12 @@ def _grouped(t: torch.Tensor) -> torch.Tensor:
     return t.unsqueeze(1) if t.dim() == 3 else t
 
 
+def _steps_major(t: torch.Tensor) -> torch.Tensor:
+    """(batch, G, N, L) -> (batch, G, L, N) fp32: a step's N values adjacent and ready to use (one small copy)."""
+    out = torch.empty(*t.shape[:2], t.shape[3], t.shape[2], device=t.device, dtype=torch.float32)
+    return out.copy_(t.transpose(-1, -2))
+
+
 def _block_d(dim: int, B: torch.Tensor, C: torch.Tensor, block: int) -> int:
     """Channels per program: at most `block`, a power of two that keeps every program in one group of B and C."""
     for t in (B, C):
@@ -330,7 +354,7 @@ def _num_chunks(batch: int, dim_blocks: int, length: int, device: torch.device) 
         return max(1, min(FORCE_CHUNKS, triton.cdiv(length, TILE_L)))
     if device.type != "cuda":
         return 1
-    programs_wanted = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    programs_wanted = FWD_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
     chunks = triton.cdiv(programs_wanted, batch * dim_blocks)
     return max(1, min(chunks, triton.cdiv(length, 8 * TILE_L)))
 
@@ -341,7 +365,8 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_s
     N = A.shape[1]
     B, C = _grouped(B), _grouped(C)
     A = A.contiguous()
-    block_d = FWD_BLOCK_D  # any block: each channel reads its own group's rows of B and C
+    block_d = _block_d(dim, B, C, FWD_BLOCK_D)
+    B, C = _steps_major(B), _steps_major(C)
     dim_blocks = triton.cdiv(dim, block_d)
     n_tiles = triton.cdiv(length, TILE_L)
     chunks = _num_chunks(batch, dim_blocks, length, u.device)
@@ -361,12 +386,13 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_s
             u, delta, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
             delta_bias if delta_bias is not None else dummy, seq, start if start is not None else dummy,
             out, hend, decay, ckpt,
-            dim, length, chunk_len, dim // B.shape[1], dim // C.shape[1],
+            dim, length, chunk_len, dim // B.shape[1], dim // C.shape[1], 1,
             *u.stride(), *delta.stride(), *(z.stride() if z is not None else (0, 0, 0)), *out.stride(),
-            *B.stride(), *C.stride(), *(seq_idx.stride() if seq_idx is not None else (0, 0)),
+            B.stride(0), B.stride(1), B.stride(3), B.stride(2), C.stride(0), C.stride(1), C.stride(3), C.stride(2),
+            *(seq_idx.stride() if seq_idx is not None else (0, 0)),
             s_start[0], s_start[1], s_start[2], hend.stride(0), hend.stride(1), hend.stride(2),
             ckpt.stride(0), ckpt.stride(1), ckpt.stride(2),
-            N=N, N_P2=triton.next_power_of_2(N), BLOCK_D=block_d, BLOCK_L=TILE_L,
+            N=N, N_P2=triton.next_power_of_2(N), BLOCK_D=block_d, BLOCK_L=TILE_L, UNROLL=FWD_UNROLL,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
             HAS_SEQ_IDX=seq_idx is not None, HAS_H0=start is not None, WRITE_OUT=write_out,
             WRITE_DECAY=write_decay, WRITE_CKPT=write_out and save_ckpt,

@@ -1,0 +1,211 @@
+"""Depthwise causal conv1d (+ SiLU, initial states, seq_idx) as Triton kernels with their autograd.
+
+A program computes a (BLOCK_D, BLOCK_L) tile of one batch row; each of the `width` taps is one shifted
+tile load (neighbouring programs' inputs come through the cache). Backward: the gradient before the
+activation (recomputed pre-activation) goes to an fp32 buffer, then one kernel forms the input
+gradient (the transposed taps) and accumulates the weight and bias gradients atomically. Final states
+and the initial-state gradient are (batch, dim, width-1) slices, done with plain tensor ops.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mambakit.ops.conv1d import reference
+
+BLOCK_D, BLOCK_L = 16, 128
+
+
+@triton.jit
+def _tap(x_ptr, init_ptr, seq_ptr, b, d, t, shift, L, seq_t,
+         s_xb, s_xd, s_xl, s_ib, s_id, s_il, s_sb, s_sl, mask_d,
+         W: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """Input at position t - shift (BLOCK_D, BLOCK_L) fp32: x, the initial states before position 0,
+    zero where it belongs to another sequence than position t (seq_t)."""
+    s = t - shift
+    inside = (t < L) & (s >= 0)
+    v = tl.load(x_ptr + b * s_xb + d[:, None] * s_xd + s[None, :] * s_xl,
+                mask=mask_d[:, None] & inside[None, :], other=0.0).to(tl.float32)
+    if HAS_INIT:
+        before = (t < L) & (s < 0)
+        v += tl.load(init_ptr + b * s_ib + d[:, None] * s_id + (s + W - 1)[None, :] * s_il,
+                     mask=mask_d[:, None] & before[None, :], other=0.0).to(tl.float32)
+    if HAS_SEQ:
+        seq_s = tl.load(seq_ptr + b * s_sb + tl.maximum(s, 0) * s_sl, mask=t < L, other=0)
+        v = tl.where((seq_s == seq_t)[None, :], v, 0.0)
+    return v
+
+
+@triton.jit
+def _conv_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, init_ptr, seq_ptr, out_ptr, dout_ptr, dim, L,
+    s_xb, s_xd, s_xl, s_ib, s_id, s_il, s_sb, s_sl, s_ob, s_od, s_ol,
+    W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, SILU: tl.constexpr, GRAD: tl.constexpr,
+):
+    """out = act(bias + sum_k w[:, k] x_{t-W+1+k}); grid (batch, dim blocks, L blocks).
+
+    With GRAD, writes instead the gradient before the activation, dout * act'(pre), to out (fp32)."""
+    b = tl.program_id(0)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    t = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
+    mask_d = d < dim
+    mask = mask_d[:, None] & (t < L)[None, :]
+    seq_t = t  # unused without seq_idx
+    if HAS_SEQ:
+        seq_t = tl.load(seq_ptr + b * s_sb + t * s_sl, mask=t < L, other=0)
+    acc = tl.zeros((BLOCK_D, BLOCK_L), tl.float32)
+    for k in tl.static_range(W):
+        wk = tl.load(w_ptr + d * W + k, mask=mask_d, other=0.0).to(tl.float32)
+        acc += wk[:, None] * _tap(x_ptr, init_ptr, seq_ptr, b, d, t, W - 1 - k, L, seq_t,
+                                  s_xb, s_xd, s_xl, s_ib, s_id, s_il, s_sb, s_sl, mask_d, W, HAS_INIT, HAS_SEQ)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
+    offs = b * s_ob + d[:, None] * s_od + t[None, :] * s_ol
+    if GRAD:
+        g = tl.load(dout_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if SILU:
+            sig = tl.sigmoid(acc)
+            g *= sig * (1.0 + acc * (1.0 - sig))
+        tl.store(out_ptr + offs, g, mask=mask)
+    else:
+        if SILU:
+            acc *= tl.sigmoid(acc)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _conv_bwd_kernel(
+    x_ptr, w_ptr, init_ptr, seq_ptr, dpre_ptr, dx_ptr, dw_ptr, dbias_ptr, dim, L,
+    s_xb, s_xd, s_xl, s_ib, s_id, s_il, s_sb, s_sl, s_gb, s_gd, s_gl,
+    W: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
+):
+    """dx_s = sum_k w[:, k] dpre_{s+W-1-k} (same sequence only); dw, dbias accumulated atomically.
+    dpre, dx: (batch, dim, L) with strides s_g*; grid (batch, dim blocks, L blocks)."""
+    b = tl.program_id(0)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    s = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
+    mask_d = d < dim
+    mask = mask_d[:, None] & (s < L)[None, :]
+    seq_s = s  # unused without seq_idx
+    if HAS_SEQ:
+        seq_s = tl.load(seq_ptr + b * s_sb + s * s_sl, mask=s < L, other=0)
+    dpre = tl.load(dpre_ptr + b * s_gb + d[:, None] * s_gd + s[None, :] * s_gl, mask=mask, other=0.0)
+    dx = tl.zeros((BLOCK_D, BLOCK_L), tl.float32)
+    for k in tl.static_range(W):
+        wk = tl.load(w_ptr + d * W + k, mask=mask_d, other=0.0).to(tl.float32)
+        t = s + (W - 1 - k)  # the output that read x_s through tap k
+        g = tl.load(dpre_ptr + b * s_gb + d[:, None] * s_gd + t[None, :] * s_gl,
+                    mask=mask_d[:, None] & (t < L)[None, :], other=0.0)
+        if HAS_SEQ:
+            seq_t = tl.load(seq_ptr + b * s_sb + t * s_sl, mask=t < L, other=0)
+            g = tl.where((seq_t == seq_s)[None, :], g, 0.0)
+        dx += wk[:, None] * g
+        # Weight gradient: this tile's outputs s times the input they read through tap k.
+        xk = _tap(x_ptr, init_ptr, seq_ptr, b, d, s, W - 1 - k, L, seq_s,
+                  s_xb, s_xd, s_xl, s_ib, s_id, s_il, s_sb, s_sl, mask_d, W, HAS_INIT, HAS_SEQ)
+        tl.atomic_add(dw_ptr + d * W + k, tl.sum(dpre * xk, axis=1), mask=mask_d, sem="relaxed")
+    tl.store(dx_ptr + b * s_gb + d[:, None] * s_gd + s[None, :] * s_gl, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    if HAS_BIAS:
+        tl.atomic_add(dbias_ptr + d, tl.sum(dpre, axis=1), mask=mask_d, sem="relaxed")
+
+
+def _launch_fwd(x, weight, bias, initial_states, seq_idx, silu, out, dout=None):
+    batch, dim, length = x.shape
+    init = initial_states if initial_states is not None else x
+    seq = seq_idx if seq_idx is not None else x
+    grid = (batch, triton.cdiv(dim, BLOCK_D), triton.cdiv(length, BLOCK_L))
+    _conv_fwd_kernel[grid](
+        x, weight, bias if bias is not None else weight, init, seq, out, dout if dout is not None else out,
+        dim, length, *x.stride(), *(init.stride() if initial_states is not None else (0, 0, 0)),
+        *(seq_idx.stride() if seq_idx is not None else (0, 0)), *out.stride(),
+        W=weight.shape[1], BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L, HAS_BIAS=bias is not None,
+        HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None, SILU=silu, GRAD=dout is not None,
+    )
+    return out
+
+
+class CausalConv1dFn(torch.autograd.Function):
+    """Autograd of the conv (without final states, which are plain slices of the inputs)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, initial_states, seq_idx, silu):
+        weight = weight.contiguous()
+        out = _launch_fwd(x, weight, bias, initial_states, seq_idx, silu, torch.empty_like(x))
+        ctx.save_for_backward(x, weight, bias, initial_states, seq_idx)
+        ctx.silu = silu
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, bias, initial_states, seq_idx = ctx.saved_tensors
+        batch, dim, length = x.shape
+        width = weight.shape[1]
+        dout = dout.contiguous()
+        if ctx.silu:
+            dpre = _launch_fwd(x, weight, bias, initial_states, seq_idx, True,
+                               torch.empty(x.shape, device=x.device, dtype=torch.float32), dout)
+        else:
+            dpre = dout.float()
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        dw = torch.zeros(dim, width, device=x.device, dtype=torch.float32)
+        dbias = torch.zeros(dim, device=x.device, dtype=torch.float32) if bias is not None else None
+        init = initial_states if initial_states is not None else x
+        seq = seq_idx if seq_idx is not None else x
+        grid = (batch, triton.cdiv(dim, BLOCK_D), triton.cdiv(length, BLOCK_L))
+        _conv_bwd_kernel[grid](
+            x, weight, init, seq, dpre, dx, dw, dbias if dbias is not None else dw, dim, length,
+            *x.stride(), *(init.stride() if initial_states is not None else (0, 0, 0)),
+            *(seq_idx.stride() if seq_idx is not None else (0, 0)), *dpre.stride(),
+            W=width, BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L, HAS_BIAS=bias is not None,
+            HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None,
+        )
+        dinit = None
+        if initial_states is not None:
+            dinit = _initial_states_grad(dpre, weight, seq_idx).to(initial_states.dtype)
+        return (dx, dw.to(weight.dtype), dbias.to(bias.dtype) if dbias is not None else None, dinit, None, None)
+
+
+def _initial_states_grad(dpre, weight, seq_idx):
+    """d initial_states[:, :, j] = sum_k w[:, k] dpre_{j-k} over outputs t = j-k >= 0 of the first sequence."""
+    batch, dim, length = dpre.shape
+    width = weight.shape[1]
+    dinit = dpre.new_zeros(batch, dim, width - 1)
+    first = None if seq_idx is None else (seq_idx == seq_idx[:, :1]).float()  # (batch, L)
+    for j in range(width - 1):
+        for k in range(j + 1):
+            t = j - k
+            if t < length:
+                g = dpre[:, :, t] if first is None else dpre[:, :, t] * first[:, t, None]
+                dinit[:, :, j] += weight[:, k].float() * g
+    return dinit
+
+
+def _final_states(x, initial_states, seq_idx, width):
+    """The last width-1 inputs (history included), zero where they are not of the last sequence."""
+    batch, dim, length = x.shape
+    if width == 1:
+        return x.new_zeros(batch, dim, 0)
+    history = x.new_zeros(batch, dim, width - 1) if initial_states is None else initial_states.to(x.dtype)
+    tail = torch.cat([history, x[..., max(0, length - (width - 1)):]], dim=-1)[..., -(width - 1):]
+    if seq_idx is not None:
+        tail_idx = torch.cat([seq_idx[:, :1].expand(batch, width - 1), seq_idx], dim=-1)[:, -(width - 1):]
+        tail = tail * (tail_idx == seq_idx[:, -1:]).unsqueeze(1).to(tail.dtype)
+    return tail
+
+
+def causal_conv1d(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,
+                  activation=None):
+    """Triton causal conv; arguments and shapes as `mambakit.ops.causal_conv1d` (validated there).
+
+    fp64 inputs go to the reference (the kernels accumulate in fp32).
+    """
+    if any(t is not None and t.dtype == torch.float64 for t in (x, weight, bias, initial_states)):
+        return reference.causal_conv1d(x, weight, bias=bias, seq_idx=seq_idx, initial_states=initial_states,
+                                       return_final_states=return_final_states, activation=activation)
+    out = CausalConv1dFn.apply(x, weight, bias, initial_states, seq_idx, activation is not None)
+    if not return_final_states:
+        return out
+    return out, _final_states(x, initial_states, seq_idx, weight.shape[1])
