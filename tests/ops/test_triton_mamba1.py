@@ -262,3 +262,68 @@ def test_conv_gpu_real_shapes(dtype):
     assert rel_err(out, ref) < tol
     for a, b in zip(leaves, refs):
         assert torch.isfinite(a.grad).all() and rel_err(a.grad, b.grad) < (1e-4 if dtype == torch.float32 else 2e-2)
+
+
+# ---------------------------------------------------------------- RMS norms
+norm_ops = importlib.import_module("mambakit.ops.norm")
+
+
+def rms(x, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+@pytest.mark.parametrize("prenorm,with_residual", [(True, True), (False, True), (False, False)])
+def test_rms_norm_matches_formula(prenorm, with_residual):
+    x, w = torch.randn(3, 5, 72, device=DEVICE), torch.randn(72, device=DEVICE)
+    res = torch.randn(3, 5, 72, device=DEVICE) if with_residual else None
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, w, res)]
+    got = norm_ops.rms_norm(leaves[0], leaves[1], eps=1e-5, residual=leaves[2], prenorm=prenorm,
+                            residual_in_fp32=True, backend="triton")
+    truth = [t.detach().double().requires_grad_() if t is not None else None for t in (x, w, res)]
+    s = truth[0] if res is None else truth[0] + truth[2]
+    want = rms(s, 1e-5) * truth[1]
+    outs, refs = (list(got), [want, s]) if prenorm else ([got], [want])
+    loss, ref_loss = 0, 0
+    for o, r in zip(outs, refs):
+        assert o.shape == r.shape and rel_err(o, r) < 1e-5
+        weight = torch.randn_like(r)
+        loss, ref_loss = loss + (o.double() * weight).sum(), ref_loss + (r * weight).sum()
+    loss.backward()
+    ref_loss.backward()
+    for ours, ref in zip(leaves, truth):
+        if ours is not None:
+            assert rel_err(ours.grad, ref.grad) < 1e-5
+
+
+@pytest.mark.parametrize("group_size,before", [(None, True), (24, True), (24, False), (None, False)])
+def test_rms_norm_gated_matches_formula(group_size, before):
+    x, z, w = torch.randn(4, 96, device=DEVICE), torch.randn(4, 96, device=DEVICE), torch.randn(96, device=DEVICE)
+    leaves = [t.clone().requires_grad_() for t in (x, z, w)]
+    got = norm_ops.rms_norm_gated(leaves[0], leaves[2], z=leaves[1], group_size=group_size,
+                                  norm_before_gate=before, backend="triton")
+    tx, tz, tw = (t.detach().double().requires_grad_() for t in (x, z, w))
+    gs = 96 if group_size is None else group_size
+    inner = tx if before else tx * F.silu(tz)
+    want = rms(inner.unflatten(-1, (-1, gs)), 1e-5).flatten(-2) * tw
+    if before:
+        want = want * F.silu(tz)
+    assert rel_err(got, want) < 1e-5
+    g = torch.randn_like(want)
+    (got.double() * g).sum().backward()
+    (want * g).sum().backward()
+    for ours, ref in zip(leaves, (tx, tz, tw)):
+        assert rel_err(ours.grad, ref.grad) < 1e-5
+
+
+@pytest.mark.gpu
+def test_norms_gpu_bf16():
+    x, res = torch.randn(8, 2048, 768, device=DEVICE, dtype=torch.bfloat16), torch.randn(8, 2048, 768, device=DEVICE)
+    w = torch.randn(768, device=DEVICE)
+    ours = norm_ops.rms_norm(x, w, residual=res, prenorm=True, residual_in_fp32=True, backend="triton")
+    ref = norm_ops.rms_norm(x, w, residual=res, prenorm=True, residual_in_fp32=True, backend="reference")
+    assert torch.isfinite(ours[0].float()).all()
+    assert rel_err(ours[0], ref[0]) < 1e-2 and rel_err(ours[1], ref[1]) < 1e-6
+    z = torch.randn_like(x)
+    gated = [norm_ops.rms_norm_gated(x, w, z=z, group_size=256, norm_before_gate=False, backend=b)
+             for b in ("triton", "reference")]
+    assert rel_err(gated[0], gated[1]) < 1e-2

@@ -12,9 +12,11 @@ from mambakit.ops.norm import reference
 
 _IMPLS = {
     "reference": lambda: reference.rms_norm,
+    "triton": lambda: __import__("mambakit.ops.norm.triton_norm", fromlist=["_"]).rms_norm,
 }
 _GATED_IMPLS = {
     "reference": lambda: reference.rms_norm_gated,
+    "triton": lambda: __import__("mambakit.ops.norm.triton_norm", fromlist=["_"]).rms_norm_gated,
 }
 
 
