@@ -2,7 +2,6 @@ import pytest
 import torch
 
 from mambakit.generation import generate
-from mambakit.tokenizer import ByteTokenizer
 
 KINDS = ["mamba1", "mamba2", "hybrid"]
 
@@ -116,22 +115,30 @@ def test_max_length_counts_the_prompt(make_model, vocab):
     assert generate(model, prompts, 10) == out  # the official positional spelling
 
 
+class LetterTokenizer:
+    """Token i is the single character chr(0x100 + i): every token is a whole, distinct character."""
+
+    eos_token_id = None
+
+    def decode(self, ids):
+        return "".join(chr(0x100 + int(i)) for i in ids)
+
+
 def test_stop_strings(make_model, vocab):
-    model = make_model("mamba2")
-    tok = ByteTokenizer()
-    prompt = torch.randint(0, 256, (1, 5))
-    free = generate(model, prompt, max_new_tokens=24, eos_token_id=[])[0, 5:].tolist()
-    ascii_bytes = [t for t in free if t < 128]
-    if not ascii_bytes:
-        pytest.skip("no ASCII byte in this continuation")  # probability ~2**-24
-    stop = chr(ascii_bytes[0])  # an ASCII character only comes from its own byte
-    out = generate(model, prompt, max_new_tokens=24, eos_token_id=[], stop_strings=[stop], tokenizer=tok)[0, 5:]
-    expected = free.index(ascii_bytes[0]) + 1
+    model, tok = make_model("mamba2"), LetterTokenizer()
+    prompt = torch.randint(0, vocab, (1, 5))
+    free = generate(model, prompt, max_new_tokens=24)[0, 5:].tolist()
+    stop = tok.decode(free[3:5])  # a string spanning two tokens
+    expected = next(j + 1 for j in range(1, 24) if free[j - 1 : j + 1] == free[3:5])
+    out = generate(model, prompt, max_new_tokens=24, stop_strings=["\0never", stop], tokenizer=tok, pad_token_id=0)[0, 5:]
     assert out[:expected].tolist() == free[:expected]
     assert bool((out[expected:] == 0).all())
+
     # The tokenizer's end-of-text token stops a row unless eos_token_id says otherwise.
-    eos_row = generate(model, prompt, max_new_tokens=4, tokenizer=tok, return_dict_in_generate=True)
-    assert eos_row.num_new_tokens.item() >= 1
+    tok.eos_token_id = free[2]
+    stopped = generate(model, prompt, max_new_tokens=24, tokenizer=tok, return_dict_in_generate=True)
+    assert stopped.num_new_tokens.item() == free.index(free[2]) + 1
+    assert torch.equal(generate(model, prompt, max_new_tokens=24, tokenizer=tok, eos_token_id=[])[0, 5:], torch.tensor(free))
 
 
 @pytest.mark.parametrize(
