@@ -151,8 +151,11 @@ def iterate_tokens(
         finished = finished | torch.isin(tokens, stop_ids) | (budgets <= t + 1)
         if texts is not None:
             finished |= stop_string_hits(tokens, active, texts, stop_strings, tokenizer)
+        done, broken = torch.stack([finished.all(), logits.isnan().any()]).tolist()  # one host sync per step
+        if broken:
+            raise FloatingPointError(f"logits: the model produced NaN at generated position {t}")
         yield Step(tokens, logits, active, finished)
-        if bool(finished.all()):
+        if done:
             return
         if seen is not None:
             seen.scatter_(1, tokens[:, None], True)

@@ -169,3 +169,11 @@ def test_zero_new_tokens_returns_the_prompts(make_model):
     model = make_model("mamba1")
     ids = torch.tensor([[5, 6, 7]])
     assert torch.equal(generate(model, ids, max_new_tokens=0), ids)
+
+
+def test_nan_logits_raise(make_model):
+    model = make_model("mamba1")
+    with torch.no_grad():
+        model.lm_head.weight[7, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN"):
+        generate(model, [[1, 2, 3]], max_new_tokens=3)
