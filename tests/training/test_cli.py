@@ -1,0 +1,68 @@
+"""Command-line parsing of train / synth / demo (no training here)."""
+import pytest
+
+from mambakit.cli import build_parser
+from mambakit.cli.demo import _clear_previous_demo
+from mambakit.cli.synth import parse_lengths
+from mambakit.cli.train import given_options
+from mambakit.training import TrainConfig, parse_count
+
+
+def test_train_options_map_onto_the_config():
+    args = build_parser().parse_args(
+        ["train", "--out", "runs/x", "--arch", "hybrid", "--attn-layer-idx", "1,3", "--max-tokens", "1.5M",
+         "--ssm-options", '{"chunk_size": 64}', "--no-bf16", "--d-model", "96"])
+    options = given_options(args)
+    assert options == {"arch": "hybrid", "attn_layer_idx": [1, 3], "max_tokens": 1_500_000,
+                       "ssm_options": {"chunk_size": 64}, "bf16": False, "d_model": 96}
+    config = TrainConfig(**options)
+    assert config.seq_len == TrainConfig().seq_len  # options not given keep the defaults
+    model_config = config.model_config(vocab_size=300)
+    assert model_config.attn_layer_idx == [1, 3] and model_config.ssm_cfg["chunk_size"] == 64
+
+
+def test_train_needs_exactly_one_of_out_and_resume():
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--out", "a", "--resume", "b"])
+
+
+def test_transformer_is_attention_and_swiglu_in_every_layer():
+    config = TrainConfig(arch="transformer", d_model=128, n_layer=3).model_config(vocab_size=257)
+    assert config.attn_layer_idx == [0, 1, 2] and config.d_intermediate > 0
+    assert config.attn_cfg["rotary_emb_dim"] == config.attn_cfg["head_dim"]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("64,...,1024", [64, 128, 256, 512, 1024]),
+    ("256,4096", [256, 4096]),
+    ("64,...,256,1000", [64, 128, 256, 1000]),
+])
+def test_eval_lengths_expand_by_doubling(text, expected):
+    assert parse_lengths(text) == expected
+
+
+def test_counts_and_bad_values():
+    assert parse_count("200M") == 200_000_000 and parse_count("50k") == 50_000 and parse_count(7) == 7
+    with pytest.raises(ValueError, match="count"):
+        parse_count("lots")
+    with pytest.raises(ValueError, match="arch"):
+        TrainConfig(arch="rnn")
+    with pytest.raises(ValueError, match="attn_layer_idx"):
+        TrainConfig(arch="hybrid")
+    with pytest.raises(ValueError, match="eval-lens"):
+        parse_lengths("...,64")
+
+
+def test_demo_replaces_only_its_own_run_folder(tmp_path):
+    run = tmp_path / "demo"
+    (run / "checkpoint-00000010").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("")
+    _clear_previous_demo(run)
+    assert not run.exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("keep me")
+    with pytest.raises(FileExistsError, match="thesis.tex"):
+        _clear_previous_demo(tmp_path / "mine")
+    assert (tmp_path / "mine" / "thesis.tex").exists()
