@@ -114,11 +114,20 @@ def run_both(inputs, seq_idx, softplus, backward=True):
     return ours, truth
 
 
+@pytest.fixture(autouse=True)
+def short_tiles(monkeypatch):
+    """On the CPU interpreter, 16-step tiles: several tiles and chunks at lengths it runs quickly."""
+    if DEVICE == "cpu":
+        from mambakit.ops.selective_scan import triton_scan
+
+        monkeypatch.setattr(triton_scan, "TILE_L", 16)
+
+
 SCAN_CASES = {
     # name: (batch, dim, length, N, groups, h0, seq_idx, chunks)
-    "shared_BC": (2, 8, 70, 4, None, False, False, None),
-    "grouped_h0_chunks": (1, 8, 150, 4, 2, True, False, 3),
-    "seq_idx_h0_chunks": (2, 4, 140, 2, None, True, True, 2),
+    "shared_BC": (2, 8, 40, 4, None, False, False, None),
+    "grouped_h0_chunks": (1, 8, 60, 4, 2, True, False, 3),
+    "seq_idx_h0_chunks": (2, 4, 50, 2, None, True, True, 2),
     "odd_groups_odd_N": (1, 6, 37, 3, 2, True, False, None),
 }
 
@@ -146,7 +155,7 @@ def test_scan_without_optional_inputs():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_scan_low_precision_inputs(dtype):
-    inputs, _ = make_inputs(1, 4, 40, 4, dtype=dtype)
+    inputs, _ = make_inputs(1, 4, 24, 4, dtype=dtype)
     ours, truth = run_both(inputs, None, softplus=True)
     assert ours["out"].dtype == dtype and ours["du"].dtype == dtype
     for name, ref in truth.items():
@@ -155,7 +164,7 @@ def test_scan_low_precision_inputs(dtype):
 
 def test_scan_matches_reference_op():
     """The public op's two backends agree (the reference is the package's definition of truth)."""
-    inputs, seq_idx = make_inputs(2, 4, 33, 4, groups=2, h0=True, seq=True)
+    inputs, seq_idx = make_inputs(1, 4, 33, 4, groups=2, h0=True, seq=True)
     kwargs = dict(delta_softplus=True, return_final_state=True, seq_idx=seq_idx)
     out, last = scan_ops.selective_scan(**inputs, **kwargs, backend="triton")
     ref_out, ref_last = scan_ops.selective_scan(**inputs, **kwargs, backend="reference")
@@ -224,7 +233,7 @@ def loop_conv(x, weight, bias, seq_idx, initial_states, silu):
 @pytest.mark.parametrize("width,init,seq,silu", [(4, True, True, True), (4, False, False, False), (3, True, False, True),
                                                  (2, False, True, False)])
 def test_conv_matches_loop(width, init, seq, silu):
-    batch, dim, length = 2, 20, 150  # 20 channels, 150 steps: two blocks each way
+    batch, dim, length = 2, 20, 150  # 20 channels, 150 steps: two blocks of each
     x = torch.randn(batch, dim, length, device=DEVICE)
     weight, bias = torch.randn(dim, width, device=DEVICE), torch.randn(dim, device=DEVICE)
     h0 = torch.randn(batch, dim, width - 1, device=DEVICE) if init else None
@@ -327,3 +336,32 @@ def test_norms_gpu_bf16():
     gated = [norm_ops.rms_norm_gated(x, w, z=z, group_size=256, norm_before_gate=False, backend=b)
              for b in ("triton", "reference")]
     assert rel_err(gated[0], gated[1]) < 1e-2
+
+
+# ---------------------------------------------------------------- decode steps
+@pytest.mark.parametrize("groups", [None, 2])
+def test_state_update_steps_match_loop(groups):
+    """Decoding token by token with the kernel reproduces the float64 scan, outputs and final state."""
+    inputs, _ = make_inputs(2, 40, 6, 5, groups=groups, h0=True)
+    state = inputs["initial_state"].clone()
+    outs = []
+    for t in range(6):
+        B, C = inputs["B"][..., t], inputs["C"][..., t]
+        outs.append(scan_ops.selective_state_update(
+            state, inputs["u"][..., t], inputs["delta"][..., t], inputs["A"], B, C, D=inputs["D"],
+            z=inputs["z"][..., t], dt_bias=inputs["delta_bias"], dt_softplus=True, backend="triton"))
+    i = inputs
+    ref_out, ref_last = loop_scan(i["u"], i["delta"], i["A"], i["B"], i["C"], i["D"], i["z"], i["delta_bias"], True,
+                                  i["initial_state"], None)
+    assert rel_err(torch.stack(outs, -1), ref_out) < 1e-5 and rel_err(state, ref_last) < 1e-5
+
+
+@pytest.mark.parametrize("width,silu", [(4, True), (3, False)])
+def test_conv_update_steps_match_loop(width, silu):
+    x, w, b = torch.randn(2, 70, 5, device=DEVICE), torch.randn(70, width, device=DEVICE), torch.randn(70, device=DEVICE)
+    h0 = torch.randn(2, 70, width - 1, device=DEVICE)
+    state = torch.cat([torch.randn(2, 70, 1, device=DEVICE), h0], dim=-1)  # oldest column drops out first
+    outs = [conv_ops.causal_conv1d_update(x[..., t], state, w, b, activation="silu" if silu else None,
+                                          backend="triton") for t in range(5)]
+    ref_out, ref_final = loop_conv(x, w, b, None, h0, silu)
+    assert rel_err(torch.stack(outs, -1), ref_out) < 1e-5 and rel_err(state[..., 1:], ref_final) < 1e-6

@@ -15,6 +15,7 @@ _IMPLS = {
 }
 _STEP_IMPLS = {
     "reference": lambda: step.causal_conv1d_update,
+    "triton": lambda: __import__("mambakit.ops.conv1d.triton_step", fromlist=["_"]).causal_conv1d_update,
 }
 
 

@@ -205,6 +205,7 @@ def causal_conv1d(x, weight, bias=None, seq_idx=None, initial_states=None, retur
     if any(t is not None and t.dtype == torch.float64 for t in (x, weight, bias, initial_states)):
         return reference.causal_conv1d(x, weight, bias=bias, seq_idx=seq_idx, initial_states=initial_states,
                                        return_final_states=return_final_states, activation=activation)
+    bias = bias.contiguous() if bias is not None else None  # indexed with unit stride
     out = CausalConv1dFn.apply(x, weight, bias, initial_states, seq_idx, activation is not None)
     if not return_final_states:
         return out

@@ -172,7 +172,7 @@ def rms_norm(x, weight, eps=1e-5, residual=None, prenorm=False, residual_in_fp32
     res_dtype = x.dtype if residual is None else residual.dtype
     if residual_in_fp32:
         res_dtype = torch.float32
-    out, summed = NormFn.apply(x, residual, None, weight, eps, x.shape[-1], False, prenorm, res_dtype)
+    out, summed = NormFn.apply(x, residual, None, weight.contiguous(), eps, x.shape[-1], False, prenorm, res_dtype)
     return (out, summed) if prenorm else out
 
 
@@ -182,5 +182,5 @@ def rms_norm_gated(x, weight, z=None, eps=1e-5, group_size=None, norm_before_gat
         return reference.rms_norm_gated(x, weight, z=z, eps=eps, group_size=group_size,
                                         norm_before_gate=norm_before_gate)
     group_size = x.shape[-1] if group_size is None else group_size
-    out, _ = NormFn.apply(x, None, z, weight, eps, group_size, z is not None and not norm_before_gate, False, x.dtype)
+    out, _ = NormFn.apply(x, None, z, weight.contiguous(), eps, group_size, z is not None and not norm_before_gate, False, x.dtype)
     return out

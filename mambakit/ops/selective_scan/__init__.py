@@ -17,6 +17,7 @@ _IMPLS = {
 }
 _STEP_IMPLS = {
     "reference": lambda: step.selective_state_update,
+    "triton": lambda: __import__("mambakit.ops.selective_scan.triton_step", fromlist=["_"]).selective_state_update,
 }
 
 

@@ -484,6 +484,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         return reference.selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
                                         delta_softplus=delta_softplus, initial_state=initial_state,
                                         return_final_state=return_final_state, seq_idx=seq_idx)
+    D = D.contiguous() if D is not None else None  # the kernels index D and delta_bias with unit stride
+    delta_bias = delta_bias.contiguous() if delta_bias is not None else None
     out, final_state = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                              initial_state, seq_idx)
     return (out, final_state) if return_final_state else out

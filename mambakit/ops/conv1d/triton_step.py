@@ -1,0 +1,53 @@
+"""One decoding step of the causal conv as a Triton kernel: shift the window, insert the new input and
+convolve, reading and writing the rolling state once, in place (the official `causal_conv1d_update`)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mambakit.ops.conv1d import step
+
+BLOCK_D = 64
+
+
+@triton.jit
+def _conv_update_kernel(x_ptr, state_ptr, w_ptr, bias_ptr, out_ptr, dim, s_xb, s_xd, s_sb, s_sd, s_sw, s_ob,
+                        W: tl.constexpr, W_P2: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        SILU: tl.constexpr):
+    """state (batch, dim, W) <- [state[:, :, 1:], x]; out = act(sum_k w[:, k] state[:, :, k] + bias)."""
+    b = tl.program_id(0)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    k = tl.arange(0, W_P2)
+    mask_d = d < dim
+    shifted = mask_d[:, None] & (k < W - 1)[None, :]
+    row = state_ptr + b * s_sb + d[:, None] * s_sd
+    window = tl.load(row + (k + 1)[None, :] * s_sw, mask=shifted, other=0.0)
+    x = tl.load(x_ptr + b * s_xb + d * s_xd, mask=mask_d, other=0.0)
+    window = tl.where((k == W - 1)[None, :], x[:, None].to(window.dtype), window)
+    tl.store(row + k[None, :] * s_sw, window, mask=mask_d[:, None] & (k < W)[None, :])
+    w = tl.load(w_ptr + d[:, None] * W + k[None, :], mask=mask_d[:, None] & (k < W)[None, :], other=0.0)
+    acc = tl.sum(window.to(tl.float32) * w.to(tl.float32), axis=1)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
+    if SILU:
+        acc *= tl.sigmoid(acc)
+    tl.store(out_ptr + b * s_ob + d, acc.to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
+    """Triton conv decode step; arguments as `mambakit.ops.causal_conv1d_update` (validated there).
+    fp64 goes to the reference."""
+    if any(t is not None and t.dtype == torch.float64 for t in (x, conv_state, weight, bias)):
+        return step.causal_conv1d_update(x, conv_state, weight, bias=bias, activation=activation)
+    batch, dim = x.shape
+    width = weight.shape[1]
+    out = torch.empty_like(x)
+    weight = weight.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    _conv_update_kernel[(batch, triton.cdiv(dim, BLOCK_D))](
+        x, conv_state, weight, bias if bias is not None else weight, out, dim, *x.stride(),
+        *conv_state.stride(), out.stride(0), W=width, W_P2=triton.next_power_of_2(width), BLOCK_D=BLOCK_D,
+        HAS_BIAS=bias is not None, SILU=activation is not None,
+    )
+    return out
