@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mambakit.data import PackedDataset, build_token_file, corpus_files, rank_sample_offset, train_bpe_tokenizer
-from mambakit.data.packed import Batch
+from mambakit.data import (Batch, PackedDataset, build_token_file, corpus_files, rank_sample_offset,
+                           train_bpe_tokenizer)
 from mambakit.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from mambakit.training import checkpoint as ckpt
 from mambakit.training.config import TrainConfig
@@ -67,6 +67,27 @@ class StopRequested:
             signal.signal(s, handler)
 
 
+class LossWindow:
+    """Training losses summed on the device since the last log line (no host sync per step)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss_sum, self.steps, self.start = torch.zeros((), device=self.device), 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+
+    def take(self) -> tuple[int, float, torch.Tensor]:
+        """(steps, seconds, mean loss) since the last take; starts a new window."""
+        result = (self.steps, time.perf_counter() - self.start, self.loss_sum / max(1, self.steps))
+        self._reset()
+        return result
+
+
 class Trainer:
     """Builds the data, model, optimizer and schedule of `config` and trains into `run_dir`."""
 
@@ -77,7 +98,8 @@ class Trainer:
         self.dist = Dist.setup(config.device)
         self.device = self.dist.device
         if _resume_from is None and ckpt.latest_checkpoint(self.run_dir) is not None:
-            raise FileExistsError(f"out: {self.run_dir} already holds checkpoints; resume it (--resume) or choose another")
+            raise FileExistsError(f"out: {self.run_dir} already holds checkpoints; resume it (--resume) "
+                                  "or choose another folder")
         self.micro_batch, self.grad_accum = self._batch_split()
         self.tokenizer = load_tokenizer(_resume_from) if _resume_from else self._prepare_tokenizer()
         self.dataset = self._prepare_dataset()
@@ -196,7 +218,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Validation loss (nats/token), perplexity and bits per byte over the first eval_sequences validation windows."""
+        """Validation loss (nats/token), perplexity and bits per byte on the first eval_sequences validation windows."""
         cfg, d = self.config, self.dist
         limit = (min(len(self.dataset.val_windows), cfg.eval_sequences) // d.world_size) * d.world_size
         if limit == 0:
@@ -208,74 +230,74 @@ class Trainer:
             with self._autocast():
                 loss = lm_loss(model, batch.to(self.device))
             n = batch.targets.numel()
-            sums += torch.tensor([float(loss) * n, n, self._batch_bytes(batch)], dtype=torch.float64, device=self.device)
+            sums += torch.tensor([float(loss) * n, n, text_bytes(self.tokenizer, batch.targets)],
+                                 dtype=torch.float64, device=self.device)
         model.train()
         loss_sum, tokens, nbytes = d.sum(sums).tolist()
         val_loss = loss_sum / tokens
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
                 "val_bpb": bits_per_byte(val_loss, int(tokens), int(nbytes))}
 
-    def _batch_bytes(self, batch: Batch) -> int:
-        return text_bytes(self.tokenizer, batch.targets)
-
     def fit(self) -> dict:
-        """Train to max_tokens (or until max_time, SIGINT or SIGTERM), evaluating, logging and saving as configured.
-        Returns the last metrics record (with `stopped`: "done", "time" or the signal name)."""
-        cfg, d = self.config, self.dist
-        total = cfg.total_steps()
-        tokens_per_step = cfg.tokens_per_step()
+        """Train to max_tokens (or until max_time, SIGINT or SIGTERM), evaluating, logging and saving as
+        configured. Returns the last metrics (with `stopped`: "done", "time" or the signal's name)."""
+        cfg, total = self.config, self.config.total_steps()
         self._say(f"model: {self.model_config.n_layer} layers ({cfg.arch}), d_model {cfg.d_model}, "
                   f"{sum(p.numel() for p in self.model.parameters()):,} parameters; {total} steps of "
-                  f"{cfg.batch_size} x {cfg.seq_len} tokens on {d.world_size} x {self.device.type}")
-        bar = tqdm(total=total, initial=self.step, desc="train", unit="step", disable=self.quiet or not d.is_main,
-                   dynamic_ncols=True)
-        last = {}
-        stopped = "done"
-        window_loss, window_steps, window_start = torch.zeros((), device=self.device), 0, time.perf_counter()
+                  f"{cfg.batch_size} x {cfg.seq_len} tokens on {self.dist.world_size} x {self.device.type}")
+        bar = tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=self.quiet or not self.dist.is_main)
+        self._last, self._window = {}, LossWindow(self.device)
         fit_start = time.perf_counter()  # max_time counts this call only, so a resumed run gets its own
         run_start = fit_start - self.elapsed
+        stopped = None
         self.wrapped.train()
         with StopRequested() as stop:
-            while self.step < total:
+            while self.step < total and stopped is None:
                 loss, grad_norm = self.train_step()
-                window_loss += loss
-                window_steps += 1
-                bar.update(1)
+                self._window.add(loss)
                 self.elapsed = time.perf_counter() - run_start
+                bar.update(1)
                 if self.step % cfg.log_interval == 0 or self.step == total:
-                    seconds = time.perf_counter() - window_start
-                    last = {"step": self.step, "tokens": self.step * tokens_per_step,
-                            "loss": float(d.mean(window_loss / window_steps)), "lr": self.schedule.lr(self.step - 1),
-                            "grad_norm": float(grad_norm), "tok_per_s": window_steps * tokens_per_step / seconds,
-                            "elapsed_s": self.elapsed}
-                    self.metrics.append(last)
-                    bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tok_per_s']:,.0f}")
-                    window_loss, window_steps, window_start = torch.zeros((), device=self.device), 0, time.perf_counter()
+                    self._log_training(grad_norm, bar)
                 if self.step % cfg.eval_interval == 0 or self.step == total:
-                    self._eval_and_log(last)
-                interrupted = stop.signum is not None
-                out_of_time = cfg.max_time is not None and time.perf_counter() - fit_start > cfg.max_time
-                if d.any(interrupted or out_of_time):
-                    stopped = signal.Signals(stop.signum).name if stop.signum else "time"
-                    break
-                if self.step % cfg.save_interval == 0:
+                    self._eval_and_log()
+                stopped = self._stop_reason(stop, time.perf_counter() - fit_start)
+                if stopped is None and self.step % cfg.save_interval == 0:
                     self.save()
         bar.close()
-        if stopped != "done":
+        if stopped is not None:
             self._say(f"stopping at step {self.step} ({stopped}): saving a checkpoint")
             if self.step % cfg.eval_interval:
-                self._eval_and_log(last)
+                self._eval_and_log()
         if not self._saved_at_current_step():
             self.save()
-        return {**last, "step": self.step, "tokens": self.step * tokens_per_step, "stopped": stopped, "checkpoint": str(ckpt.checkpoint_dir(self.run_dir, self.step))}
+        return {**self._last, "step": self.step, "tokens": self.step * cfg.tokens_per_step(),
+                "stopped": stopped or "done", "checkpoint": str(ckpt.checkpoint_dir(self.run_dir, self.step))}
 
-    def _eval_and_log(self, last: dict) -> None:
+    def _stop_reason(self, stop: StopRequested, seconds: float) -> str | None:
+        """The signal's name or "time" when any rank must stop now, else None (agreed by all ranks)."""
+        out_of_time = self.config.max_time is not None and seconds > self.config.max_time
+        if not self.dist.any(stop.signum is not None or out_of_time):
+            return None
+        return signal.Signals(stop.signum).name if stop.signum is not None else "time"
+
+    def _log_training(self, grad_norm: torch.Tensor, bar) -> None:
+        steps, seconds, mean_loss = self._window.take()
+        tokens_per_step = self.config.tokens_per_step()
+        self._last = {"step": self.step, "tokens": self.step * tokens_per_step,
+                      "loss": float(self.dist.mean(mean_loss)), "lr": self.schedule.lr(self.step - 1),
+                      "grad_norm": float(grad_norm), "tok_per_s": steps * tokens_per_step / seconds,
+                      "elapsed_s": self.elapsed}
+        self.metrics.append(self._last)
+        bar.set_postfix(loss=f"{self._last['loss']:.3f}", tok_s=f"{self._last['tok_per_s']:,.0f}")
+
+    def _eval_and_log(self) -> None:
         result = self.evaluate()
         if not result:
             return
-        record = {"step": self.step, "tokens": self.step * self.config.tokens_per_step(), **result}
-        self.metrics.append(record)
-        last.update(result)
+        self.metrics.append({"step": self.step, "tokens": self.step * self.config.tokens_per_step(), **result})
+        self._last.update(result)
         self._say(f"step {self.step}: validation loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.2f}, "
                   f"{result['val_bpb']:.4f} bits per byte")
 
@@ -303,11 +325,12 @@ class Trainer:
         if self.dist.is_main:
             state = {"step": self.step, "samples": self.step * self.config.batch_size, "elapsed": self.elapsed,
                      "optimizer": optim_state, "rng": ckpt.rng_state(), "world_size": self.dist.world_size}
-            folder = ckpt.write_checkpoint(self.run_dir, self.step, lambda tmp: self._write_files(tmp, model_state, state),
-                                           self.config.keep_last)
+            write = lambda tmp: self._write_files(tmp, model_state, state)  # noqa: E731
+            folder = ckpt.write_checkpoint(self.run_dir, self.step, write, self.config.keep_last)
             records = self.metrics.records()
             if records:
-                plot_losses(records, self.run_dir / PLOT_FILE, title=f"{self.config.arch} d_model {self.config.d_model}")
+                title = f"{self.config.arch}, d_model {self.config.d_model}, {self.config.n_layer} layers"
+                plot_losses(records, self.run_dir / PLOT_FILE, title=title)
         self.dist.barrier()
         return folder
 
