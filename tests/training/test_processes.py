@@ -1,5 +1,5 @@
 """Training as separate processes: `kill -9` loses only the steps since the last checkpoint, and a
-2-process gloo run (torchrun) equals a 1-process run with the same global batch."""
+2-process gloo run (torchrun; DDP or FSDP2) equals a 1-process run with the same global batch."""
 import json
 import os
 import shutil
@@ -71,7 +71,8 @@ def test_kill_9_loses_only_the_steps_since_the_last_checkpoint(corpus, tmp_path)
     assert got == expected
 
 
-def test_two_gloo_processes_equal_one_process_and_resume_on_one(corpus, tmp_path):
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_gloo_processes_equal_one_process_and_resume_on_one(corpus, tmp_path, sharding):
     config = tiny_config(corpus, max_tokens=4 * 32 * 4, save_interval=2, eval_interval=2)
     one = Trainer(config, tmp_path / "one", quiet=True)
     one.fit()
@@ -79,7 +80,8 @@ def test_two_gloo_processes_equal_one_process_and_resume_on_one(corpus, tmp_path
     two = tmp_path / "two"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                 "-m", "mambakit", "train", "--out", str(two)]
-    done = subprocess.run(torchrun + cli_args(config), env=child_env(), capture_output=True, timeout=300)
+    extra = ["--fsdp"] if sharding == "fsdp" else []
+    done = subprocess.run(torchrun + cli_args(config) + extra, env=child_env(), capture_output=True, timeout=300)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     expected, got = losses(tmp_path / "one"), losses(two)
     assert sorted(got) == [1, 2, 3, 4]
