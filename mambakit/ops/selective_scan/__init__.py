@@ -7,12 +7,13 @@ from __future__ import annotations
 import torch
 
 from mambakit.ops._common import FLOAT_DTYPES, INDEX_DTYPES, check_dtype, check_same_device, check_shape, dispatch
-from mambakit.ops.selective_scan import reference, step
+from mambakit.ops.selective_scan import cpu, reference, step
 
 STATE_DTYPES = (torch.float32, torch.float64)
 
 _IMPLS = {
     "reference": lambda: reference.selective_scan,
+    "cpu": lambda: cpu.selective_scan,
     "triton": lambda: __import__("mambakit.ops.selective_scan.triton_scan", fromlist=["_"]).selective_scan,
 }
 _STEP_IMPLS = {

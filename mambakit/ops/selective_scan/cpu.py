@@ -1,0 +1,109 @@
+"""Selective scan for the CPU: the recurrence as a time-major loop over (batch, dim, N) slices that stay
+in cache, with a hand-written backward.
+
+The reference builds (batch, dim, L, N) intermediates and lets autograd record every step; here the only
+full-size tensor is the saved states, and each step's reductions happen while its slice is in cache.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mambakit.ops.selective_scan.reference import compute_dtype, discretize_delta
+
+
+def by_group(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """(..., dim, N) -> (..., groups, dim // groups, N): a view, channel c in group c // (dim // groups)."""
+    return t.unflatten(-2, (groups, -1))
+
+
+def all_decays(delta, A, keep):
+    """exp(delta_t * A) for every step (L, batch, dim, N), zero where a new sequence starts (keep == 0)."""
+    decay = torch.exp(delta.unsqueeze(-1) * A)
+    return decay if keep is None else decay.mul_(keep[:, :, None, None])
+
+
+def as_columns(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(L, batch, dim) -> (L, batch, groups, dim // groups, 1)."""
+    return x.unflatten(2, (groups, -1)).unsqueeze(-1)
+
+
+class Recurrence(torch.autograd.Function):
+    """h_t = decay_t * h_{t-1} + delta_u_t * B_t,  y_t = C_t . h_t,  decay_t = exp(delta_t * A) * keep_t.
+
+    Time-major: delta, delta_u (L, batch, dim); A (dim, N); B, C (L, batch, G, N); h0 (batch, dim, N);
+    keep (L, batch) or None. Returns y (L, batch, dim) and the last state (batch, dim, N).
+    Views are built once, outside the loops; each step's reductions over N or over a group's channels
+    are small matmuls on a slice that is still in cache.
+    """
+
+    @staticmethod
+    def forward(ctx, delta, delta_u, A, B, C, h0, keep):
+        groups_b, groups_c = B.shape[2], C.shape[2]
+        states = all_decays(delta, A, keep)  # overwritten step by step with h_t = decay_t * h_{t-1} + ...
+        y = delta.new_empty(delta.shape)
+        states_b, states_c = by_group(states, groups_b), by_group(states, groups_c)
+        inputs_u, B_rows, C_cols = as_columns(delta_u, groups_b), B.unsqueeze(3), C.unsqueeze(-1)
+        y_cols = as_columns(y, groups_c)
+        h = h0
+        for t in range(delta.shape[0]):
+            states[t].mul_(h)
+            states_b[t].addcmul_(inputs_u[t], B_rows[t])
+            torch.matmul(states_c[t], C_cols[t], out=y_cols[t])
+            h = states[t]
+        ctx.save_for_backward(delta, delta_u, A, B, C, h0, keep, states)
+        return y, h.clone()
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_last):
+        delta, delta_u, A, B, C, h0, keep, states = ctx.saved_tensors
+        groups_b, groups_c = B.shape[2], C.shape[2]
+        grad_delta, grad_delta_u = torch.empty_like(delta), torch.empty_like(delta_u)
+        grad_B, grad_C = torch.empty_like(B), torch.empty_like(C)
+        grad_A = torch.zeros_like(h0)  # per batch row, summed at the end
+        decays = all_decays(delta, A, keep)
+        states_c = by_group(states, groups_c)
+        grad_y_cols, grad_y_rows = as_columns(grad_y, groups_c), as_columns(grad_y, groups_c).transpose(-1, -2)
+        u_rows = as_columns(delta_u, groups_b).transpose(-1, -2)
+        B_rows, B_cols, C_rows = B.unsqueeze(3), B.unsqueeze(-1), C.unsqueeze(3)
+        grad_C_rows, grad_delta_u_cols = grad_C.unsqueeze(3), as_columns(grad_delta_u, groups_b)
+        g = torch.zeros_like(h0) if grad_last is None else grad_last  # dL/dh_t, through every later step
+        for t in reversed(range(delta.shape[0])):
+            torch.matmul(grad_y_rows[t], states_c[t], out=grad_C_rows[t])
+            g = torch.addcmul(by_group(g, groups_c), grad_y_cols[t], C_rows[t]).flatten(1, 2)
+            g_b = by_group(g, groups_b)
+            torch.matmul(g_b, B_cols[t], out=grad_delta_u_cols[t])
+            torch.matmul(u_rows[t], g_b, out=grad_B[t].unsqueeze(2))
+            g.mul_(decays[t])
+            grad_log_decay = g * (states[t - 1] if t > 0 else h0)  # dL/d(delta_t * A)
+            torch.sum(grad_log_decay * A, dim=-1, out=grad_delta[t])
+            grad_A.addcmul_(grad_log_decay, delta[t].unsqueeze(-1))
+        return grad_delta, grad_delta_u, grad_A.sum(0), grad_B, grad_C, g, None
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   initial_state=None, return_final_state=False, seq_idx=None):
+    """CPU path of `mambakit.ops.selective_scan` (arguments validated there); same results as the reference."""
+    dtype = compute_dtype(u)
+    batch, dim, _ = u.shape
+    delta = discretize_delta(delta, delta_bias, delta_softplus, dtype)
+    u32 = u.to(dtype)
+    B = B.to(dtype) if B.dim() == 4 else B.to(dtype).unsqueeze(1)
+    C = C.to(dtype) if C.dim() == 4 else C.to(dtype).unsqueeze(1)
+    h0 = u32.new_zeros(batch, dim, A.shape[1]) if initial_state is None else initial_state.to(dtype)
+    keep = None
+    if seq_idx is not None:  # 0 where a new sequence starts: the state restarts from zero there
+        keep = torch.ones(batch, seq_idx.shape[1], dtype=dtype, device=u.device)
+        keep[:, 1:] = (seq_idx[:, 1:] == seq_idx[:, :-1]).to(dtype)
+        keep = keep.t().contiguous()
+
+    y, last = Recurrence.apply(delta.permute(2, 0, 1).contiguous(), (delta * u32).permute(2, 0, 1).contiguous(),
+                               A.to(dtype), B.permute(3, 0, 1, 2).contiguous(), C.permute(3, 0, 1, 2).contiguous(),
+                               h0, keep)
+    y = y.permute(1, 2, 0)
+    if D is not None:
+        y = y + D.to(dtype)[:, None] * u32
+    if z is not None:
+        y = y * F.silu(z.to(dtype))
+    out = y.to(u.dtype)
+    return (out, last) if return_final_state else out
