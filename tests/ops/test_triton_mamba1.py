@@ -116,11 +116,13 @@ def run_both(inputs, seq_idx, softplus, backward=True):
 
 @pytest.fixture(autouse=True)
 def short_tiles(monkeypatch):
-    """On the CPU interpreter, 16-step tiles: several tiles and chunks at lengths it runs quickly."""
+    """On the CPU interpreter, 16-step tiles (several tiles and chunks at lengths it runs quickly) and
+    4-channel backward programs (fewer programs to interpret); block sizes change speed, not results."""
     if DEVICE == "cpu":
         from mambakit.ops.selective_scan import triton_scan
 
         monkeypatch.setattr(triton_scan, "TILE_L", 16)
+        monkeypatch.setattr(triton_scan, "BWD_BLOCK_D", 4)
 
 
 SCAN_CASES = {

@@ -1,23 +1,22 @@
 """Selective scan (Mamba-1) as fused Triton kernels: forward, backward and the autograd Function.
 
-One program owns BLOCK_D channels of one batch row and walks the sequence in tiles of BLOCK_L steps.
-In a tile the recurrence h_t = a_t h_{t-1} + x_t runs as an associative scan over (a, x) pairs on a
-(BLOCK_D, N, BLOCK_L) register block; the state entering the next tile stays in registers. Inputs of
-any float dtype are read once and everything is computed in fp32.
+Forward: one program owns BLOCK_D channels of one batch row (a channel per thread, its N states
+inside the thread) and walks the sequence one step at a time, the state in registers: a step is N
+independent exp/multiply-adds with no communication between threads. Inputs of any float dtype are
+read once and everything is computed in fp32.
 
 Sequence parallelism (forward): when batch x channel blocks alone do not fill the GPU, the sequence is
 cut into chunks: pass 1 scans every chunk from a zero state (its end state and total decay), pass 2
 chains the chunks, pass 3 rescans every chunk from its true start state and writes the outputs.
 
-Backward: the forward stores the state at the start of every tile (batch, dim, L / BLOCK_L, N) fp32,
-about one byte per (batch, dim, step) at N=16, instead of the N states of every step. The backward
-walks the tiles in reverse, rescans each tile from its stored state, runs the adjoint recurrence
+Backward: the forward stores the state at the start of every TILE_L-step tile (batch, dim, L / TILE_L,
+N) fp32, about one byte per (batch, dim, step) at N=16, instead of the N states of every step. The
+backward walks the tiles in reverse; in a tile, on a (BLOCK_D, N, TILE_L) register block, it rescans
+the states from the stored one (an associative scan over (a, x) pairs), runs the adjoint recurrence
 g_t = C_t dy_t + a_{t+1} g_{t+1} as a reverse associative scan and forms every gradient; B and C
 gradients, summed over channels, are accumulated with atomic adds.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
@@ -25,10 +24,10 @@ import triton.language as tl
 
 from mambakit.ops.selective_scan import reference
 
-LOG2E = math.log2(math.e)
 TILE_L = 64  # steps per tile; the backward's checkpoint stride
-FWD_BLOCK_D, FWD_WARPS, FWD_UNROLL = 32, 1, 8  # channels per program, warps, steps unrolled (H100)
-BWD_BLOCK_D, BWD_WARPS = 4, 4
+# Measured best on an H100 at batch 8, d_inner 1536, N 16, L 2048 (benchmarks/results/kernels-h100.json):
+FWD_BLOCK_D, FWD_WARPS, FWD_UNROLL = 64, 2, 8  # channels per program, warps, steps unrolled
+BWD_BLOCK_D, BWD_WARPS = 1, 1
 FWD_PROGRAMS_PER_SM = 8  # below this many programs per SM the forward also splits the sequence
 FORCE_CHUNKS = None  # tests set an int to exercise the sequence-parallel forward at tiny shapes
 
