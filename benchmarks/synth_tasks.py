@@ -1,14 +1,21 @@
 """Synthetic tasks of the Mamba paper, measured: induction heads (Table 2: 2 layers, d_model 64, trained at
-length 256, accuracy at 2^6 .. 2^20) for Mamba and a same-size attention model, and selective copying
-(Table 1: length 4096, 16 tokens, vocab 16) for Mamba. Each model trains for a wall-clock budget.
+length 256, accuracy at 2^6 .. 2^20; Mamba against a same-size attention model) and selective copying
+(Table 1: length 4096, 16 tokens, vocab 16). Each model trains for a wall-clock budget, one model per
+process, so that several small models can share a GPU side by side:
 
-    python benchmarks/synth_tasks.py --induction-time 60 --attention-time 20 --copying-time 45
+    python benchmarks/synth_tasks.py run --task induction-heads --arch mamba --time 150 --tag ih-mamba
+    python benchmarks/synth_tasks.py run --task induction-heads --arch transformer --time 60 --tag ih-attention \\
+        --max-len 16384 --model-options '{"d_intermediate": 0}'
+    python benchmarks/synth_tasks.py run --task selective-copying --arch mamba --train-len 4096 --batch-size 16 \\
+        --lengths 4096 --time 150 --tag sc-mamba
+    python benchmarks/synth_tasks.py summarize        # merges results/synth-*.json part files, prints the table
 
-Writes synth-<device>.json and synth-<device>.png to --out (benchmarks/results) and prints a table last.
+Each run writes <out>/synth-part-<tag>.json; summarize writes synth-<device>.json and .png.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -17,22 +24,26 @@ import torch
 from mambakit._io import write_json
 from mambakit.bench.common import device_slug, environment
 from mambakit.cli.synth import format_table, parse_lengths, plot_accuracy
-from mambakit.tasks import InductionHeads, SelectiveCopying
+from mambakit.tasks import TASKS
 from mambakit.tasks.train import accuracy, task_model, train_task
 
+RESULTS = Path(__file__).parent / "results"
 
-def measure(task, arch: str, train_len: int, lengths: list[int], seconds: float, args, max_len: int | None = None,
-            **model_options) -> dict:
-    """Train `arch` on `task` for `seconds` (at most args.steps steps), then accuracy at each length."""
+
+def run(args: argparse.Namespace) -> None:
+    """Train one model on one task for args.time seconds, then accuracy at each length."""
+    task = TASKS[args.task]()
     torch.manual_seed(args.seed)
-    model = task_model(arch, task.vocab_size, args.d_model, 2, device=args.device, **model_options)
+    model = task_model(args.arch, task.vocab_size, args.d_model, args.n_layer, device=args.device,
+                       **args.model_options)
     start = time.perf_counter()
-    log = train_task(model, task, train_len, args.steps, args.batch_size, args.lr, seed=args.seed,
-                     max_time=seconds, progress=False, log_interval=250)
+    log = train_task(model, task, args.train_len, args.steps, args.batch_size, args.lr, seed=args.seed,
+                     max_time=args.time, progress=False, log_interval=250,
+                     on_log=lambda record: print(args.tag, record, flush=True))
     train_s = time.perf_counter() - start
     acc, eval_s = {}, {}
-    for n in lengths:
-        if max_len is not None and n > max_len:
+    for n in args.lengths:
+        if args.max_len is not None and n > args.max_len:
             acc[n] = None
             continue
         start = time.perf_counter()
@@ -43,53 +54,67 @@ def measure(task, arch: str, train_len: int, lengths: list[int], seconds: float,
             torch.cuda.empty_cache()
             acc[n] = None
         eval_s[n] = round(time.perf_counter() - start, 2)
-    row = {"task": task.name, "arch": arch, "params": sum(p.numel() for p in model.parameters()),
-           "train_len": train_len, "steps": log[-1]["step"], "train_s": round(train_s, 1),
-           "final_loss": log[-1]["loss"], "final_train_acc": log[-1]["train_acc"], "accuracy": acc,
-           "eval_s": eval_s, "model_options": model_options, "log": log}
-    print(f"{task.name} {arch}: {row['steps']} steps in {row['train_s']} s, loss {row['final_loss']:.4f}; "
-          + ", ".join(f"{n}: {'-' if a is None else f'{100 * a:.1f}'}" for n, a in acc.items()), flush=True)
-    return row
+        print(f"{args.tag}: length {n}: {acc[n]} ({eval_s[n]} s)", flush=True)
+    row = {"tag": args.tag, "task": task.name, "arch": args.arch,
+           "params": sum(p.numel() for p in model.parameters()), "model_options": args.model_options,
+           "train_len": args.train_len, "batch_size": args.batch_size, "lr": args.lr, "steps": log[-1]["step"], "train_s": round(train_s, 1), "final_loss": log[-1]["loss"],
+           "final_train_acc": log[-1]["train_acc"], "accuracy": acc, "eval_s": eval_s,
+           "eval_samples": {n: args.eval_samples if n <= 1 << 16 else args.long_eval_samples for n in acc},
+           "log": log}
+    write_json(args.out / f"synth-part-{args.tag}.json",
+               {"environment": environment(), "device": device_slug(), "row": row})
+
+
+def summarize(args: argparse.Namespace) -> None:
+    """Merge the part files in args.out into synth-<device>.json and .png; print the tables."""
+    parts = [json.loads(p.read_text()) for p in sorted(args.out.glob("synth-part-*.json"))]
+    if not parts:
+        raise SystemExit(f"summarize: no synth-part-*.json in {args.out}")
+    rows = [p["row"] for p in parts]
+    for row in rows:  # JSON keys are strings
+        row["accuracy"] = {int(n): a for n, a in row["accuracy"].items()}
+    slug = parts[0]["device"]
+    write_json(args.out / f"synth-{slug}.json", {"environment": parts[0]["environment"], "rows": rows})
+    for task in sorted({r["task"] for r in rows}):
+        task_rows = [dict(r, arch=r["tag"]) for r in rows if r["task"] == task]
+        lengths = sorted({n for r in task_rows for n in r["accuracy"]})
+        if len(lengths) > 1:
+            plot_accuracy(task_rows, lengths, task_rows[0]["train_len"], args.out / f"synth-{slug}-{task}.png", task)
+        print(f"\n{task}: accuracy (%) by length, trained at {task_rows[0]['train_len']} ('-': not run)")
+        print(format_table(task_rows, lengths))
+        for r in task_rows:
+            print(f"  {r['tag']}: {r['steps']} steps (batch {r['batch_size']}) in {r['train_s']} s, "
+                  f"final loss {r['final_loss']:.4f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--induction-time", type=float, default=60.0, help="seconds of training for Mamba")
-    parser.add_argument("--attention-time", type=float, default=20.0, help="seconds for the attention model")
-    parser.add_argument("--copying-time", type=float, default=45.0, help="seconds for selective copying")
-    parser.add_argument("--induction-arch", default="mamba")
-    parser.add_argument("--lengths", type=parse_lengths, default=parse_lengths("64,...,1048576"))
-    parser.add_argument("--max-attention-len", type=int, default=1 << 14, help="the paper's attention ran out of memory past 2^14")
-    parser.add_argument("--copying-len", type=int, default=4096)
-    parser.add_argument("--d-model", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=100_000, help="cap on steps (the time budget usually ends first)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--copying-batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--eval-samples", type=int, default=256)
-    parser.add_argument("--long-eval-samples", type=int, default=8, help="sequences per length past 2^16")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    sub = parser.add_subparsers(dest="command", required=True)
+    one = sub.add_parser("run", help="train and evaluate one model")
+    one.add_argument("--task", choices=sorted(TASKS), default="induction-heads")
+    one.add_argument("--arch", default="mamba")
+    one.add_argument("--tag", required=True, help="names the result file")
+    one.add_argument("--time", type=float, default=60.0, help="seconds of training")
+    one.add_argument("--steps", type=int, default=1_000_000, help="cap on steps (the time budget usually ends first)")
+    one.add_argument("--train-len", type=int, default=256)
+    one.add_argument("--lengths", type=parse_lengths, default=parse_lengths("64,...,1048576"))
+    one.add_argument("--max-len", type=int, default=None, help="longest length evaluated")
+    one.add_argument("--d-model", type=int, default=64)
+    one.add_argument("--n-layer", type=int, default=2)
+    one.add_argument("--model-options", type=json.loads, default={}, help="TrainConfig model fields, JSON")
+    one.add_argument("--batch-size", type=int, default=64)
+    one.add_argument("--lr", type=float, default=1e-3)
+    one.add_argument("--eval-samples", type=int, default=256)
+    one.add_argument("--long-eval-samples", type=int, default=16, help="sequences per length past 2^16")
+    one.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    one.add_argument("--seed", type=int, default=0)
+    one.set_defaults(func=run)
+    merge = sub.add_parser("summarize", help="merge part files and print the tables")
+    merge.set_defaults(func=summarize)
+    for p in (one, merge):
+        p.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-
-    induction = InductionHeads()
-    rows = [measure(induction, args.induction_arch, 256, args.lengths, args.induction_time, args)]
-    rows.append(measure(induction, "transformer", 256, args.lengths, args.attention_time, args,
-                        max_len=args.max_attention_len, d_intermediate=0))
-    copying = SelectiveCopying()
-    saved_batch, args.batch_size = args.batch_size, args.copying_batch_size
-    rows.append(measure(copying, args.induction_arch, args.copying_len, [args.copying_len], args.copying_time, args))
-    args.batch_size = saved_batch
-
-    slug = device_slug()
-    write_json(args.out / f"synth-{slug}.json", {"environment": environment(), "args": {k: str(v) for k, v in vars(args).items()},
-                                                 "rows": rows})
-    plot_accuracy(rows[:2], args.lengths, 256, args.out / f"synth-{slug}.png", "induction heads (trained at 256)")
-    print("\ninduction heads, accuracy (%) by length (trained at 256; '-': not run)")
-    print(format_table(rows[:2], args.lengths))
-    print(f"\nselective copying (length {args.copying_len}): {100 * rows[2]['accuracy'][args.copying_len]:.1f}% "
-          f"after {rows[2]['steps']} steps ({rows[2]['train_s']} s)")
+    args.func(args)
 
 
 if __name__ == "__main__":

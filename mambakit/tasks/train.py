@@ -60,8 +60,8 @@ def train_task(model, task, seq_len: int, steps: int, batch_size: int = 64, lr: 
         elapsed = time.perf_counter() - start
         done = step + 1 == steps or (max_time is not None and elapsed > max_time)
         if (step + 1) % log_interval == 0 or done:
-            record = {"step": step + 1, "loss": loss.item(), "train_acc": (logits.argmax(-1) == answers).float().mean().item(),
-                      "elapsed_s": elapsed}
+            hits = (logits.argmax(-1) == answers).float().mean()
+            record = {"step": step + 1, "loss": loss.item(), "train_acc": hits.item(), "elapsed_s": elapsed}
             records.append(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_acc']:.3f}")
             if on_log is not None:
