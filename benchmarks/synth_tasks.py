@@ -57,7 +57,8 @@ def run(args: argparse.Namespace) -> None:
         print(f"{args.tag}: length {n}: {acc[n]} ({eval_s[n]} s)", flush=True)
     row = {"tag": args.tag, "task": task.name, "arch": args.arch,
            "params": sum(p.numel() for p in model.parameters()), "model_options": args.model_options,
-           "train_len": args.train_len, "batch_size": args.batch_size, "lr": args.lr, "steps": log[-1]["step"], "train_s": round(train_s, 1), "final_loss": log[-1]["loss"],
+           "train_len": args.train_len, "batch_size": args.batch_size, "lr": args.lr,
+           "steps": log[-1]["step"], "train_s": round(train_s, 1), "final_loss": log[-1]["loss"],
            "final_train_acc": log[-1]["train_acc"], "accuracy": acc, "eval_s": eval_s,
            "eval_samples": {n: args.eval_samples if n <= 1 << 16 else args.long_eval_samples for n in acc},
            "log": log}
