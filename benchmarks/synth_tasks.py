@@ -41,29 +41,25 @@ def run(args: argparse.Namespace) -> None:
                      max_time=args.time, progress=False, log_interval=250,
                      on_log=lambda record: print(args.tag, record, flush=True))
     train_s = time.perf_counter() - start
-    acc, eval_s = {}, {}
-    for n in args.lengths:
-        if args.max_len is not None and n > args.max_len:
-            acc[n] = None
-            continue
-        start = time.perf_counter()
-        samples = args.eval_samples if n <= 1 << 16 else args.long_eval_samples
-        try:
-            acc[n] = accuracy(model, task, n, samples, batch_size=64, seed=args.seed + 1)
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            acc[n] = None
-        eval_s[n] = round(time.perf_counter() - start, 2)
-        print(f"{args.tag}: length {n}: {acc[n]} ({eval_s[n]} s)", flush=True)
     row = {"tag": args.tag, "task": task.name, "arch": args.arch,
            "params": sum(p.numel() for p in model.parameters()), "model_options": args.model_options,
            "train_len": args.train_len, "batch_size": args.batch_size, "lr": args.lr,
            "steps": log[-1]["step"], "train_s": round(train_s, 1), "final_loss": log[-1]["loss"],
-           "final_train_acc": log[-1]["train_acc"], "accuracy": acc, "eval_s": eval_s,
-           "eval_samples": {n: args.eval_samples if n <= 1 << 16 else args.long_eval_samples for n in acc},
-           "log": log}
-    write_json(args.out / f"synth-part-{args.tag}.json",
-               {"environment": environment(), "device": device_slug(), "row": row})
+           "final_train_acc": log[-1]["train_acc"], "accuracy": {}, "eval_s": {}, "eval_samples": {}, "log": log}
+    for n in args.lengths:  # the part file is rewritten after each length, so a timeout keeps what was measured
+        samples = args.eval_samples if n <= 1 << 16 else args.long_eval_samples
+        start = time.perf_counter()
+        try:
+            acc = None if args.max_len is not None and n > args.max_len else \
+                accuracy(model, task, n, samples, batch_size=64, seed=args.seed + 1)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            acc = None
+        row["accuracy"][n], row["eval_samples"][n] = acc, samples
+        row["eval_s"][n] = round(time.perf_counter() - start, 2)
+        print(f"{args.tag}: length {n}: {acc} ({row['eval_s'][n]} s)", flush=True)
+        write_json(args.out / f"synth-part-{args.tag}.json",
+                   {"environment": environment(), "device": device_slug(), "row": row})
 
 
 def summarize(args: argparse.Namespace) -> None:
