@@ -59,11 +59,11 @@ def main() -> None:
                      "val_bpb": result["val_bpb"], "train_s": round(train_s, 1),
                      "tok_per_s": round(result["tokens"] / train_s), "stopped": result["stopped"]})
         print(format_table(rows[-1:], COLUMNS), flush=True)
+        write_json(args.out / f"train_lm-{device_slug()}.json",  # after each model: a timeout keeps the others
+                   {"environment": environment(), "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows})
         del trainer
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    write_json(args.out / f"train_lm-{device_slug()}.json",
-               {"environment": environment(), "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows})
     print(f"\nvalidation loss at equal tokens ({args.max_tokens:,}), bytes of Python source, d_model {args.d_model}")
     print(format_table(rows, COLUMNS))
 
