@@ -86,11 +86,11 @@ def run(args: argparse.Namespace) -> int:
         prompt = read_text(args, "prompt")
         model, tokenizer = load_model(args)
         prompts = prompt_rows([tokenizer.encode(prompt)], next(model.parameters()).device)
+        eos = [] if args.ignore_eos else None
+        stop_ids = stop_id_tensor(eos, args.stop_token_id, tokenizer, prompts[0].device)
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad input, missing files, unusable --device
         print(f"mambakit generate: error: {e}", file=sys.stderr)
         return 2
-    eos = [] if args.ignore_eos else None
-    stop_ids = stop_id_tensor(eos, args.stop_token_id, tokenizer, prompts[0].device)
     steps = iterate_tokens(
         model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,

@@ -177,3 +177,13 @@ def test_nan_logits_raise(make_model):
         model.lm_head.weight[7, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="NaN"):
         generate(model, [[1, 2, 3]], max_new_tokens=3)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bf16_decoding_tracks_the_parallel_forward(kind, make_model, vocab):
+    model = make_model(kind).to(torch.bfloat16)
+    ids = torch.randint(0, vocab, (2, 9))
+    out = generate(model, ids, max_new_tokens=6, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        parallel = model(out.sequences).logits[:, 8:-1, :vocab].float()
+    assert float((out.scores - parallel).norm() / parallel.norm()) < 1e-2
