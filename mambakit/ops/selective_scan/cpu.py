@@ -19,7 +19,7 @@ def by_group(t: torch.Tensor, groups: int) -> torch.Tensor:
 
 def all_decays(delta, A, keep):
     """exp(delta_t * A) for every step (L, batch, dim, N), zero where a new sequence starts (keep == 0)."""
-    decay = torch.exp(delta.unsqueeze(-1) * A)
+    decay = (delta.unsqueeze(-1) * A).exp_()  # in place: a fresh full-size buffer costs more than the exp
     return decay if keep is None else decay.mul_(keep[:, :, None, None])
 
 
@@ -33,8 +33,8 @@ class Recurrence(torch.autograd.Function):
 
     Time-major: delta, delta_u (L, batch, dim); A (dim, N); B, C (L, batch, G, N); h0 (batch, dim, N);
     keep (L, batch) or None. Returns y (L, batch, dim) and the last state (batch, dim, N).
-    Views are built once, outside the loops; each step's reductions over N or over a group's channels
-    are small matmuls on a slice that is still in cache.
+    Views are built once, outside the loops; each step reduces over N or over a group's channels with
+    multiply-and-sum (faster than matmul at these sizes) while its slice is still in cache.
     """
 
     @staticmethod
@@ -43,13 +43,13 @@ class Recurrence(torch.autograd.Function):
         states = all_decays(delta, A, keep)  # overwritten step by step with h_t = decay_t * h_{t-1} + ...
         y = delta.new_empty(delta.shape)
         states_b, states_c = by_group(states, groups_b), by_group(states, groups_c)
-        inputs_u, B_rows, C_cols = as_columns(delta_u, groups_b), B.unsqueeze(3), C.unsqueeze(-1)
-        y_cols = as_columns(y, groups_c)
+        u_cols, B_rows, C_rows = as_columns(delta_u, groups_b), B.unsqueeze(3), C.unsqueeze(3)
+        y_groups = y.unflatten(2, (groups_c, -1))
         h = h0
         for t in range(delta.shape[0]):
             states[t].mul_(h)
-            states_b[t].addcmul_(inputs_u[t], B_rows[t])
-            torch.matmul(states_c[t], C_cols[t], out=y_cols[t])
+            states_b[t].addcmul_(u_cols[t], B_rows[t])
+            torch.sum(states_c[t] * C_rows[t], dim=-1, out=y_groups[t])
             h = states[t]
         ctx.save_for_backward(delta, delta_u, A, B, C, h0, keep, states)
         return y, h.clone()
@@ -63,17 +63,16 @@ class Recurrence(torch.autograd.Function):
         grad_A = torch.zeros_like(h0)  # per batch row, summed at the end
         decays = all_decays(delta, A, keep)
         states_c = by_group(states, groups_c)
-        grad_y_cols, grad_y_rows = as_columns(grad_y, groups_c), as_columns(grad_y, groups_c).transpose(-1, -2)
-        u_rows = as_columns(delta_u, groups_b).transpose(-1, -2)
-        B_rows, B_cols, C_rows = B.unsqueeze(3), B.unsqueeze(-1), C.unsqueeze(3)
-        grad_C_rows, grad_delta_u_cols = grad_C.unsqueeze(3), as_columns(grad_delta_u, groups_b)
+        grad_y_cols, u_cols = as_columns(grad_y, groups_c), as_columns(delta_u, groups_b)
+        B_rows, C_rows = B.unsqueeze(3), C.unsqueeze(3)
+        grad_delta_u_groups = grad_delta_u.unflatten(2, (groups_b, -1))
         g = torch.zeros_like(h0) if grad_last is None else grad_last  # dL/dh_t, through every later step
         for t in reversed(range(delta.shape[0])):
-            torch.matmul(grad_y_rows[t], states_c[t], out=grad_C_rows[t])
+            torch.sum(grad_y_cols[t] * states_c[t], dim=2, out=grad_C[t])
             g = torch.addcmul(by_group(g, groups_c), grad_y_cols[t], C_rows[t]).flatten(1, 2)
             g_b = by_group(g, groups_b)
-            torch.matmul(g_b, B_cols[t], out=grad_delta_u_cols[t])
-            torch.matmul(u_rows[t], g_b, out=grad_B[t].unsqueeze(2))
+            torch.sum(g_b * B_rows[t], dim=-1, out=grad_delta_u_groups[t])
+            torch.sum(g_b * u_cols[t], dim=2, out=grad_B[t])
             g.mul_(decays[t])
             grad_log_decay = g * (states[t - 1] if t > 0 else h0)  # dL/d(delta_t * A)
             torch.sum(grad_log_decay * A, dim=-1, out=grad_delta[t])
