@@ -231,15 +231,17 @@ def test_step_by_step_equals_parallel_and_continues_its_state(backend, groups):
 
 
 @pytest.mark.parametrize("backend", STEP_BACKENDS)
-def test_step_from_zero_state_matches_float64_loop(backend):
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_step_matches_float64_loop(backend, dtype, tol):
     batch, dim, n = 3, 6, 4
-    inputs = make_inputs(batch, dim, n, 1, 3, None)
-    D = torch.randn(dim)
-    state = torch.zeros(batch, dim, n)
+    inputs = make_inputs(batch, dim, n, 1, 3, None, dtype=dtype)
+    D, z, h0 = torch.randn(dim), torch.randn(batch, dim).to(dtype), torch.randn(batch, dim, n)
+    state = h0.clone()
     out = selective_state_update(state, inputs["u"][..., 0], inputs["delta"][..., 0], inputs["A"],
-                                 inputs["B"][..., 0], inputs["C"][..., 0], D=D, backend=backend)
-    ref, ref_state = loop_scan(**inputs, D=D)
-    assert rel_err(out, ref[..., 0]) < 1e-5 and rel_err(state, ref_state) < 1e-5
+                                 inputs["B"][..., 0], inputs["C"][..., 0], D=D, z=z, backend=backend)
+    ref, ref_state = loop_scan(**inputs, D=D, z=z[..., None], h0=h0)
+    assert out.dtype == dtype and state.dtype == torch.float32
+    assert rel_err(out, ref[..., 0]) < tol and rel_err(state, ref_state) < tol
 
 
 def test_bad_inputs_name_the_argument():
@@ -270,6 +272,8 @@ def test_bad_inputs_name_the_argument():
         call(D=torch.ones(2, 6))
     with pytest.raises(ValueError, match="backend"):
         call(backend="cuda")
+    with pytest.raises(ValueError, match="u: expected a sequence length L >= 1"):
+        call(**make_inputs(2, 6, 4, 0, None, None))
 
     state = torch.zeros(2, 6, 4)
     x, B = torch.randn(2, 6), torch.randn(2, 4)

@@ -47,6 +47,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     """
     check_shape("u", u, None, None, None)
     batch, dim, length = u.shape
+    if length == 0:
+        raise ValueError(f"u: expected a sequence length L >= 1, got shape {tuple(u.shape)}")
     check_shape("delta", delta, batch, dim, length)
     check_shape("A", A, dim, None)
     state_size = A.shape[1]
