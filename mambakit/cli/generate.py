@@ -31,18 +31,23 @@ def register(subparsers) -> None:
     group.add_argument("--min-p", type=float)
     group.add_argument("--repetition-penalty", type=float, default=1.0)
     group.add_argument("--seed", type=int, help="same seed, same output (default: random)")
-    group.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop once this text appears (repeatable)")
-    group.add_argument("--stop-token-id", type=int, action="append", default=[], metavar="ID", help="stop at this token (repeatable)")
+    group.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                       help="stop once this text appears (repeatable)")
+    group.add_argument("--stop-token-id", type=int, action="append", default=[], metavar="ID",
+                       help="stop at this token (repeatable)")
     group.add_argument("--ignore-eos", action="store_true", help="do not stop at the tokenizer's end-of-text token")
     parser.add_argument("--no-echo", action="store_true", help="print only the new text, not the prompt")
     parser.set_defaults(func=run)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=Path, help="checkpoint directory (official or transformers layout)")
-    parser.add_argument("--tokenizer", help="tokenizer.json, a directory holding one, or 'byte' (default: the checkpoint's)")
+    parser.add_argument("--model", required=True, type=Path,
+                        help="checkpoint directory (official or transformers layout)")
+    parser.add_argument("--tokenizer",
+                        help="tokenizer.json, a directory holding one, or 'byte' (default: the checkpoint's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: bfloat16 on CUDA, float32 otherwise")
+    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                        help="auto: bfloat16 on CUDA, float32 otherwise")
 
 
 def add_text_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -80,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     from mambakit.generation.stream import stream_text
 
     try:
-        SamplingConfig(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)  # fail before loading
+        # Fail on bad sampling flags before loading the model.
+        SamplingConfig(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens: expected an int >= 1, got {args.max_new_tokens}")
         prompt = read_text(args, "prompt")
@@ -127,5 +133,6 @@ class StepClock:
         prefill, decode = self.first - self.start, self.end - self.first
         line = f"prompt: {prompt_tokens} tokens in {prefill:.2f} s ({prompt_tokens / max(prefill, 1e-9):.1f} tok/s)"
         if self.tokens > 1:
-            line += f"; generated: {self.tokens} tokens, {(self.tokens - 1) / max(decode, 1e-9):.1f} tok/s after the first"
+            speed = (self.tokens - 1) / max(decode, 1e-9)
+            line += f"; generated: {self.tokens} tokens, {speed:.1f} tok/s after the first"
         return line

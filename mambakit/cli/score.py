@@ -34,13 +34,15 @@ def run(args: argparse.Namespace) -> int:
     ids, logprobs = scores.token_ids.tolist(), scores.logprobs.tolist()
     result = {"tokens": len(ids), "scored_tokens": len(logprobs), "log_likelihood": scores.total,
               "mean_log_prob": scores.total / len(logprobs), "perplexity": scores.perplexity}
-    per_token = [{"token": tokenizer.decode([t]), "id": t, "log_prob": lp} for t, lp in zip(ids[1:], logprobs)]
+    per_token = [{"token": tokenizer.decode([t]), "id": t, "log_prob": lp}
+                 for t, lp in zip(ids[1:], logprobs, strict=True)]
     if args.json:
         print(json.dumps({**result, "per_token": per_token} if args.per_token else result))
         return 0
     if args.per_token:
         for row in per_token:
             print(f"{row['log_prob']:10.4f}  {row['id']:>7}  {row['token']!r}")
-    print(f"tokens: {result['tokens']} ({result['scored_tokens']} scored)  log-likelihood: {result['log_likelihood']:.4f} nats  "
-          f"mean: {result['mean_log_prob']:.4f}  perplexity: {result['perplexity']:.4f}")
+    print(f"tokens: {result['tokens']} ({result['scored_tokens']} scored)  "
+          f"log-likelihood: {result['log_likelihood']:.4f} nats  mean: {result['mean_log_prob']:.4f}  "
+          f"perplexity: {result['perplexity']:.4f}")
     return 0

@@ -30,7 +30,8 @@ class InferenceCache:
     lengths_per_sample: torch.Tensor | None = None
 
     @classmethod
-    def allocate(cls, model: nn.Module, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None) -> "InferenceCache":
+    def allocate(cls, model: nn.Module, batch_size: int, max_seqlen: int,
+                 dtype: torch.dtype | None = None) -> "InferenceCache":
         """A zeroed cache for `model` (anything with `allocate_inference_cache(batch_size, max_seqlen, dtype)`)."""
         for name, value in (("batch_size", batch_size), ("max_seqlen", max_seqlen)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -90,7 +91,8 @@ class InferenceCache:
             pairs.append((self.lengths_per_sample, source.lengths_per_sample))
         for dst, src in pairs:
             if src.shape[0] != index.numel() or src.shape[1:] != dst.shape[1:]:
-                raise ValueError(f"source: expected states of shape ({index.numel()}, *{tuple(dst.shape[1:])}), got {tuple(src.shape)}")
+                expected = (index.numel(), *dst.shape[1:])
+                raise ValueError(f"source: expected states of shape {expected}, got {tuple(src.shape)}")
             dst.index_copy_(0, index, src.to(dst.dtype))
 
     def _batched_tensors(self) -> list[torch.Tensor]:

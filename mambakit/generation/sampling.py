@@ -40,7 +40,8 @@ class SamplingConfig:
         _check_real("top_p", self.top_p, lambda v: 0 < v <= 1, "in (0, 1]")
         _check_real("min_p", self.min_p, lambda v: 0 <= v < 1, "in [0, 1)")
         _check_real("repetition_penalty", self.repetition_penalty, lambda v: v > 0, "> 0")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, Integral) or self.top_k < 0):
+        k = self.top_k
+        if k is not None and (isinstance(k, bool) or not isinstance(k, Integral) or k < 0):
             raise ValueError(f"top_k: expected an int >= 0 (0 or None: no limit), got {self.top_k!r}")
 
     @property

@@ -45,7 +45,8 @@ def log_likelihood(model: nn.Module, text: str | Sequence[int] | torch.Tensor, t
     device = next(model.parameters()).device
     ids = torch.as_tensor(text, dtype=torch.long, device=device) if not isinstance(text, torch.Tensor) else text
     if ids.dim() != 1 or ids.numel() < 2 or ids.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"text: expected a string or at least 2 int token ids (L,), got {ids.dtype} of shape {tuple(ids.shape)}")
+        raise ValueError("text: expected a string or at least 2 int token ids (L,), "
+                         f"got {ids.dtype} of shape {tuple(ids.shape)}")
     if ids.device != device:
         raise ValueError(f"text: expected token ids on the model's device {device}, got {ids.device}")
     ids = ids.long()

@@ -56,7 +56,8 @@ def stream(model: nn.Module, prompt: str | Sequence[int], tokenizer=None, **opti
     if isinstance(ids, torch.Tensor) and ids.dim() != 1:
         raise ValueError(f"prompt: stream takes one prompt (L,), got shape {tuple(ids.shape)}")
     prompts = prompt_rows([ids], next(model.parameters()).device)
-    stop_ids = stop_id_tensor(options.get("eos_token_id"), options.get("stop_token_ids", ()), tokenizer, prompts[0].device)
+    stop_ids = stop_id_tensor(options.get("eos_token_id"), options.get("stop_token_ids", ()), tokenizer,
+                              prompts[0].device)
     yield from stream_text(iterate_tokens(model, prompts, tokenizer=tokenizer, **options), tokenizer, stop_ids)
 
 

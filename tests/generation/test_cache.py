@@ -4,7 +4,6 @@ import torch
 from mambakit.generation import InferenceCache, decode_step, prefill
 
 
-
 def fill_random(cache: InferenceCache) -> None:
     for states in cache.key_value_memory_dict.values():
         for t in states:

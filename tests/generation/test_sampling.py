@@ -43,7 +43,9 @@ def test_invalid_settings_name_the_argument(kwargs, name):
 def test_greedy_is_the_default_and_temperature_zero_or_top_k_one():
     logits = torch.randn(6, 50)
     seeds = torch.arange(6)
-    for config in (SamplingConfig(), SamplingConfig(temperature=0.0, top_p=0.5), SamplingConfig(top_k=1, temperature=2.0)):
+    greedy_configs = (SamplingConfig(), SamplingConfig(temperature=0.0, top_p=0.5),
+                      SamplingConfig(top_k=1, temperature=2.0))
+    for config in greedy_configs:
         assert config.greedy
         assert torch.equal(sample(logits, config, seeds, 3), logits.argmax(-1))
     assert not SamplingConfig(top_p=0.9).greedy
