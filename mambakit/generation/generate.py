@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from mambakit.generation.cache import InferenceCache
+from mambakit.ops._common import check_shape
 from mambakit.generation.sampling import SamplingConfig, row_seeds, sample
 
 
@@ -62,6 +63,7 @@ def generate(
     output_scores: bool = False,
     return_dict_in_generate: bool = False,
     cache_dtype: torch.dtype | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor | list[list[int]] | GenerationOutput:
     """Continue each prompt of `input_ids`: (batch, L) int tensor, or a list of token-id lists of any lengths.
 
@@ -73,9 +75,11 @@ def generate(
     (default: the first stop id, else 0). `cache_dtype`: of the conv / KV states (default: the model's;
     SSM states are always fp32). Returns the sequences (prompt + new tokens, see `GenerationOutput`), or
     a `GenerationOutput` with `return_dict_in_generate=True` (`output_scores=True` adds the logits).
+    A padded tensor batch takes `attention_mask` (batch, L) (0: padding); padding never enters a state,
+    and the output keeps the input's layout.
     """
     device = next(model.parameters()).device
-    prompts = prompt_rows(input_ids, device)
+    prompts = prompt_rows(input_ids, device, attention_mask)
     steps = iterate_tokens(
         model, prompts, max_length=max_length, max_new_tokens=max_new_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
@@ -195,8 +199,11 @@ def decode_step(model: nn.Module, cache: InferenceCache, tokens: torch.Tensor) -
     return logits
 
 
-def prompt_rows(input_ids, device: torch.device) -> list[torch.Tensor]:
-    """The prompts as a list of 1-D int64 tensors on `device`, from a (batch, L) tensor or a list of id lists."""
+def prompt_rows(input_ids, device: torch.device, attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The prompts as a list of 1-D int64 tensors on `device`, from a (batch, L) tensor or a list of id lists.
+    attention_mask: (batch, L), 0 at padding positions of a tensor input (they are dropped, never run)."""
+    if attention_mask is not None and not isinstance(input_ids, torch.Tensor):
+        raise ValueError("attention_mask: only for a (batch, seqlen) tensor input_ids; give ragged prompts as lists")
     if isinstance(input_ids, torch.Tensor):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected a (batch, seqlen) tensor, got shape {tuple(input_ids.shape)} "
@@ -206,6 +213,9 @@ def prompt_rows(input_ids, device: torch.device) -> list[torch.Tensor]:
         if input_ids.device != device:
             raise ValueError(f"input_ids: expected a tensor on the model's device {device}, got {input_ids.device}")
         rows = list(input_ids.to(torch.long))
+        if attention_mask is not None:
+            check_shape("attention_mask", attention_mask, *input_ids.shape)
+            rows = [row[keep.to(device).bool()] for row, keep in zip(rows, attention_mask, strict=True)]
     elif isinstance(input_ids, (str, bytes)) or not isinstance(input_ids, Sequence) or not all(
             isinstance(p, (Sequence, torch.Tensor)) and not isinstance(p, str) for p in input_ids):
         raise TypeError("input_ids: expected a (batch, seqlen) int tensor or a list of token-id lists, "

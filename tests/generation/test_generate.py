@@ -64,6 +64,21 @@ def test_ragged_batch_equals_one_by_one(kind, sampling, make_model, vocab):
     assert [len(s) - len(p) for s, p in zip(batched, prompts)] == [9] * 5
 
 
+def test_left_padding_with_attention_mask_equals_ragged_prompts(make_model, vocab):
+    model = make_model("hybrid").double()
+    prompts = [torch.randint(0, vocab, (n,)).tolist() for n in (3, 8, 5)]
+    padded = torch.full((3, 8), vocab - 1)
+    mask = torch.zeros(3, 8, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        padded[b, 8 - len(p) :], mask[b, 8 - len(p) :] = torch.tensor(p), 1
+    out = generate(model, padded, max_new_tokens=7, attention_mask=mask, temperature=1.0, seed=5)
+    ragged = generate(model, prompts, max_new_tokens=7, temperature=1.0, seed=5)
+    assert torch.equal(out[:, :8], padded)
+    assert out[:, 8:].tolist() == [r[len(p) :] for r, p in zip(ragged, prompts, strict=True)]
+    with pytest.raises(ValueError, match="attention_mask"):
+        generate(model, padded, max_new_tokens=1, attention_mask=mask[:, 1:])
+
+
 def test_int_seed_gives_row_b_seed_plus_b(make_model, vocab):
     model = make_model("mamba1")
     prompts = torch.randint(0, vocab, (3, 4))
