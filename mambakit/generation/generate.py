@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from mambakit.generation.cache import InferenceCache
-from mambakit.ops._common import check_shape
 from mambakit.generation.sampling import SamplingConfig, row_seeds, sample
+from mambakit.ops._common import check_shape
 
 
 @dataclass
