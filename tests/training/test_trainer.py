@@ -81,3 +81,19 @@ def test_gradient_accumulation_matches_one_big_batch(corpus, tmp_path):
         torch.testing.assert_close(loss_small, loss_big, rtol=1e-5, atol=0)
     for a, b in zip(big.model.parameters(), small.model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_trained_bpe_tokenizer_travels_with_the_checkpoint(corpus, tmp_path):
+    config = tiny_config(corpus, train_tokenizer=300, max_tokens=4 * 32 * 2, save_interval=1)
+    trainer = Trainer(config, tmp_path / "run", quiet=True)
+    result = trainer.fit()
+    folder = ckpt.latest_checkpoint(tmp_path / "run")
+    assert (folder / "tokenizer.json").is_file()
+    from mambakit.tokenizer import load_tokenizer
+
+    text = "state space selective scan"
+    assert load_tokenizer(folder).encode(text) == trainer.tokenizer.encode(text)
+    # BPE tokens hold more than a byte each: bits per byte is below nats per token / ln 2.
+    assert 0 < result["val_bpb"] < result["val_loss"] / math.log(2)
+    resumed = Trainer.resume(tmp_path / "run", quiet=True, max_tokens=4 * 32 * 3)
+    assert resumed.tokenizer.vocab_size == trainer.tokenizer.vocab_size and resumed.step == 2
