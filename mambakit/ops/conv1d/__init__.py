@@ -9,13 +9,21 @@ from mambakit.ops.conv1d import reference, step
 
 ACTIVATIONS = (None, "silu", "swish")
 
+
+def _triton_paths():
+    """The Triton paths, imported only once chosen (an import statement: torch.compile traces it)."""
+    from mambakit.ops.conv1d import triton_conv, triton_step
+
+    return triton_conv, triton_step
+
+
 _IMPLS = {
     "reference": lambda: reference.causal_conv1d,
-    "triton": lambda: __import__("mambakit.ops.conv1d.triton_conv", fromlist=["_"]).causal_conv1d,
+    "triton": lambda: _triton_paths()[0].causal_conv1d,
 }
 _STEP_IMPLS = {
     "reference": lambda: step.causal_conv1d_update,
-    "triton": lambda: __import__("mambakit.ops.conv1d.triton_step", fromlist=["_"]).causal_conv1d_update,
+    "triton": lambda: _triton_paths()[1].causal_conv1d_update,
 }
 
 

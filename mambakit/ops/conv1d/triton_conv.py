@@ -8,9 +8,12 @@ and the initial-state gradient are (batch, dim, width-1) slices, done with plain
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from mambakit.ops.conv1d import reference
 
@@ -127,45 +130,69 @@ def _launch_fwd(x, weight, bias, initial_states, seq_idx, silu, out, dout=None):
     return out
 
 
-class CausalConv1dFn(torch.autograd.Function):
-    """Autograd of the conv (without final states, which are plain slices of the inputs)."""
+# torch.library custom ops (forward, backward, autograd link): one opaque node for torch.compile.
+@torch.library.custom_op("mambakit::causal_conv1d_fwd", mutates_args=())
+def _conv_fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], initial_states: Optional[Tensor],
+                 seq_idx: Optional[Tensor], silu: bool) -> Tensor:
+    return _launch_fwd(x, weight.contiguous(), bias, initial_states, seq_idx, silu, torch.empty_like(x))
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, initial_states, seq_idx, silu):
-        weight = weight.contiguous()
-        out = _launch_fwd(x, weight, bias, initial_states, seq_idx, silu, torch.empty_like(x))
-        ctx.save_for_backward(x, weight, bias, initial_states, seq_idx)
-        ctx.silu = silu
-        return out
 
-    @staticmethod
-    def backward(ctx, dout):
-        x, weight, bias, initial_states, seq_idx = ctx.saved_tensors
-        batch, dim, length = x.shape
-        width = weight.shape[1]
-        dout = dout.contiguous()
-        if ctx.silu:
-            dpre = _launch_fwd(x, weight, bias, initial_states, seq_idx, True,
-                               torch.empty(x.shape, device=x.device, dtype=torch.float32), dout)
-        else:
-            dpre = dout.float()
-        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-        dw = torch.zeros(dim, width, device=x.device, dtype=torch.float32)
-        dbias = torch.zeros(dim, device=x.device, dtype=torch.float32) if bias is not None else None
-        init = initial_states if initial_states is not None else x
-        seq = seq_idx if seq_idx is not None else x
-        grid = (batch, triton.cdiv(dim, BLOCK_D), triton.cdiv(length, BLOCK_L))
-        _conv_bwd_kernel[grid](
-            x, weight, init, seq, dpre, dx, dw, dbias if dbias is not None else dw, dim, length,
-            *x.stride(), *(init.stride() if initial_states is not None else (0, 0, 0)),
-            *(seq_idx.stride() if seq_idx is not None else (0, 0)), *dpre.stride(),
-            W=width, BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L, HAS_BIAS=bias is not None,
-            HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None,
-        )
-        dinit = None
-        if initial_states is not None:
-            dinit = _initial_states_grad(dpre, weight, seq_idx).to(initial_states.dtype)
-        return (dx, dw.to(weight.dtype), dbias.to(bias.dtype) if dbias is not None else None, dinit, None, None)
+@_conv_fwd_op.register_fake
+def _(x, weight, bias, initial_states, seq_idx, silu):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("mambakit::causal_conv1d_bwd", mutates_args=())
+def _conv_bwd_op(dout: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], initial_states: Optional[Tensor],
+                 seq_idx: Optional[Tensor], silu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias, dinitial_states); empty tensors for absent inputs."""
+    batch, dim, length = x.shape
+    weight = weight.contiguous()
+    dout = dout.contiguous()
+    if silu:
+        dpre = _launch_fwd(x, weight, bias, initial_states, seq_idx, True,
+                           torch.empty(x.shape, device=x.device, dtype=torch.float32), dout)
+    else:
+        dpre = dout.float()
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    dw = torch.zeros(weight.shape, device=x.device, dtype=torch.float32)
+    dbias = torch.zeros(dim, device=x.device, dtype=torch.float32) if bias is not None else None
+    init = initial_states if initial_states is not None else x
+    seq = seq_idx if seq_idx is not None else x
+    grid = (batch, triton.cdiv(dim, BLOCK_D), triton.cdiv(length, BLOCK_L))
+    _conv_bwd_kernel[grid](
+        x, weight, init, seq, dpre, dx, dw, dbias if dbias is not None else dw, dim, length,
+        *x.stride(), *(init.stride() if initial_states is not None else (0, 0, 0)),
+        *(seq_idx.stride() if seq_idx is not None else (0, 0)), *dpre.stride(),
+        W=weight.shape[1], BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L, HAS_BIAS=bias is not None,
+        HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None,
+    )
+    dinit = x.new_empty(0)
+    if initial_states is not None:
+        dinit = _initial_states_grad(dpre, weight, seq_idx).to(initial_states.dtype)
+    return dx, dw.to(weight.dtype), dbias.to(bias.dtype) if bias is not None else x.new_empty(0), dinit
+
+
+@_conv_bwd_op.register_fake
+def _(dout, x, weight, bias, initial_states, seq_idx, silu):
+    absent = x.new_empty(0)
+    return (torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias) if bias is not None else absent,
+            torch.empty_like(initial_states) if initial_states is not None else x.new_empty(0))
+
+
+def _conv_setup_context(ctx, inputs, output):
+    x, weight, bias, initial_states, seq_idx, silu = inputs
+    ctx.save_for_backward(x, weight, bias, initial_states, seq_idx)
+    ctx.silu = silu
+
+
+def _conv_grads(ctx, dout):
+    x, weight, bias, initial_states, seq_idx = ctx.saved_tensors
+    dx, dw, dbias, dinit = _conv_bwd_op(dout, x, weight, bias, initial_states, seq_idx, ctx.silu)
+    return (dx, dw, dbias if bias is not None else None, dinit if initial_states is not None else None, None, None)
+
+
+_conv_fwd_op.register_autograd(_conv_grads, setup_context=_conv_setup_context)
 
 
 def _initial_states_grad(dpre, weight, seq_idx):
@@ -206,7 +233,7 @@ def causal_conv1d(x, weight, bias=None, seq_idx=None, initial_states=None, retur
         return reference.causal_conv1d(x, weight, bias=bias, seq_idx=seq_idx, initial_states=initial_states,
                                        return_final_states=return_final_states, activation=activation)
     bias = bias.contiguous() if bias is not None else None  # indexed with unit stride
-    out = CausalConv1dFn.apply(x, weight, bias, initial_states, seq_idx, activation is not None)
+    out = _conv_fwd_op(x, weight, bias, initial_states, seq_idx, activation is not None)
     if not return_final_states:
         return out
     return out, _final_states(x, initial_states, seq_idx, weight.shape[1])

@@ -2,9 +2,12 @@
 convolve, reading and writing the rolling state once, in place (the official `causal_conv1d_update`)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from mambakit.ops.conv1d import step
 
@@ -35,19 +38,29 @@ def _conv_update_kernel(x_ptr, state_ptr, w_ptr, bias_ptr, out_ptr, dim, s_xb, s
     tl.store(out_ptr + b * s_ob + d, acc.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
+@torch.library.custom_op("mambakit::causal_conv1d_update", mutates_args=("conv_state",))
+def _conv_update_op(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool) -> Tensor:
+    """The kernel launch, as a custom op (in-place on conv_state) so that torch.compile keeps it whole."""
+    batch, dim = x.shape
+    width = weight.shape[1]
+    out = torch.empty_like(x)
+    _conv_update_kernel[(batch, triton.cdiv(dim, BLOCK_D))](
+        x, conv_state, weight, bias if bias is not None else weight, out, dim, *x.stride(),
+        *conv_state.stride(), out.stride(0), W=width, W_P2=triton.next_power_of_2(width), BLOCK_D=BLOCK_D,
+        HAS_BIAS=bias is not None, SILU=silu,
+    )
+    return out
+
+
+@_conv_update_op.register_fake
+def _(x, conv_state, weight, bias, silu):
+    return torch.empty_like(x)
+
+
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
     """Triton conv decode step; arguments as `mambakit.ops.causal_conv1d_update` (validated there).
     fp64 goes to the reference."""
     if any(t is not None and t.dtype == torch.float64 for t in (x, conv_state, weight, bias)):
         return step.causal_conv1d_update(x, conv_state, weight, bias=bias, activation=activation)
-    batch, dim = x.shape
-    width = weight.shape[1]
-    out = torch.empty_like(x)
-    weight = weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
-    _conv_update_kernel[(batch, triton.cdiv(dim, BLOCK_D))](
-        x, conv_state, weight, bias if bias is not None else weight, out, dim, *x.stride(),
-        *conv_state.stride(), out.stride(0), W=width, W_P2=triton.next_power_of_2(width), BLOCK_D=BLOCK_D,
-        HAS_BIAS=bias is not None, SILU=activation is not None,
-    )
-    return out
+    return _conv_update_op(x, conv_state, weight.contiguous(), bias, activation is not None)

@@ -10,13 +10,21 @@ from torch import nn
 from mambakit.ops._common import FLOAT_DTYPES, check_dtype, check_same_device, check_shape, dispatch
 from mambakit.ops.norm import reference
 
+
+def _triton_paths():
+    """The Triton paths, imported only once chosen (an import statement: torch.compile traces it)."""
+    from mambakit.ops.norm import triton_norm
+
+    return (triton_norm,)
+
+
 _IMPLS = {
     "reference": lambda: reference.rms_norm,
-    "triton": lambda: __import__("mambakit.ops.norm.triton_norm", fromlist=["_"]).rms_norm,
+    "triton": lambda: _triton_paths()[0].rms_norm,
 }
 _GATED_IMPLS = {
     "reference": lambda: reference.rms_norm_gated,
-    "triton": lambda: __import__("mambakit.ops.norm.triton_norm", fromlist=["_"]).rms_norm_gated,
+    "triton": lambda: _triton_paths()[0].rms_norm_gated,
 }
 
 

@@ -7,9 +7,12 @@ from the saved inputs and the per-row 1/rms; weight gradients are summed per pro
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from mambakit.ops.norm import reference
 
@@ -99,57 +102,87 @@ def _rows(t: torch.Tensor | None, hidden: int) -> torch.Tensor | None:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-class NormFn(torch.autograd.Function):
-    """Autograd of the fused norm; returns (out, s) where s = x + residual (None unless store_res)."""
+# torch.library custom ops (forward, backward, autograd link): one opaque node for torch.compile.
+@torch.library.custom_op("mambakit::rms_norm_fwd", mutates_args=())
+def _norm_fwd_op(x: Tensor, residual: Optional[Tensor], z: Optional[Tensor], weight: Tensor, eps: float,
+                 group_size: int, gate_first: bool, store_res: bool,
+                 res_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, s = x + residual in res_dtype or an empty tensor unless store_res, 1/rms per normalized group)."""
+    hidden = x.shape[-1]
+    x2, r2, z2 = _rows(x, hidden), _rows(residual, hidden), _rows(z, hidden)
+    groups = hidden // group_size
+    rows = x2.shape[0] * groups
+    out = torch.empty_like(x2)
+    res_out = torch.empty(x2.shape, device=x.device, dtype=res_dtype) if store_res else out
+    rstd = torch.empty(rows, device=x.device, dtype=torch.float32)
+    _norm_fwd_kernel[(rows,)](
+        x2, r2 if r2 is not None else x2, z2 if z2 is not None else x2, weight, out, res_out, rstd,
+        rows, groups, group_size, eps, x2.stride(0), r2.stride(0) if r2 is not None else 0,
+        z2.stride(0) if z2 is not None else 0, out.stride(0), res_out.stride(0),
+        BLOCK=triton.next_power_of_2(group_size), HAS_RES=r2 is not None, HAS_Z=z2 is not None,
+        GATE_FIRST=gate_first, STORE_RES=store_res, num_warps=_warps(group_size),
+    )
+    return out.view(x.shape), res_out.view(x.shape) if store_res else x.new_empty(0), rstd
 
-    @staticmethod
-    def forward(ctx, x, residual, z, weight, eps, group_size, gate_first, store_res, res_dtype):
-        shape, hidden = x.shape, x.shape[-1]
-        x2, r2, z2 = _rows(x, hidden), _rows(residual, hidden), _rows(z, hidden)
-        groups = hidden // group_size
-        rows = x2.shape[0] * groups
-        out = torch.empty_like(x2)
-        res_out = torch.empty(x2.shape, device=x.device, dtype=res_dtype) if store_res else out
-        rstd = torch.empty(rows, device=x.device, dtype=torch.float32)
-        _norm_fwd_kernel[(rows,)](
-            x2, r2 if r2 is not None else x2, z2 if z2 is not None else x2, weight, out, res_out, rstd,
-            rows, groups, group_size, eps, x2.stride(0), r2.stride(0) if r2 is not None else 0,
-            z2.stride(0) if z2 is not None else 0, out.stride(0), res_out.stride(0),
-            BLOCK=triton.next_power_of_2(group_size), HAS_RES=r2 is not None, HAS_Z=z2 is not None,
-            GATE_FIRST=gate_first, STORE_RES=store_res, num_warps=_warps(group_size),
-        )
-        ctx.save_for_backward(x2, r2, z2, weight, rstd)
-        ctx.shape, ctx.group_size, ctx.gate_first = shape, group_size, gate_first
-        return out.view(shape), (res_out.view(shape) if store_res else None)
 
-    @staticmethod
-    def backward(ctx, dout, dres_out):
-        x2, r2, z2, weight, rstd = ctx.saved_tensors
-        hidden = x2.shape[1]
-        group_size = ctx.group_size
-        groups = hidden // group_size
-        rows = x2.shape[0] * groups
-        dout = _rows(dout, hidden)
-        dres_out = _rows(dres_out, hidden)
-        grad_dtype = r2.dtype if r2 is not None and x2.dtype != r2.dtype else x2.dtype
-        ds = torch.empty(x2.shape, device=x2.device, dtype=torch.float32 if r2 is not None else grad_dtype)
-        dz = torch.empty_like(z2) if z2 is not None else None
-        dw = torch.zeros(hidden, device=x2.device, dtype=torch.float32)
-        programs = min(rows, groups * max(1, 4 * _sm_count(x2.device) // groups))  # a multiple of groups
-        _norm_bwd_kernel[(programs,)](
-            x2, r2 if r2 is not None else x2, z2 if z2 is not None else x2, weight, rstd, dout,
-            dres_out if dres_out is not None else dout, ds, dz if dz is not None else ds, dw,
-            rows, groups, group_size, hidden, x2.stride(0), r2.stride(0) if r2 is not None else 0,
-            z2.stride(0) if z2 is not None else 0, dout.stride(0), dres_out.stride(0) if dres_out is not None else 0,
-            ds.stride(0), dz.stride(0) if dz is not None else 0,
-            BLOCK=triton.next_power_of_2(group_size), HAS_RES=r2 is not None, HAS_Z=z2 is not None,
-            GATE_FIRST=ctx.gate_first, HAS_DRES=dres_out is not None, num_warps=_warps(group_size),
-        )
-        shape = ctx.shape
-        dx = ds.to(x2.dtype).view(shape)
-        dres = ds.to(r2.dtype).view(shape) if r2 is not None else None
-        return (dx, dres, dz.view(shape) if dz is not None else None, dw.to(weight.dtype),
-                None, None, None, None, None)
+@_norm_fwd_op.register_fake
+def _(x, residual, z, weight, eps, group_size, gate_first, store_res, res_dtype):
+    rows = x.numel() // group_size
+    return (torch.empty_like(x), x.new_empty(x.shape if store_res else (0,), dtype=res_dtype),
+            x.new_empty(rows, dtype=torch.float32))
+
+
+@torch.library.custom_op("mambakit::rms_norm_bwd", mutates_args=())
+def _norm_bwd_op(dout: Tensor, dres_out: Optional[Tensor], x: Tensor, residual: Optional[Tensor], z: Optional[Tensor],
+                 weight: Tensor, rstd: Tensor, group_size: int, gate_first: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dresidual, dz, dweight); empty tensors for absent inputs."""
+    hidden = x.shape[-1]
+    x2, r2, z2 = _rows(x, hidden), _rows(residual, hidden), _rows(z, hidden)
+    groups = hidden // group_size
+    rows = x2.shape[0] * groups
+    dout = _rows(dout, hidden)
+    dres_out = _rows(dres_out, hidden)
+    ds = torch.empty(x2.shape, device=x.device, dtype=torch.float32 if r2 is not None else x.dtype)
+    dz = torch.empty_like(z2) if z2 is not None else None
+    dw = torch.zeros(hidden, device=x.device, dtype=torch.float32)
+    programs = min(rows, groups * max(1, 4 * _sm_count(x.device) // groups))  # a multiple of groups
+    _norm_bwd_kernel[(programs,)](
+        x2, r2 if r2 is not None else x2, z2 if z2 is not None else x2, weight, rstd, dout,
+        dres_out if dres_out is not None else dout, ds, dz if dz is not None else ds, dw,
+        rows, groups, group_size, hidden, x2.stride(0), r2.stride(0) if r2 is not None else 0,
+        z2.stride(0) if z2 is not None else 0, dout.stride(0), dres_out.stride(0) if dres_out is not None else 0,
+        ds.stride(0), dz.stride(0) if dz is not None else 0,
+        BLOCK=triton.next_power_of_2(group_size), HAS_RES=r2 is not None, HAS_Z=z2 is not None,
+        GATE_FIRST=gate_first, HAS_DRES=dres_out is not None, num_warps=_warps(group_size),
+    )
+    absent = x.new_empty(0)
+    return (ds.to(x.dtype).view(x.shape), ds.to(residual.dtype, copy=True).view(x.shape) if r2 is not None else absent,
+            dz.view(x.shape) if dz is not None else x.new_empty(0), dw.to(weight.dtype))
+
+
+@_norm_bwd_op.register_fake
+def _(dout, dres_out, x, residual, z, weight, rstd, group_size, gate_first):
+    return (torch.empty_like(x), torch.empty_like(residual) if residual is not None else x.new_empty(0),
+            torch.empty_like(z) if z is not None else x.new_empty(0), torch.empty_like(weight))
+
+
+def _norm_setup_context(ctx, inputs, output):
+    x, residual, z, weight, eps, group_size, gate_first, store_res, res_dtype = inputs
+    ctx.save_for_backward(x, residual, z, weight, output[2])
+    ctx.group_size, ctx.gate_first, ctx.store_res = group_size, gate_first, store_res
+
+
+def _norm_grads(ctx, dout, dres_out, _drstd):
+    x, residual, z, weight, rstd = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(x)
+    dx, dres, dz, dw = _norm_bwd_op(dout, dres_out if ctx.store_res else None, x, residual, z, weight, rstd,
+                                    ctx.group_size, ctx.gate_first)
+    return (dx, dres if residual is not None else None, dz if z is not None else None, dw,
+            None, None, None, None, None)
+
+
+_norm_fwd_op.register_autograd(_norm_grads, setup_context=_norm_setup_context)
 
 
 def _warps(group_size: int) -> int:
@@ -172,7 +205,8 @@ def rms_norm(x, weight, eps=1e-5, residual=None, prenorm=False, residual_in_fp32
     res_dtype = x.dtype if residual is None else residual.dtype
     if residual_in_fp32:
         res_dtype = torch.float32
-    out, summed = NormFn.apply(x, residual, None, weight.contiguous(), eps, x.shape[-1], False, prenorm, res_dtype)
+    out, summed, _ = _norm_fwd_op(x, residual, None, weight.contiguous(), eps, x.shape[-1], False, prenorm,
+                                  res_dtype)
     return (out, summed) if prenorm else out
 
 
@@ -182,5 +216,6 @@ def rms_norm_gated(x, weight, z=None, eps=1e-5, group_size=None, norm_before_gat
         return reference.rms_norm_gated(x, weight, z=z, eps=eps, group_size=group_size,
                                         norm_before_gate=norm_before_gate)
     group_size = x.shape[-1] if group_size is None else group_size
-    out, _ = NormFn.apply(x, None, z, weight.contiguous(), eps, group_size, z is not None and not norm_before_gate, False, x.dtype)
+    gate_first = z is not None and not norm_before_gate
+    out, _, _ = _norm_fwd_op(x, None, z, weight.contiguous(), eps, group_size, gate_first, False, x.dtype)
     return out

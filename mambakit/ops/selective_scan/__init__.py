@@ -11,14 +11,22 @@ from mambakit.ops.selective_scan import cpu, reference, step
 
 STATE_DTYPES = (torch.float32, torch.float64)
 
+
+def _triton_paths():
+    """The Triton paths, imported only once chosen (an import statement: torch.compile traces it)."""
+    from mambakit.ops.selective_scan import triton_scan, triton_step
+
+    return triton_scan, triton_step
+
+
 _IMPLS = {
     "reference": lambda: reference.selective_scan,
     "cpu": lambda: cpu.selective_scan,
-    "triton": lambda: __import__("mambakit.ops.selective_scan.triton_scan", fromlist=["_"]).selective_scan,
+    "triton": lambda: _triton_paths()[0].selective_scan,
 }
 _STEP_IMPLS = {
     "reference": lambda: step.selective_state_update,
-    "triton": lambda: __import__("mambakit.ops.selective_scan.triton_step", fromlist=["_"]).selective_state_update,
+    "triton": lambda: _triton_paths()[1].selective_state_update,
 }
 
 

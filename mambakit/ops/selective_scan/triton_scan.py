@@ -18,9 +18,12 @@ gradients, summed over channels, are accumulated with atomic adds.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from mambakit.ops.selective_scan import reference
 
@@ -453,24 +456,66 @@ def _scan_backward(dout, dfinal, saved, delta_softplus, has_h0):
     return du, ddelta, dA.to(A.dtype), dB, dC, dD, dz, dbias, dh0
 
 
-class SelectiveScanFn(torch.autograd.Function):
-    """Autograd wrapper: saves the inputs and the tile checkpoints, recomputes the rest in backward."""
+# Registered as torch.library custom ops (forward, backward, autograd link) so that torch.compile sees
+# one opaque node per call instead of breaking the graph at the Triton launches.
+@torch.library.custom_op("mambakit::selective_scan_fwd", mutates_args=())
+def _scan_fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+                 delta_bias: Optional[Tensor], delta_softplus: bool, initial_state: Optional[Tensor],
+                 seq_idx: Optional[Tensor], save_ckpt: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, final_state, tile checkpoints or an empty tensor when save_ckpt is False)."""
+    out, final_state, ckpt = _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+                                           seq_idx, save_ckpt)
+    return out, final_state.clone(), ckpt if ckpt is not None else u.new_empty(0, dtype=torch.float32)
 
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx):
-        save = any(ctx.needs_input_grad)
-        out, final_state, ckpt = _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                               initial_state, seq_idx, save_ckpt=save)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt)
-        ctx.delta_softplus = delta_softplus
-        ctx.has_h0 = initial_state is not None
-        return out, final_state
 
-    @staticmethod
-    def backward(ctx, dout, dfinal):
-        du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _scan_backward(
-            dout, dfinal, ctx.saved_tensors, ctx.delta_softplus, ctx.has_h0)
-        return du, ddelta, dA, dB, dC, dD, dz, dbias, None, dh0, None
+@_scan_fwd_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, save_ckpt):
+    batch, dim, length = u.shape
+    N = A.shape[1]
+    ckpt_shape = (batch, dim, triton.cdiv(length, TILE_L), N) if save_ckpt else (0,)
+    return (u.new_empty(batch, dim, length), u.new_empty(batch, dim, N, dtype=torch.float32),
+            u.new_empty(ckpt_shape, dtype=torch.float32))
+
+
+@torch.library.custom_op("mambakit::selective_scan_bwd", mutates_args=())
+def _scan_bwd_op(dout: Tensor, dfinal: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                 D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor], seq_idx: Optional[Tensor],
+                 ckpt: Tensor, delta_softplus: bool, has_h0: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                                          Tensor, Tensor, Tensor, Tensor]:
+    """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state); empty tensors for absent inputs."""
+    grads = _scan_backward(dout, dfinal, (u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt), delta_softplus, has_h0)
+    return tuple(g if g is not None else u.new_empty(0) for g in grads)
+
+
+@_scan_bwd_op.register_fake
+def _(dout, dfinal, u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, delta_softplus, has_h0):
+    batch, dim, length = u.shape
+    f32 = dict(dtype=torch.float32)
+    maybe = lambda present, *shape, **kw: u.new_empty(shape if present else (0,), **kw)  # noqa: E731
+    return (u.new_empty(u.shape), delta.new_empty(u.shape), A.new_empty(A.shape), B.new_empty(B.shape),
+            C.new_empty(C.shape), maybe(D is not None, dim, **f32), maybe(z is not None, *u.shape, dtype=u.dtype),
+            maybe(delta_bias is not None, dim, **f32), maybe(has_h0, batch, dim, A.shape[1], **f32))
+
+
+def _scan_setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, _ = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, seq_idx, output[2])
+    ctx.delta_softplus = delta_softplus
+    ctx.has_h0 = initial_state is not None
+
+
+def _scan_grads(ctx, dout, dfinal, _dckpt):
+    u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(u)
+    du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _scan_bwd_op(
+        dout, dfinal, u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, ctx.delta_softplus, ctx.has_h0)
+    present = lambda grad, t: grad if t is not None else None  # noqa: E731
+    return (du, ddelta, dA, dB, dC, present(dD, D), present(dz, z), present(dbias, delta_bias), None,
+            dh0 if ctx.has_h0 else None, None, None)
+
+
+_scan_fwd_op.register_autograd(_scan_grads, setup_context=_scan_setup_context)
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -485,6 +530,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                                         return_final_state=return_final_state, seq_idx=seq_idx)
     D = D.contiguous() if D is not None else None  # the kernels index D and delta_bias with unit stride
     delta_bias = delta_bias.contiguous() if delta_bias is not None else None
-    out, final_state = SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                             initial_state, seq_idx)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias, initial_state))
+    out, final_state, _ = _scan_fwd_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx,
+                                       needs_grad)
     return (out, final_state) if return_final_state else out

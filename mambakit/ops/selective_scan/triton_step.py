@@ -2,9 +2,12 @@
 back once, in place, with the output computed on the way (the official `selective_state_update`)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from mambakit.ops.selective_scan import step
 
@@ -47,19 +50,13 @@ def _state_update_kernel(
     tl.store(out_ptr + b * s_ob + d, y.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
-def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
-    """Triton decode step; arguments as `mambakit.ops.selective_state_update` (validated there).
-
-    Inputs may be strided views; an fp64 state or input goes to the reference.
-    """
+@torch.library.custom_op("mambakit::selective_state_update", mutates_args=("state",))
+def _state_update_op(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                     z: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool) -> Tensor:
+    """The kernel launch, as a custom op (in-place on state) so that torch.compile and CUDA graphs keep it whole."""
     B3 = B if B.dim() == 3 else B.unsqueeze(1)
     C3 = C if C.dim() == 3 else C.unsqueeze(1)
-    if state.dtype != torch.float32 or any(
-            t is not None and t.dtype == torch.float64 for t in (x, dt, A, B, C, D, z, dt_bias)):
-        return step.selective_state_update(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
     batch, dim, N = state.shape
-    D = D.contiguous() if D is not None else None  # indexed with unit stride
-    dt_bias = dt_bias.contiguous() if dt_bias is not None else None
     out = torch.empty_like(x)
     dummy = out
     _state_update_kernel[(batch, triton.cdiv(dim, BLOCK_D))](
@@ -71,3 +68,21 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
     )
     return out
+
+
+@_state_update_op.register_fake
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    return torch.empty_like(x)
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """Triton decode step; arguments as `mambakit.ops.selective_state_update` (validated there).
+
+    Inputs may be strided views; an fp64 state or input goes to the reference.
+    """
+    if state.dtype != torch.float32 or any(
+            t is not None and t.dtype == torch.float64 for t in (x, dt, A, B, C, D, z, dt_bias)):
+        return step.selective_state_update(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+    D = D.contiguous() if D is not None else None  # indexed with unit stride
+    dt_bias = dt_bias.contiguous() if dt_bias is not None else None
+    return _state_update_op(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
