@@ -7,7 +7,7 @@ import sys
 
 # Each name is a module `mambakit.cli.<name>` defining `register(subparsers)`; the parser it
 # adds sets `func` to a callable taking the parsed args and returning an exit code.
-COMMANDS = ("generate", "score", "convert", "train", "synth", "demo")
+COMMANDS = ("generate", "score", "convert", "train", "synth", "demo", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
