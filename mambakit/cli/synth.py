@@ -82,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
                 continue
             samples = args.eval_samples if length <= 1 << 16 else max(4, args.eval_samples >> 5)
             try:
-                acc[length] = accuracy(model, task, length, samples, args.batch_size, seed=args.seed + 1, bf16=args.bf16)
+                acc[length] = accuracy(model, task, length, samples, args.batch_size, seed=args.seed + 1,
+                                       bf16=args.bf16)
             except torch.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 acc[length] = None

@@ -23,7 +23,8 @@ OPTIONS = [
     ("--data", "data", dict(nargs="+", metavar="PATH", help="text files or folders (default: the embedded corpus, "
                                                             "the Python standard library's source)")),
     ("--tokenizer", "tokenizer", dict(metavar="FILE", help="a Hugging Face tokenizer.json (default: bytes)")),
-    ("--train-tokenizer", "train_tokenizer", dict(type=int, metavar="VOCAB", help="train a BPE of VOCAB tokens on the corpus")),
+    ("--train-tokenizer", "train_tokenizer", dict(type=int, metavar="VOCAB",
+                                                  help="train a BPE of VOCAB tokens on the corpus")),
     ("--seq-len", "seq_len", dict(type=int, help="tokens per training sequence (default 1024)")),
     ("--val-fraction", "val_fraction", dict(type=float, help="share of sequences held out for validation (0.01)")),
     ("--seq-idx", "use_seq_idx", dict(action=argparse.BooleanOptionalAction,
@@ -38,7 +39,8 @@ OPTIONS = [
                                           help='further mixer arguments, e.g. \'{"chunk_size": 64}\'')),
     ("--attn-layer-idx", "attn_layer_idx", dict(type=_int_list, metavar="I,J", help="hybrid: attention layer indices")),
     ("--attn-heads", "attn_heads", dict(type=int, help="attention heads (d_model / 64)")),
-    ("--d-intermediate", "d_intermediate", dict(type=int, help="MLP width after each mixer (0; transformer 8/3 d_model)")),
+    ("--d-intermediate", "d_intermediate", dict(type=int,
+                                                help="MLP width after each mixer (0; transformer 8/3 d_model)")),
     ("--batch-size", "batch_size", dict(type=int, help="global batch: sequences per optimizer step (16)")),
     ("--micro-batch-size", "micro_batch_size", dict(type=int, help="sequences per process and forward "
                                                                   "(default: batch size / processes)")),

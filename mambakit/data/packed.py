@@ -64,8 +64,8 @@ class PackedDataset:
     def windows_batch(self, windows: list[int] | np.ndarray) -> Batch:
         """The batch made of these window indices, in order."""
         tokens = self.token_file.tokens
-        rows = np.stack([tokens[w * self.seq_len: w * self.seq_len + self.seq_len + 1] for w in windows]).astype(np.int64)
-        rows = torch.from_numpy(rows)
+        rows = np.stack([tokens[w * self.seq_len: (w + 1) * self.seq_len + 1] for w in windows])
+        rows = torch.from_numpy(rows.astype(np.int64))
         seq_idx = None
         if self.with_seq_idx:
             starts = np.asarray(windows, dtype=np.int64)[:, None] * self.seq_len

@@ -30,7 +30,8 @@ class SelectiveCopying:
     def sample(self, batch: int, seq_len: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         context = seq_len - self.num_copy
         if context < self.num_copy or self.vocab_size < 4:
-            raise ValueError(f"selective copying: seq_len {seq_len} / vocab {self.vocab_size} too small for {self.num_copy} tokens")
+            raise ValueError(f"selective copying: seq_len {seq_len} / vocab {self.vocab_size} too small "
+                             f"for {self.num_copy} tokens")
         data = torch.randint(1, self.vocab_size - 1, (batch, self.num_copy), generator=generator)
         inputs = torch.zeros(batch, seq_len, dtype=torch.long)
         inputs.scatter_(1, _random_positions(batch, context, self.num_copy, generator), data)

@@ -3,4 +3,5 @@ from mambakit.training.config import ARCHS, TrainConfig, parse_count
 from mambakit.training.optim import CosineSchedule, build_optimizer, param_groups
 from mambakit.training.trainer import Trainer, lm_loss
 
-__all__ = ["ARCHS", "CosineSchedule", "TrainConfig", "Trainer", "build_optimizer", "lm_loss", "param_groups", "parse_count"]
+__all__ = ["ARCHS", "CosineSchedule", "TrainConfig", "Trainer", "build_optimizer", "lm_loss", "param_groups",
+           "parse_count"]

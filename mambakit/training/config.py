@@ -81,6 +81,9 @@ class TrainConfig:
         self.betas, self.data, self.attn_layer_idx = tuple(self.betas), list(self.data), list(self.attn_layer_idx)
         if self.arch not in ARCHS:
             raise ValueError(f"arch: expected one of {ARCHS}, got {self.arch!r}")
+        if self.use_seq_idx and self.arch not in ("mamba", "mamba2"):
+            raise ValueError(f"use_seq_idx: document boundaries reset SSM states only (arch mamba or mamba2), "
+                             f"got arch {self.arch!r}")
         if self.arch == "hybrid" and not self.attn_layer_idx:
             raise ValueError("attn_layer_idx: the hybrid arch needs attention layer indices, got none")
         for name in ("seq_len", "d_model", "n_layer", "batch_size", "log_interval", "eval_interval", "save_interval"):

@@ -43,7 +43,8 @@ class CosineSchedule:
 
     def __post_init__(self):
         if self.total_steps < 1 or not 0 <= self.warmup_steps <= self.total_steps:
-            raise ValueError(f"schedule: expected 0 <= warmup_steps ({self.warmup_steps}) <= total_steps ({self.total_steps}), total >= 1")
+            raise ValueError(f"schedule: expected 0 <= warmup_steps ({self.warmup_steps}) <= total_steps "
+                             f"({self.total_steps}) and total_steps >= 1")
         if not 0 <= self.min_ratio <= 1:
             raise ValueError(f"min_ratio: expected in [0, 1], got {self.min_ratio}")
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mambakit import MambaLMHeadModel
-from mambakit.training import Trainer
+from mambakit.training import Trainer, lm_loss
 from mambakit.training import checkpoint as ckpt
 
 from .conftest import tiny_config
@@ -97,3 +97,17 @@ def test_trained_bpe_tokenizer_travels_with_the_checkpoint(corpus, tmp_path):
     assert 0 < result["val_bpb"] < result["val_loss"] / math.log(2)
     resumed = Trainer.resume(tmp_path / "run", quiet=True, max_tokens=4 * 32 * 3)
     assert resumed.tokenizer.vocab_size == trainer.tokenizer.vocab_size and resumed.step == 2
+
+
+def test_document_boundaries_reach_the_model(corpus, tmp_path):
+    trainer = Trainer(tiny_config(corpus, use_seq_idx=True, seq_len=256, batch_size=2), tmp_path / "run", quiet=True)
+    inside = [int(s) for s in trainer.dataset.token_file.doc_starts[1:] if s % 256]
+    batch = trainer.dataset.windows_batch([s // 256 for s in inside[:2]])  # rows where a new document begins
+    assert batch.seq_idx[:, -1].tolist() == [1, 1]
+    with torch.no_grad():
+        with_boundaries = lm_loss(trainer.model, batch)
+        batch.seq_idx = None
+        without = lm_loss(trainer.model, batch)
+    assert with_boundaries != without
+    loss, _ = trainer.train_step()
+    assert torch.isfinite(loss)
