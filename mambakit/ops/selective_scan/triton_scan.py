@@ -67,6 +67,13 @@ def _delta_tile(delta_ptr, s_dd, s_dl, bias, d, t, mask, HAS_BIAS: tl.constexpr,
 
 
 @triton.jit
+def _pick(tile, pick):
+    """tile[:, j] for the one column where `pick` is true, inside each thread: adding -0.0 is exact,
+    so the compiler folds the masked sum down to that register."""
+    return tl.sum(tl.where(pick, tile, -0.0), axis=1)
+
+
+@triton.jit
 def _decay(dt, A2, t, seq_ptr, s_sl, L, HAS_SEQ_IDX: tl.constexpr):
     """a_t = exp(dt * A) as (BLOCK_D, N, BLOCK_L); zero where a new sequence starts (seq_idx changes)."""
     a = tl.exp2(dt[:, None, :] * A2[:, :, None])
@@ -145,39 +152,49 @@ def _scan_fwd_kernel(
     prev_seq = 0
     if HAS_SEQ_IDX:
         prev_seq = tl.load(seq_ptr + tl.maximum(t_start - 1, 0) * s_sl)
+    col = tl.arange(0, UNROLL)
     for t0 in range(t_start, t_end, BLOCK_L):
         if WRITE_CKPT:
             tl.store(ckpt_ptr + pid_b * s_kb + d[:, None] * s_kd + n[None, :] * s_n + (t0 // BLOCK_L) * s_kt, h,
                      mask=mask_nd)
         for t1 in range(t0, t0 + BLOCK_L, UNROLL):
+            # UNROLL steps of u, delta, z come in one coalesced (BLOCK_D, UNROLL) tile, a run of steps per
+            # thread; a step's column is then picked out inside the thread (no per-step scattered loads).
+            t = t1 + col
+            live = t < t_end
+            tile_mask = mask_d[:, None] & live[None, :]
+            u_tile = tl.load(u_ptrs[:, None] + t[None, :] * s_ul, mask=tile_mask, other=0.0).to(tl.float32)
+            dt_tile = tl.load(delta_ptrs[:, None] + t[None, :] * s_dl, mask=tile_mask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                dt_tile += bias[:, None]
+            if SOFTPLUS:
+                dt_tile = _softplus(dt_tile)
+            dt_tile = tl.where(live[None, :], dt_tile, 0.0)  # past the chunk: a = 1, x = 0, the state passes
+            dtu_tile = dt_tile * u_tile
+            y_tile = tl.zeros((BLOCK_D, UNROLL), tl.float32)
             for j in tl.static_range(UNROLL):
-                t = t1 + j
-                live = t < t_end
-                u = tl.load(u_ptrs + t * s_ul, mask=mask_d & live, other=0.0).to(tl.float32)
-                dt = tl.load(delta_ptrs + t * s_dl, mask=mask_d & live, other=0.0).to(tl.float32)
-                if HAS_BIAS:
-                    dt += bias
-                if SOFTPLUS:
-                    dt = _softplus(dt)
-                dt = tl.where(live, dt, 0.0)  # past the chunk: a = 1, x = 0, the state passes through
-                Bt = tl.load(B_ptrs + t * s_Bl, mask=mask_n & live, other=0.0).to(tl.float32)
+                pick = (col == j)[None, :]
+                dt = _pick(dt_tile, pick)
+                step_live = t1 + j < t_end
+                Bt = tl.load(B_ptrs + (t1 + j) * s_Bl, mask=mask_n & step_live, other=0.0).to(tl.float32)
                 a = tl.exp2(dt[:, None] * A2)
                 if HAS_SEQ_IDX:
-                    cur_seq = tl.load(seq_ptr + t * s_sl, mask=live, other=0)
-                    a = tl.where(live & (cur_seq != prev_seq), 0.0, a)
+                    cur_seq = tl.load(seq_ptr + (t1 + j) * s_sl, mask=step_live, other=0)
+                    a = tl.where(step_live & (cur_seq != prev_seq), 0.0, a)
                     prev_seq = cur_seq
-                h = a * h + (dt * u)[:, None] * Bt[None, :]
+                h = a * h + _pick(dtu_tile, pick)[:, None] * Bt[None, :]
                 if WRITE_DECAY:
                     total_decay *= a
                 if WRITE_OUT:
-                    Ct = tl.load(C_ptrs + t * s_Cl, mask=mask_n & live, other=0.0).to(tl.float32)
-                    y = tl.sum(h * Ct[None, :], axis=1)
-                    if HAS_D:
-                        y += Dv * u
-                    if HAS_Z:
-                        zt = tl.load(z_ptrs + t * s_zl, mask=mask_d & live, other=0.0).to(tl.float32)
-                        y *= zt * tl.sigmoid(zt)
-                    tl.store(out_ptrs + t * s_ol, y.to(out_ptr.dtype.element_ty), mask=mask_d & live)
+                    Ct = tl.load(C_ptrs + (t1 + j) * s_Cl, mask=mask_n & step_live, other=0.0).to(tl.float32)
+                    y_tile = tl.where(pick, tl.sum(h * Ct[None, :], axis=1)[:, None], y_tile)
+            if WRITE_OUT:
+                if HAS_D:
+                    y_tile += Dv[:, None] * u_tile
+                if HAS_Z:
+                    z_tile = tl.load(z_ptrs[:, None] + t[None, :] * s_zl, mask=tile_mask, other=0.0).to(tl.float32)
+                    y_tile *= z_tile * tl.sigmoid(z_tile)
+                tl.store(out_ptrs[:, None] + t[None, :] * s_ol, y_tile.to(out_ptr.dtype.element_ty), mask=tile_mask)
     end_off = pid_b * s_heb + pid_c * s_hec + nd_off
     tl.store(hend_ptr + end_off, h, mask=mask_nd)
     if WRITE_DECAY:
