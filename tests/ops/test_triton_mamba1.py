@@ -232,8 +232,8 @@ def loop_conv(x, weight, bias, seq_idx, initial_states, silu):
     return torch.stack(cols, dim=-1), final
 
 
-@pytest.mark.parametrize("width,init,seq,silu", [(4, True, True, True), (4, False, False, False), (3, True, False, True),
-                                                 (2, False, True, False)])
+@pytest.mark.parametrize("width,init,seq,silu", [(4, True, True, True), (4, False, False, False),
+                                                 (3, True, False, True), (2, False, True, False)])
 def test_conv_matches_loop(width, init, seq, silu):
     batch, dim, length = 2, 20, 150  # 20 channels, 150 steps: two blocks of each
     x = torch.randn(batch, dim, length, device=DEVICE)
@@ -360,7 +360,8 @@ def test_state_update_steps_match_loop(groups):
 
 @pytest.mark.parametrize("width,silu", [(4, True), (3, False)])
 def test_conv_update_steps_match_loop(width, silu):
-    x, w, b = torch.randn(2, 70, 5, device=DEVICE), torch.randn(70, width, device=DEVICE), torch.randn(70, device=DEVICE)
+    x, w = torch.randn(2, 70, 5, device=DEVICE), torch.randn(70, width, device=DEVICE)
+    b = torch.randn(70, device=DEVICE)
     h0 = torch.randn(2, 70, width - 1, device=DEVICE)
     state = torch.cat([torch.randn(2, 70, 1, device=DEVICE), h0], dim=-1)  # oldest column drops out first
     outs = [conv_ops.causal_conv1d_update(x[..., t], state, w, b, activation="silu" if silu else None,

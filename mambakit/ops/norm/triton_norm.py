@@ -134,7 +134,8 @@ def _(x, residual, z, weight, eps, group_size, gate_first, store_res, res_dtype)
 
 @torch.library.custom_op("mambakit::rms_norm_bwd", mutates_args=())
 def _norm_bwd_op(dout: Tensor, dres_out: Optional[Tensor], x: Tensor, residual: Optional[Tensor], z: Optional[Tensor],
-                 weight: Tensor, rstd: Tensor, group_size: int, gate_first: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                 weight: Tensor, rstd: Tensor, group_size: int,
+                 gate_first: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dresidual, dz, dweight); empty tensors for absent inputs."""
     hidden = x.shape[-1]
     x2, r2, z2 = _rows(x, hidden), _rows(residual, hidden), _rows(z, hidden)
