@@ -148,8 +148,10 @@ def test_scan_matches_loop_fp32(case, monkeypatch):
         assert rel_err(ours[name], ref) < 1e-4, (name, rel_err(ours[name], ref))
 
 
-def test_scan_without_optional_inputs():
+def test_scan_without_optional_inputs_strided_steps():
     inputs, _ = make_inputs(1, 4, 20, 4, D=False, z=False, bias=False)
+    # delta as (batch, L, dim) transposed: steps not adjacent in memory, like linear(...).transpose(1, 2)
+    inputs["delta"] = inputs["delta"].transpose(1, 2).contiguous().transpose(1, 2)
     ours, truth = run_both(inputs, None, softplus=False)
     for name, ref in truth.items():
         assert rel_err(ours[name], ref) < 1e-4, name

@@ -547,6 +547,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                                         return_final_state=return_final_state, seq_idx=seq_idx)
     D = D.contiguous() if D is not None else None  # the kernels index D and delta_bias with unit stride
     delta_bias = delta_bias.contiguous() if delta_bias is not None else None
+    # Steps adjacent in memory (e.g. delta = linear(...).transpose(1, 2) is not): one copy costs less than
+    # strided loads in every pass, forward and backward.
+    u, delta, B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (u, delta, B, C))
+    z = z if z is None or z.stride(-1) == 1 else z.contiguous()
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias, initial_state))
     out, final_state, _ = _scan_fwd_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx,
