@@ -100,4 +100,4 @@ def test_two_gloo_processes_equal_one_process_and_resume_on_one(corpus, tmp_path
     for step in (3, 4):
         assert got[step] == pytest.approx(expected[step], rel=1e-5)
     for a, b in zip(one.model.parameters(), resumed.model.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=0, atol=0.01 * config.lr)  # Adam: see test_gradient_accumulation

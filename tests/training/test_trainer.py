@@ -76,11 +76,13 @@ def test_gradient_accumulation_matches_one_big_batch(corpus, tmp_path):
     small = Trainer(tiny_config(corpus, max_tokens=4 * 32 * 2, micro_batch_size=1), tmp_path / "small", quiet=True)
     assert small.grad_accum == 4
     for _ in range(2):
-        loss_big, _ = big.train_step()
-        loss_small, _ = small.train_step()
+        loss_big, norm_big = big.train_step()
+        loss_small, norm_small = small.train_step()
         torch.testing.assert_close(loss_small, loss_big, rtol=1e-5, atol=0)
+        torch.testing.assert_close(norm_small, norm_big, rtol=1e-4, atol=0)  # Adam alone would hide a scale error
     for a, b in zip(big.model.parameters(), small.model.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        # Adam moves a weight by about lr whatever its gradient: one of ~0 gradient may differ by a fraction of lr.
+        torch.testing.assert_close(a, b, rtol=0, atol=0.01 * big.config.lr)
 
 
 def test_trained_bpe_tokenizer_travels_with_the_checkpoint(corpus, tmp_path):
