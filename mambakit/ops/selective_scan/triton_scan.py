@@ -1,9 +1,9 @@
 """Selective scan (Mamba-1) as fused Triton kernels: forward, backward and the autograd Function.
 
-Forward: one program owns BLOCK_D channels of one batch row (a channel per thread, its N states
-inside the thread) and walks the sequence one step at a time, the state in registers: a step is N
-independent exp/multiply-adds with no communication between threads. Inputs of any float dtype are
-read once and everything is computed in fp32.
+Forward: one program owns BLOCK_D channels of one batch row (a channel's N states inside one or two
+threads) and walks the sequence one step at a time, the state in registers: a step is N independent
+exp/multiply-adds with next to no communication between threads. Inputs of any float dtype are read
+once (in coalesced tiles of several steps) and everything is computed in fp32.
 
 Sequence parallelism (forward): when batch x channel blocks alone do not fill the GPU, the sequence is
 cut into chunks: pass 1 scans every chunk from a zero state (its end state and total decay), pass 2
@@ -110,9 +110,9 @@ def _scan_fwd_kernel(
     WRITE_DECAY: tl.constexpr, WRITE_CKPT: tl.constexpr,
 ):
     """Scan one chunk of one batch row for BLOCK_D channels (inside one group of B and of C), one step
-    at a time: the state (BLOCK_D, N) stays in registers, a channel per thread and its N states inside
-    the thread, so a step is N independent multiply-adds with no communication. Grid (batch, dim blocks,
-    chunks). Steps are unrolled UNROLL at a time so that their loads are in flight together.
+    at a time: the state (BLOCK_D, N) stays in registers, a channel's N states inside one thread (or two),
+    so a step is N independent exp/multiply-adds with next to no communication. Grid (batch, dim blocks,
+    chunks). u, delta, z and out move in (BLOCK_D, UNROLL) tiles, UNROLL steps per 16-byte access.
 
     h0 (batch, chunks, dim, N): start state of each chunk (HAS_H0). Writes the chunk's end state to
     hend (batch, chunks, dim, N), with WRITE_DECAY its total decay prod_t a_t to decay (same shape),
