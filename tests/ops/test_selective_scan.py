@@ -71,7 +71,7 @@ def make_options(batch, dim, state_size, length, dtype, names):
     options = dict(
         D=torch.randn(dim),
         z=torch.randn(batch, dim, length).to(dtype),
-        delta_bias=torch.randn(dim) * 0.5,
+        delta_bias=torch.rand(dim) * 0.5,  # positive: without softplus, delta must stay > 0 or the state grows
         initial_state=torch.randn(batch, dim, state_size),
     )
     return {k: v for k, v in options.items() if k in names}
