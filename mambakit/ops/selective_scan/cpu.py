@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from mambakit.ops.selective_scan.reference import compute_dtype, discretize_delta
 
@@ -55,6 +56,7 @@ class Recurrence(torch.autograd.Function):
         return y, h.clone()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_y, grad_last):
         delta, delta_u, A, B, C, h0, keep, states = ctx.saved_tensors
         groups_b, groups_c = B.shape[2], C.shape[2]
@@ -66,7 +68,7 @@ class Recurrence(torch.autograd.Function):
         grad_y_cols, u_cols = as_columns(grad_y, groups_c), as_columns(delta_u, groups_b)
         B_rows, C_rows = B.unsqueeze(3), C.unsqueeze(3)
         grad_delta_u_groups = grad_delta_u.unflatten(2, (groups_b, -1))
-        g = torch.zeros_like(h0) if grad_last is None else grad_last  # dL/dh_t, through every later step
+        g = grad_last  # dL/dh_t, through every later step (autograd passes zeros for an unused output)
         for t in reversed(range(delta.shape[0])):
             torch.sum(grad_y_cols[t] * states_c[t], dim=2, out=grad_C[t])
             g = torch.addcmul(by_group(g, groups_c), grad_y_cols[t], C_rows[t]).flatten(1, 2)
