@@ -12,7 +12,7 @@ from mambakit.cli.train import add_train_options, given_options
 
 # A model and budget that train to readable Python-ish text on two CPU cores within the time limit.
 DEMO_CONFIG = dict(
-    arch="mamba2", d_model=128, n_layer=4, d_state=32, headdim=32, ssm_options={"chunk_size": 64},
+    arch="mamba2", d_model=128, n_layer=4, d_state=16, headdim=32, ssm_options={"chunk_size": 32},
     seq_len=256, batch_size=8, max_tokens=600_000, lr=3e-3, warmup_fraction=0.05, log_interval=10,
     eval_interval=100, eval_sequences=64, save_interval=100, keep_last=1, max_time=180.0, device="cpu",
 )
@@ -55,17 +55,17 @@ def run(args: argparse.Namespace) -> int:
     trainer = Trainer(config, out, quiet=args.quiet)
     result = trainer.fit()
 
-    print(f"\nvalidation: {result['val_loss']:.3f} nats/byte-token, perplexity {result['val_ppl']:.2f}, "
-          f"{result['val_bpb']:.3f} bits per byte (after {result['tokens']:,} training tokens, step {result['step']})")
+    print(f"\nvalidation: {result['val_bpb']:.3f} bits per byte (loss {result['val_loss']:.3f} nats per token, "
+          f"perplexity {result['val_ppl']:.2f}) after {result['tokens']:,} training tokens ({result['step']} steps)")
     folder = Path(result["checkpoint"])
     model = MambaLMHeadModel.from_pretrained(folder)
     tokenizer = load_tokenizer(folder)
     print(f"checkpoint: {folder} (MambaLMHeadModel.from_pretrained loads it; metrics in {out / 'metrics.jsonl'}, "
           f"curve in {out / 'loss.png'})\n")
-    print("prompt + continuation (temperature 0.8, top-p 0.95):")
+    print("prompt + continuation (temperature 0.6, top-p 0.9):")
     print("-" * 72)
     print(args.prompt, end="", flush=True)
-    for piece in model.stream(args.prompt, tokenizer, max_new_tokens=args.new_tokens, temperature=0.8, top_p=0.95,
+    for piece in model.stream(args.prompt, tokenizer, max_new_tokens=args.new_tokens, temperature=0.6, top_p=0.9,
                               seed=0):
         print(piece, end="", flush=True)
     print("\n" + "-" * 72)
