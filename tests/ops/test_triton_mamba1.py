@@ -401,3 +401,21 @@ def test_compiled_matches_eager():
     got.backward(grad)
     for a, b in zip(compiled_args, eager_args):
         assert rel_err(a.grad, b.grad) < 1e-6
+
+
+def test_custom_ops_pass_opcheck():
+    """Schemas, fake (meta) implementations and autograd registrations agree with the real kernels."""
+    from mambakit.ops.conv1d import triton_conv
+    from mambakit.ops.norm import triton_norm
+    from mambakit.ops.selective_scan import triton_scan
+
+    checks = ("test_schema", "test_faketensor", "test_autograd_registration")
+    inputs, _ = make_inputs(1, 4, 20, 4, groups=2)
+    leaves = {k: v.requires_grad_() for k, v in inputs.items() if v is not None}
+    scan_args = (*(leaves[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")), True, None, None, True)
+    torch.library.opcheck(triton_scan._scan_fwd_op, scan_args, test_utils=checks)
+    x, w, b = (torch.randn(*s, device=DEVICE, requires_grad=True) for s in ((1, 6, 30), (6, 4), (6,)))
+    torch.library.opcheck(triton_conv._conv_fwd_op, (x, w, b, None, None, True), test_utils=checks)
+    h, r, wn = (torch.randn(*s, device=DEVICE, requires_grad=True) for s in ((3, 8), (3, 8), (8,)))
+    norm_args = (h, r, None, wn, 1e-5, 8, False, True, torch.float32)
+    torch.library.opcheck(triton_norm._norm_fwd_op, norm_args, test_utils=checks)

@@ -507,11 +507,12 @@ def _scan_bwd_op(dout: Tensor, dfinal: Optional[Tensor], u: Tensor, delta: Tenso
 @_scan_bwd_op.register_fake
 def _(dout, dfinal, u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, delta_softplus, has_h0):
     batch, dim, length = u.shape
-    f32 = dict(dtype=torch.float32)
-    maybe = lambda present, *shape, **kw: u.new_empty(shape if present else (0,), **kw)  # noqa: E731
+    absent = lambda: u.new_empty(0)  # noqa: E731  (what the real op returns for an absent input)
+    f32 = lambda *shape: u.new_empty(shape, dtype=torch.float32)  # noqa: E731
     return (u.new_empty(u.shape), delta.new_empty(u.shape), A.new_empty(A.shape), B.new_empty(B.shape),
-            C.new_empty(C.shape), maybe(D is not None, dim, **f32), maybe(z is not None, *u.shape, dtype=u.dtype),
-            maybe(delta_bias is not None, dim, **f32), maybe(has_h0, batch, dim, A.shape[1], **f32))
+            C.new_empty(C.shape), f32(dim) if D is not None else absent(),
+            z.new_empty(u.shape) if z is not None else absent(), f32(dim) if delta_bias is not None else absent(),
+            f32(batch, dim, A.shape[1]) if has_h0 else absent())
 
 
 def _scan_setup_context(ctx, inputs, output):
