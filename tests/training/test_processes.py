@@ -101,3 +101,21 @@ def test_two_gloo_processes_equal_one_process_and_resume_on_one(corpus, tmp_path
         assert got[step] == pytest.approx(expected[step], rel=1e-5)
     for a, b in zip(one.model.parameters(), resumed.model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0.01 * config.lr)  # Adam: see test_gradient_accumulation
+
+
+def test_sigterm_saves_the_current_step_and_exits_cleanly(corpus, tmp_path):
+    config = tiny_config(corpus, max_tokens=4 * 32 * 1000, save_interval=1000, eval_interval=1000)
+    run = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "mambakit", "train", "--out", str(run), *cli_args(config)],
+                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while max(losses(run), default=0) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert b"SIGTERM" in out
+    stopped_at = max(losses(run))
+    assert 2 <= stopped_at < 1000
+    assert ckpt.latest_checkpoint(run) == ckpt.checkpoint_dir(run, stopped_at)
+    assert Trainer.resume(run, quiet=True).step == stopped_at
