@@ -118,7 +118,6 @@ class Trainer:
                                        config.min_lr_ratio)
         self.step, self.elapsed = 0, 0.0
         self.metrics = MetricsLog(self.run_dir, enabled=self.dist.is_main)
-        self._val_bytes: int | None = None
         if _resume_from is not None:
             self._load_trainer_state(_resume_from)
         elif self.dist.is_main:
