@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from mambakit._io import atomic_path, write_json
+from mambakit.cli.train import int_list
 from mambakit.tasks import TASKS
 
 
@@ -40,6 +41,8 @@ def register(subparsers) -> None:
     parser.add_argument("--n-layer", type=int, default=2)
     parser.add_argument("--d-state", type=int, default=None, help="SSM state size (mixer default)")
     parser.add_argument("--headdim", type=int, default=None, help="Mamba-2 head size")
+    parser.add_argument("--attn-heads", type=int, default=None, help="attention heads (d_model / 64)")
+    parser.add_argument("--attn-layer-idx", type=int_list, default=None, metavar="I,J", help="hybrid: attention layers")
     parser.add_argument("--vocab", type=int, default=None, help="task vocabulary (the task's default)")
     parser.add_argument("--train-len", type=int, default=256)
     parser.add_argument("--eval-lens", type=parse_lengths, default=None, help="e.g. 64,...,1048576 (train length)")
@@ -68,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for arch in args.arch.split(","):
         torch.manual_seed(args.seed)
-        extra = {k: v for k, v in (("d_state", args.d_state), ("headdim", args.headdim)) if v is not None}
+        extra = {k: getattr(args, k) for k in ("d_state", "headdim", "attn_heads", "attn_layer_idx")
+                 if getattr(args, k) is not None}
         model = task_model(arch, task.vocab_size, args.d_model, args.n_layer, device=device, **extra)
         start = time.perf_counter()
         log = train_task(model, task, args.train_len, args.steps, args.batch_size, args.lr, seed=args.seed,

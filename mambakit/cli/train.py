@@ -13,7 +13,8 @@ import json
 from mambakit.training.config import ARCHS, TrainConfig, parse_count
 
 
-def _int_list(text: str) -> list[int]:
+def int_list(text: str) -> list[int]:
+    """'1,3' -> [1, 3]."""
     return [int(x) for x in text.split(",") if x.strip()]
 
 
@@ -37,7 +38,7 @@ OPTIONS = [
     ("--expand", "expand", dict(type=int, help="SSM inner width / d_model (2)")),
     ("--ssm-options", "ssm_options", dict(type=json.loads, metavar="JSON",
                                           help='further mixer arguments, e.g. \'{"chunk_size": 64}\'')),
-    ("--attn-layer-idx", "attn_layer_idx", dict(type=_int_list, metavar="I,J", help="hybrid: attention layer indices")),
+    ("--attn-layer-idx", "attn_layer_idx", dict(type=int_list, metavar="I,J", help="hybrid: attention layer indices")),
     ("--attn-heads", "attn_heads", dict(type=int, help="attention heads (d_model / 64)")),
     ("--d-intermediate", "d_intermediate", dict(type=int,
                                                 help="MLP width after each mixer (0; transformer 8/3 d_model)")),
