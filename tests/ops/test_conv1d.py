@@ -194,3 +194,11 @@ def test_bad_inputs_name_the_argument():
         causal_conv1d_update(x[..., 0], torch.zeros(2, 4, 2), weight)
     with pytest.raises(ValueError, match="activation"):
         causal_conv1d_update(x[..., 0], torch.zeros(2, 4, 3), weight, activation="gelu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_input(backend):
+    """Layers pass x as a transposed view of a (batch, L, dim) projection."""
+    x, weight, bias = torch.randn(2, 11, 6).transpose(1, 2), torch.randn(6, 4), torch.randn(6)
+    out = causal_conv1d(x, weight, bias, activation="silu", backend=backend)
+    assert rel_err(out, loop_conv(x, weight, bias, activation="silu")[0]) < 1e-5

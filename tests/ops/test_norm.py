@@ -161,3 +161,13 @@ def test_bad_inputs_name_the_argument():
         rms_norm(x, torch.ones(8), backend="cuda")
     with pytest.raises(ValueError, match="backend"):
         rms_norm_gated(x, torch.ones(8), backend="nope")
+
+
+@pytest.mark.parametrize("gated,backend", [(False, b) for b in BACKENDS] + [(True, b) for b in GATED_BACKENDS])
+def test_non_contiguous_input(gated, backend):
+    x, z, weight = torch.randn(16, 3, 5).transpose(0, 2), torch.randn(16, 3, 5).transpose(0, 2), torch.randn(16)
+    if gated:
+        out, ref = rms_norm_gated(x, weight, z, group_size=8, backend=backend), float64_gated(x, weight, z, 1e-5, 8, True)
+    else:
+        out, ref = rms_norm(x, weight, backend=backend), float64_rms(x, weight, 1e-5)
+    assert rel_err(out, ref) < 1e-5

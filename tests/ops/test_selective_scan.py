@@ -283,3 +283,17 @@ def test_bad_inputs_name_the_argument():
         selective_state_update(state, x, x[:, :3], inputs["A"], B, B)
     with pytest.raises(ValueError, match="C: number of groups must divide dim=6, got 5"):
         selective_state_update(state, x, x, inputs["A"], B, torch.randn(2, 5, 4))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    """Layers pass views (e.g. channels-last projections transposed); results must not depend on layout."""
+    batch, dim, n, length = 2, 8, 4, 9
+    inputs = make_inputs(batch, dim, n, length, 2, None, softplus=True)
+    options = make_options(batch, dim, n, length, torch.float32, ("D", "z", "delta_bias"))
+    strided = {k: v.transpose(-1, -2).contiguous().transpose(-1, -2) if v.dim() >= 3 else v
+               for k, v in {**inputs, **options}.items()}
+    assert not strided["u"].is_contiguous() and not strided["B"].is_contiguous()
+    out = selective_scan(**strided, delta_softplus=True, backend=backend)
+    ref = selective_scan(**inputs, **options, delta_softplus=True, backend=backend)
+    assert rel_err(out, ref) < 1e-6
