@@ -69,7 +69,7 @@ def summarize(args: argparse.Namespace) -> None:
         raise SystemExit(f"summarize: no synth-part-*.json in {args.out}")
     rows = [p["row"] for p in parts]
     for row in rows:  # JSON keys are strings
-        row["accuracy"] = {int(n): a for n, a in row["accuracy"].items()}
+        row["accuracy"] = dict(sorted((int(n), a) for n, a in row["accuracy"].items()))
     slug = parts[0]["device"]
     write_json(args.out / f"synth-{slug}.json", {"environment": parts[0]["environment"], "rows": rows})
     for task in sorted({r["task"] for r in rows}):

@@ -134,7 +134,7 @@ def plot_accuracy(rows: list[dict], lengths: list[int], train_len: int, path: Pa
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for row in rows:
-        points = [(n, 100 * a) for n, a in row["accuracy"].items() if a is not None]
+        points = [(n, 100 * a) for n, a in sorted(row["accuracy"].items()) if a is not None]
         if points:
             ax.plot(*zip(*points), "o-", label=f"{row['arch']} ({row['params']:,} params)")
     ax.axvline(train_len, color="gray", ls="--", lw=1, label="training length")
@@ -144,7 +144,7 @@ def plot_accuracy(rows: list[dict], lengths: list[int], train_len: int, path: Pa
     ax.set_ylim(-2, 102)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="lower left", fontsize="small")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
