@@ -132,7 +132,7 @@ def plot_accuracy(rows: list[dict], lengths: list[int], train_len: int, path: Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(10, 4))
     for row in rows:
         points = [(n, 100 * a) for n, a in sorted(row["accuracy"].items()) if a is not None]
         if points:
@@ -144,7 +144,7 @@ def plot_accuracy(rows: list[dict], lengths: list[int], train_len: int, path: Pa
     ax.set_ylim(-2, 102)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize="small")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
