@@ -127,6 +127,18 @@ def test_half_precision_inputs(backend, dtype):
     assert rel_err(out, ref) < 1e-2 and rel_err(final, ref_final) < 1e-2
 
 
+@pytest.mark.parametrize("backend", [name for name in BACKENDS if name != "triton"])  # interpreter: too long
+def test_long_half_precision_sequence_stays_finite(backend):
+    """fp16 activations over thousands of steps: the fp32 state neither overflows nor drifts."""
+    inputs = make_inputs(1, 4, 8, 3000, None, None, dtype=torch.float16, softplus=True)
+    options = make_options(1, 4, 8, 3000, torch.float16, ("D", "z", "delta_bias"))
+    out, final = selective_scan(**inputs, **options, delta_softplus=True, return_final_state=True, backend=backend)
+    ref, ref_final = loop_scan(**inputs, D=options["D"], z=options["z"], delta_bias=options["delta_bias"],
+                               delta_softplus=True)
+    assert torch.isfinite(out).all() and torch.isfinite(final).all()
+    assert rel_err(out, ref) < 1e-2 and rel_err(final, ref_final) < 1e-4
+
+
 def random_segments(length):
     """seq_idx (length,) int32 with random cut points, including a length-1 sequence when possible."""
     seq = torch.zeros(length, dtype=torch.int32)
