@@ -55,8 +55,9 @@ def run(args: argparse.Namespace) -> int:
     trainer = Trainer(config, out, quiet=args.quiet)
     result = trainer.fit()
 
-    print(f"\nvalidation: {result['val_bpb']:.3f} bits per byte (loss {result['val_loss']:.3f} nats per token, "
-          f"perplexity {result['val_ppl']:.2f}) after {result['tokens']:,} training tokens ({result['step']} steps)")
+    if "val_bpb" in result:  # absent when --val-fraction 0 holds nothing out
+        print(f"\nvalidation: {result['val_bpb']:.3f} bits per byte (loss {result['val_loss']:.3f} nats per token, "
+              f"perplexity {result['val_ppl']:.2f}) after {result['tokens']:,} training tokens ({result['step']} steps)")
     folder = Path(result["checkpoint"])
     model = MambaLMHeadModel.from_pretrained(folder)
     tokenizer = load_tokenizer(folder)
