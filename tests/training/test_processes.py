@@ -35,8 +35,9 @@ def child_env() -> dict:
 
 
 def records(run_dir: Path) -> list[dict]:
+    """Complete lines of the run's metrics (the trainer may be appending one while we read)."""
     path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [json.loads(line) for line in path.read_text().split("\n")[:-1]] if path.exists() else []
 
 
 def losses(run_dir: Path) -> dict[int, float]:
