@@ -11,20 +11,20 @@ from mambakit.ops._common import FLOAT_DTYPES, check_dtype, check_same_device, c
 from mambakit.ops.norm import reference
 
 
-def _triton_paths():
-    """The Triton paths, imported only once chosen (an import statement: torch.compile traces it)."""
+def _triton_norm():
+    """The Triton path, imported only once chosen (an import statement: torch.compile traces it)."""
     from mambakit.ops.norm import triton_norm
 
-    return (triton_norm,)
+    return triton_norm
 
 
 _IMPLS = {
     "reference": lambda: reference.rms_norm,
-    "triton": lambda: _triton_paths()[0].rms_norm,
+    "triton": lambda: _triton_norm().rms_norm,
 }
 _GATED_IMPLS = {
     "reference": lambda: reference.rms_norm_gated,
-    "triton": lambda: _triton_paths()[0].rms_norm_gated,
+    "triton": lambda: _triton_norm().rms_norm_gated,
 }
 
 
