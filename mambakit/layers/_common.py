@@ -39,12 +39,25 @@ def cached_states(inference_params, layer_idx: int | None, batch: int, allocate:
     return tuple(None if s is None else s[:batch] for s in states)
 
 
-def conv_tail(x: torch.Tensor, width: int, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+def conv_history(conv_state: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The `initial_states` (batch, dim, width - 1) of a causal conv continuing from its decode state
+    conv_state (batch, dim, width): the newest width - 1 inputs (the oldest one no later output sees)."""
+    return conv_state[..., 1:].to(dtype)
+
+
+def conv_tail(x: torch.Tensor, width: int, seq_idx: torch.Tensor | None = None,
+              previous: torch.Tensor | None = None) -> torch.Tensor:
     """The last `width` inputs of a causal conv, as its decode state.
 
-    x: (batch, dim, L); seq_idx: (batch, L) or None. Returns (batch, dim, width): left zero-padded
-    when L < width, and zero where an input belongs to an earlier packed sequence than the last one.
+    x: (batch, dim, L); seq_idx: (batch, L) or None; previous: (batch, dim, width) or None, the decode
+    state before x (its inputs belong to x's first sequence). Returns (batch, dim, width): left
+    zero-padded when fewer inputs exist, and zero where an input belongs to an earlier packed
+    sequence than the last one.
     """
+    if previous is not None:
+        x = torch.cat([previous.to(x.dtype), x[..., -width:]], dim=-1)
+        if seq_idx is not None:
+            seq_idx = torch.cat([seq_idx[:, :1].expand(-1, width), seq_idx[:, -width:]], dim=-1)
     tail = F.pad(x, (width - x.shape[-1], 0))
     if seq_idx is None:
         return tail

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from mambakit.ops import causal_conv1d, causal_conv1d_update
 
-from ._common import cached_states, conv_tail
+from ._common import cached_states, conv_history, conv_tail
 
 
 def rotary_cos_sin(positions: torch.Tensor, dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,40 +100,71 @@ class MHA(nn.Module):
         """x: (batch, seqlen, embed_dim) -> (batch, seqlen, embed_dim).
 
         With inference_params: seqlen_offset == 0 fills the KV cache from position 0 (prefill);
-        > 0 decodes one token at position lengths_per_sample[b] (or seqlen_offset) of each row.
+        > 0 continues each row at position lengths_per_sample[b] (or seqlen_offset): one token
+        through `step`, more through the parallel path over the cached keys (chunked prefill).
         """
         if inference_params is None:
             return self._parallel(x)
         kv_cache, conv_state = cached_states(
             inference_params, self.layer_idx, x.shape[0],
             lambda: self.allocate_inference_cache(x.shape[0], inference_params.max_seqlen, dtype=x.dtype))
-        if inference_params.seqlen_offset > 0:
-            lengths = inference_params.lengths_per_sample
-            out, _, _ = self.step(x, kv_cache, conv_state,
-                                  inference_params.seqlen_offset if lengths is None else lengths)
+        if inference_params.seqlen_offset == 0:
+            return self._parallel(x, kv_cache, conv_state)
+        lengths = inference_params.lengths_per_sample
+        cache_seqlens = inference_params.seqlen_offset if lengths is None else lengths
+        if x.shape[1] == 1:
+            out, _, _ = self.step(x, kv_cache, conv_state, cache_seqlens)
             return out
-        return self._parallel(x, kv_cache, conv_state)
+        return self._parallel(x, kv_cache, conv_state, cache_seqlens)
 
-    def _parallel(self, x, kv_cache=None, conv_state=None):
-        """Attention over the whole input from position 0; fills kv_cache and conv_state when given."""
+    def _parallel(self, x, kv_cache=None, conv_state=None, cache_seqlens=None):
+        """Attention over the whole input: from position 0 when cache_seqlens is None, else row b
+        continues at position cache_seqlens[b] (an int or a (batch,) LongTensor), attending causally to
+        the keys already in kv_cache. Fills kv_cache and conv_state when given."""
         batch, seqlen, _ = x.shape
+        continuing = cache_seqlens is not None
         qkv, x_mlp = self._in_proj(x)
         if self.d_conv > 0:
             qkv = qkv.transpose(1, 2)
+            qkv_conv = causal_conv1d(qkv, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                     initial_states=conv_history(conv_state, qkv.dtype) if continuing else None)
             if conv_state is not None:
-                conv_state.copy_(conv_tail(qkv, self.d_conv))
-            qkv = causal_conv1d(qkv, self.conv1d.weight.squeeze(1), self.conv1d.bias).transpose(1, 2)
+                conv_state.copy_(conv_tail(qkv, self.d_conv, previous=conv_state if continuing else None))
+            qkv = qkv_conv.transpose(1, 2)
         q, k, v = self._split_heads(qkv)
+        offsets = torch.arange(seqlen, device=x.device)
+        positions = offsets[None] if not continuing else \
+            _row_positions(cache_seqlens, batch, x.device)[:, None] + offsets  # (batch or 1, seqlen)
         if self.rotary_emb_dim > 0:
-            cos, sin = rotary_cos_sin(torch.arange(seqlen, device=x.device), self.rotary_emb_dim, self.rotary_emb_base)
-            q, k = (apply_rotary(t, cos[None], sin[None], self.rotary_emb_interleaved) for t in (q, k))
-        if kv_cache is not None:
-            kv_cache[:, :seqlen, 0] = k
-            kv_cache[:, :seqlen, 1] = v
-        context = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=self.causal,
-            scale=self.softmax_scale, enable_gqa=self.num_heads != self.num_heads_kv)
+            cos, sin = rotary_cos_sin(positions, self.rotary_emb_dim, self.rotary_emb_base)
+            q, k = (apply_rotary(t, cos, sin, self.rotary_emb_interleaved) for t in (q, k))
+        if continuing:
+            context = self._attend_with_cache(q, k, v, kv_cache, positions)
+        else:
+            if kv_cache is not None:
+                kv_cache[:, :seqlen, 0] = k
+                kv_cache[:, :seqlen, 1] = v
+            context = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=self.causal,
+                scale=self.softmax_scale, enable_gqa=self.num_heads != self.num_heads_kv)
         return self._out_proj(context.transpose(1, 2), x_mlp)
+
+    def _attend_with_cache(self, q, k, v, kv_cache, positions):
+        """Write k, v (batch, seqlen, num_heads_kv, head_dim) into kv_cache at positions (batch, seqlen),
+        then attend from q (batch, seqlen, num_heads, head_dim) to every cached key at or before its own
+        position. Returns the context (batch, num_heads, seqlen, head_dim)."""
+        end = int(positions.max()) + 1
+        if end > kv_cache.shape[1]:
+            raise ValueError(f"inference_params: positions up to {end} do not fit the KV cache of "
+                             f"max_seqlen {kv_cache.shape[1]}")
+        rows = torch.arange(q.shape[0], device=q.device)[:, None]
+        kv_cache[rows, positions, 0] = k.to(kv_cache.dtype)
+        kv_cache[rows, positions, 1] = v.to(kv_cache.dtype)
+        keys, values = kv_cache[:, :end].to(q.dtype).unbind(dim=2)  # (batch, end, num_heads_kv, head_dim)
+        visible = torch.arange(end, device=q.device) <= positions[..., None]  # (batch, seqlen, end)
+        return F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=visible[:, None],
+            scale=self.softmax_scale, enable_gqa=self.num_heads != self.num_heads_kv)
 
     def step(self, hidden_states: torch.Tensor, kv_cache: torch.Tensor, conv_state: torch.Tensor | None,
              cache_seqlens: torch.Tensor | int):
@@ -150,8 +181,7 @@ class MHA(nn.Module):
             qkv = causal_conv1d_update(qkv.squeeze(1), conv_state, self.conv1d.weight.squeeze(1),
                                        self.conv1d.bias).unsqueeze(1)
         q, k, v = self._split_heads(qkv)
-        positions = torch.as_tensor(cache_seqlens, device=hidden_states.device).long().reshape(-1)
-        positions = positions[:batch].expand(batch)  # an int, or one length per row of a larger cache
+        positions = _row_positions(cache_seqlens, batch, hidden_states.device)
         if self.rotary_emb_dim > 0:
             cos, sin = rotary_cos_sin(positions[:, None], self.rotary_emb_dim, self.rotary_emb_base)
             q, k = (apply_rotary(t, cos, sin, self.rotary_emb_interleaved) for t in (q, k))
@@ -198,3 +228,8 @@ class MHA(nn.Module):
         if x_mlp is not None:
             context = torch.cat([context, x_mlp], dim=-1)
         return self.out_proj(context)
+
+
+def _row_positions(cache_seqlens: torch.Tensor | int, batch: int, device) -> torch.Tensor:
+    """(batch,) int64 tokens already cached per row, from an int or one length per row of a larger cache."""
+    return torch.as_tensor(cache_seqlens, device=device).long().reshape(-1)[:batch].expand(batch)

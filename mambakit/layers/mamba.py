@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from mambakit.ops import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
 
-from ._common import cached_states, conv_tail, inverse_softplus_dt, no_weight_decay
+from ._common import cached_states, conv_history, conv_tail, inverse_softplus_dt, no_weight_decay
 
 
 class Mamba(nn.Module):
@@ -79,26 +79,35 @@ class Mamba(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, inference_params=None, seq_idx: torch.Tensor | None = None):
         """hidden_states: (batch, seqlen, d_model); seq_idx: (batch, seqlen) int32 index of packed
-        sequences (states reset where it changes). Returns (batch, seqlen, d_model)."""
+        sequences (states reset where it changes). Returns (batch, seqlen, d_model).
+
+        With inference_params, the final states go into its cache; when its seqlen_offset > 0 the input
+        continues from the cached states (one token: `step`; more: the parallel path, chunked prefill).
+        """
         batch, seqlen, _ = hidden_states.shape
         conv_state = ssm_state = None
+        continuing = False
         if inference_params is not None:
             conv_state, ssm_state = cached_states(inference_params, self.layer_idx, batch,
                                                   lambda: self.allocate_inference_cache(batch, seqlen))
-            if inference_params.seqlen_offset > 0:
+            continuing = inference_params.seqlen_offset > 0
+            if continuing and seqlen == 1:
                 out, _, _ = self.step(hidden_states, conv_state, ssm_state)
                 return out
 
         x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (batch, d_inner, seqlen) each
+        x_conv = causal_conv1d(x, self._conv_weight(), self.conv1d.bias, seq_idx=seq_idx, activation=self.activation,
+                               initial_states=conv_history(conv_state, x.dtype) if continuing else None)
         if conv_state is not None:
-            conv_state.copy_(conv_tail(x, self.d_conv, seq_idx))
-        x = causal_conv1d(x, self._conv_weight(), self.conv1d.bias, seq_idx=seq_idx, activation=self.activation)
+            conv_state.copy_(conv_tail(x, self.d_conv, seq_idx, previous=conv_state if continuing else None))
+        x = x_conv
 
         dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # bias is added inside the scan, in fp32
         y = selective_scan(
             x, dt, self._A(), B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), self.D.float(),
             z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            initial_state=ssm_state if continuing else None,
             return_final_state=ssm_state is not None, seq_idx=seq_idx,
         )
         if ssm_state is not None:

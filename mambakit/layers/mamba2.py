@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from mambakit.ops import RMSNormGated, causal_conv1d, causal_conv1d_update, ssd, ssd_state_update
 from mambakit.ops.ssd import seq_idx_from_cu_seqlens
 
-from ._common import cached_states, conv_tail, conv_tails_varlen, inverse_softplus_dt, no_weight_decay
+from ._common import (cached_states, conv_history, conv_tail, conv_tails_varlen, inverse_softplus_dt,
+                      no_weight_decay)
 
 
 class Mamba2(nn.Module):
@@ -112,6 +113,8 @@ class Mamba2(nn.Module):
         seq_idx: (batch, seqlen) int32 index of packed sequences (conv and scan states reset where it
         changes); cu_seqlens: (num_seqs + 1,) boundaries of the sequences packed in a batch of 1
         (seq_idx is derived from it when missing; with inference_params, one cached state per sequence).
+        With inference_params, the final states go into its cache; when its seqlen_offset > 0 the input
+        continues from the cached states (one token: `step`; more: the parallel path, chunked prefill).
         Returns the shape of u.
         """
         flat = seqlen is not None
@@ -123,24 +126,31 @@ class Mamba2(nn.Module):
             if seq_idx is None:
                 seq_idx = seq_idx_from_cu_seqlens(cu_seqlens, length)
         conv_state = ssm_state = None
+        continuing = False
         if inference_params is not None:
             cache_batch = batch if cu_seqlens is None else cu_seqlens.numel() - 1
             conv_state, ssm_state = cached_states(inference_params, self.layer_idx, cache_batch,
                                                   lambda: self.allocate_inference_cache(cache_batch, length))
-            if inference_params.seqlen_offset > 0:
+            continuing = inference_params.seqlen_offset > 0
+            if continuing and length == 1:
                 out, _, _ = self.step(hidden, conv_state, ssm_state)
                 return out.flatten(0, 1) if flat else out
+            if continuing and cu_seqlens is not None:
+                raise ValueError("cu_seqlens: packed sequences cannot continue from cached states, expected "
+                                 f"inference_params.seqlen_offset 0, got {inference_params.seqlen_offset}")
 
         d_mlp = self.d_inner - self.d_ssm
         z0, x0, z, xBC, dt = self.in_proj(hidden).split(
             [d_mlp, d_mlp, self.d_ssm, self.d_ssm + 2 * self.ngroups * self.d_state, self.nheads], dim=-1)
         xBC = xBC.transpose(1, 2)  # (batch, conv_dim, seqlen)
+        xBC_conv = causal_conv1d(xBC, self._conv_weight(), self.conv1d.bias, seq_idx=seq_idx,
+                                 initial_states=conv_history(conv_state, xBC.dtype) if continuing else None,
+                                 activation=self.activation)
         if conv_state is not None:
-            tail = conv_tail(xBC, self.d_conv, seq_idx) if cu_seqlens is None else \
-                conv_tails_varlen(xBC, self.d_conv, cu_seqlens)
+            tail = conv_tails_varlen(xBC, self.d_conv, cu_seqlens) if cu_seqlens is not None else \
+                conv_tail(xBC, self.d_conv, seq_idx, previous=conv_state if continuing else None)
             conv_state.copy_(tail)
-        xBC = causal_conv1d(xBC, self._conv_weight(), self.conv1d.bias, seq_idx=seq_idx,
-                            activation=self.activation).transpose(1, 2)
+        xBC = xBC_conv.transpose(1, 2)
         x, B, C = xBC.split([self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         want_varlen = cu_seqlens is not None and ssm_state is not None
         y = ssd(
@@ -149,7 +159,7 @@ class Mamba2(nn.Module):
             chunk_size=self.chunk_size, D=self._D(),
             z=None if self.rmsnorm else z.unflatten(-1, (self.nheads, self.headdim)),
             dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit, seq_idx=seq_idx,
-            cu_seqlens=cu_seqlens,
+            cu_seqlens=cu_seqlens, initial_states=ssm_state if continuing else None,
             return_final_states=ssm_state is not None and not want_varlen, return_varlen_states=want_varlen,
         )
         if ssm_state is not None:
