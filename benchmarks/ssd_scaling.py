@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from mambakit.bench.common import device_slug, format_table, save_rows
-from mambakit.bench.ssd import CHUNK, official_ssd, ssd_fn, ssd_inputs, timed
+from mambakit.bench.common import fwd_and_fwdbwd_ms
+from mambakit.bench.ssd import CHUNK, official_ssd, ssd_fn, ssd_inputs
 
 COLUMNS = ["impl", "L", "fwd_ms", "fwdbwd_ms", "fwd_ns_per_token", "fwdbwd_ns_per_token", "finite"]
 
@@ -26,7 +27,7 @@ def measure(lengths: list[int], impls: list[str]) -> list[dict]:
         for impl in impls:
             if impl == "official" and official_ssd() is None:
                 continue
-            fwd, fwdbwd = timed(ssd_fn(impl), inputs, backward=True)
+            fwd, fwdbwd = fwd_and_fwdbwd_ms(ssd_fn(impl), inputs, backward=True)
             rows.append(dict(op="ssd_scaling", impl=impl, L=L, batch=1, chunk=CHUNK, fwd_ms=fwd, fwdbwd_ms=fwdbwd,
                              fwd_ns_per_token=fwd * 1e6 / L, fwdbwd_ns_per_token=fwdbwd * 1e6 / L,
                              finite=all_finite(ssd_fn(impl), inputs)))

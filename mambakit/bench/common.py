@@ -21,6 +21,36 @@ def time_ms(fn: Callable[[], object], warmup_ms: int = 50, rep_ms: int = 200) ->
     return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
+def fwd_and_fwdbwd_ms(fn: Callable[[dict], torch.Tensor], inputs: dict,
+                      backward: bool = True) -> tuple[float, float | None]:
+    """Median forward and forward+backward milliseconds of `fn(inputs)`; gradients w.r.t. the inputs
+    that require them, against a fixed random output gradient."""
+    with torch.no_grad():
+        fwd = time_ms(lambda: fn(inputs))
+    if not backward:
+        return fwd, None
+    leaves = [v for v in inputs.values() if v.requires_grad]
+    grad = torch.randn_like(fn(inputs))
+    return fwd, time_ms(lambda: torch.autograd.grad(fn(inputs), leaves, grad))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||, computed in float64."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def errors_against(fn: Callable[[dict], torch.Tensor], ref_fn: Callable[[dict], torch.Tensor], inputs: dict) -> dict:
+    """Relative error of fn's output ("out") and of its gradient for every input, against ref_fn's."""
+    leaves = {name: v for name, v in inputs.items() if v.requires_grad}
+    out, ref = fn(inputs), ref_fn(inputs)
+    grad = torch.randn_like(out)
+    errs = {"out": rel_err(out, ref)}
+    grads = zip(leaves, torch.autograd.grad(out, list(leaves.values()), grad),
+                torch.autograd.grad(ref, list(leaves.values()), grad))
+    errs.update({name: rel_err(a, b) for name, a, b in grads})
+    return errs
+
+
 def environment() -> dict:
     """Device name and the versions of every package a comparison depends on."""
     versions = {}

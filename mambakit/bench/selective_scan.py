@@ -12,7 +12,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from mambakit.bench.common import time_ms
+from mambakit.bench.common import errors_against, fwd_and_fwdbwd_ms, time_ms
 
 DIM, STATE, HEADS, HEAD_DIM = 1536, 16, 12, 64
 REFERENCE_MAX_L = 512  # the reference is a Python loop over time: timed at short lengths only
@@ -57,32 +57,9 @@ def scan_fns(impl: str):
     return lambda x: selective_scan(**x, delta_softplus=True, backend=backend)
 
 
-def fwd_and_fwdbwd_ms(fn, inputs: dict, with_backward: bool = True) -> tuple[float, float | None]:
-    """Median forward and forward+backward milliseconds of `fn(inputs)`."""
-    leaves = list(inputs.values())
-    with torch.no_grad():
-        fwd = time_ms(lambda: fn(inputs))
-    if not with_backward:
-        return fwd, None
-    grad = torch.randn_like(fn(inputs))
-    fwdbwd = time_ms(lambda: torch.autograd.grad(fn(inputs), leaves, grad))
-    return fwd, fwdbwd
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
 def max_err_vs_official(inputs: dict) -> float:
     """Largest relative error of our output and every gradient against the official kernel."""
-    ours, official = scan_fns("mambakit"), scan_fns("official")
-    leaves = list(inputs.values())
-    out, ref = ours(inputs), official(inputs)
-    grad = torch.randn_like(out)
-    errs = [rel_err(out, ref)]
-    errs += [rel_err(a, b) for a, b in zip(torch.autograd.grad(out, leaves, grad),
-                                           torch.autograd.grad(ref, leaves, grad))]
-    return max(errs)
+    return max(errors_against(scan_fns("mambakit"), scan_fns("official"), inputs).values())
 
 
 def sdpa_row(batch: int, length: int) -> dict:
@@ -141,7 +118,7 @@ def run(lengths: list[int], args) -> list[dict]:
         for impl in impls:
             if impl == "reference" and length > REFERENCE_MAX_L:
                 continue
-            fwd, fwdbwd = fwd_and_fwdbwd_ms(scan_fns(impl), inputs, with_backward=impl != "reference")
+            fwd, fwdbwd = fwd_and_fwdbwd_ms(scan_fns(impl), inputs, backward=impl != "reference")
             row = {"op": "selective_scan", "impl": impl, "L": length, "batch": batch, "fwd_ms": fwd,
                    "fwdbwd_ms": fwdbwd, "fwd_gbs": scan_bytes(batch, length) / fwd / 1e6}
             if impl == "mambakit" and err is not None:

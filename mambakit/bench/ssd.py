@@ -18,7 +18,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from mambakit.bench.common import time_ms
+from mambakit.bench.common import errors_against, fwd_and_fwdbwd_ms
 
 HEADS, HEAD_DIM, STATE, GROUPS, CHUNK = 24, 64, 128, 1, 256
 ATTN_HEADS = 12
@@ -99,31 +99,9 @@ def gla_inputs(inputs: dict) -> dict:
                     v=(inputs["x"] * dt[..., None]).to(torch.bfloat16), g=(dt * inputs["A"]).contiguous())
 
 
-def timed(fn, inputs: dict, backward: bool) -> tuple[float, float | None]:
-    """Median forward and forward+backward milliseconds of fn(inputs)."""
-    with torch.no_grad():
-        fwd = time_ms(lambda: fn(inputs))
-    if not backward:
-        return fwd, None
-    leaves = [v for v in inputs.values() if v.requires_grad]
-    grad = torch.randn_like(fn(inputs))
-    return fwd, time_ms(lambda: torch.autograd.grad(fn(inputs), leaves, grad))
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 def errors_vs_official(inputs: dict) -> dict:
     """Relative error of our output and of every gradient against the official kernel (bf16 both)."""
-    ours, official = ssd_fn("mambakit"), ssd_fn("official")
-    leaves = list(inputs.values())
-    out, ref = ours(inputs), official(inputs)
-    grad = torch.randn_like(out)
-    errs = {"out": rel_err(out, ref)}
-    for name, a, b in zip(inputs, torch.autograd.grad(out, leaves, grad), torch.autograd.grad(ref, leaves, grad)):
-        errs[name] = rel_err(a, b)
-    return errs
+    return errors_against(ssd_fn("mambakit"), ssd_fn("official"), inputs)
 
 
 def run(lengths: list[int], args) -> list[dict]:
@@ -139,19 +117,19 @@ def run(lengths: list[int], args) -> list[dict]:
             fn = ssd_fn(impl)
             if fn is None:
                 continue
-            fwd, fwdbwd = timed(fn, inputs, backward=True)
+            fwd, fwdbwd = fwd_and_fwdbwd_ms(fn, inputs, backward=True)
             rows.append(dict(op="ssd", impl=impl, L=L, batch=batch, fwd_ms=fwd, fwdbwd_ms=fwdbwd,
                              fwd_gbs=ssd_bytes(batch, L) / fwd / 1e6))
         gla = fla_simple_gla()
         if gla is not None:  # its backward refuses Triton 3.6 on Hopper (fla issue #640): forward only
             g_in = gla_inputs(inputs)
-            fwd, _ = timed(lambda i: gla(**i, scale=1.0)[0], g_in, backward=False)
+            fwd, _ = fwd_and_fwdbwd_ms(lambda i: gla(**i, scale=1.0)[0], g_in, backward=False)
             rows.append(dict(op="ssd", impl="fla", L=L, batch=batch, fwd_ms=fwd, fwdbwd_ms=None,
                              fwd_gbs=ssd_bytes(batch, L) / fwd / 1e6))
         del inputs
         q, k, v = (torch.randn(batch, ATTN_HEADS, L, HEAD_DIM, device="cuda", dtype=torch.bfloat16,
                                requires_grad=True) for _ in range(3))
-        fwd, fwdbwd = timed(lambda i: F.scaled_dot_product_attention(**i, is_causal=True),
+        fwd, fwdbwd = fwd_and_fwdbwd_ms(lambda i: F.scaled_dot_product_attention(**i, is_causal=True),
                             dict(query=q, key=k, value=v), backward=True)
         rows.append(dict(op="ssd", impl="sdpa", L=L, batch=batch, fwd_ms=fwd, fwdbwd_ms=fwdbwd))
         torch.cuda.empty_cache()
