@@ -7,10 +7,9 @@ full-size tensor is the saved states, and each step's reductions happen while it
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from mambakit.ops.selective_scan.reference import compute_dtype, discretize_delta
+from mambakit.ops.selective_scan.reference import compute_dtype, discretize_delta, skip_and_gate
 
 
 def by_group(t: torch.Tensor, groups: int) -> torch.Tensor:
@@ -101,10 +100,5 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     y, last = Recurrence.apply(delta.permute(2, 0, 1).contiguous(), (delta * u32).permute(2, 0, 1).contiguous(),
                                A.to(dtype), B.permute(3, 0, 1, 2).contiguous(), C.permute(3, 0, 1, 2).contiguous(),
                                h0, keep)
-    y = y.permute(1, 2, 0)
-    if D is not None:
-        y = y + D.to(dtype)[:, None] * u32
-    if z is not None:
-        y = y * F.silu(z.to(dtype))
-    out = y.to(u.dtype)
+    out = skip_and_gate(y.permute(1, 2, 0), u32, D, z).to(u.dtype)
     return (out, last) if return_final_state else out

@@ -52,10 +52,14 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         h = decay_t * h + input_t
         states.append(h)
     y = torch.einsum("bdln,bdnl->bdl", torch.stack(states, dim=2), C)
-
-    if D is not None:
-        y = y + D.to(dtype)[:, None] * u32
-    if z is not None:
-        y = y * F.silu(z.to(dtype))
-    out = y.to(u.dtype)
+    out = skip_and_gate(y, u32, D, z).to(u.dtype)
     return (out, h) if return_final_state else out
+
+
+def skip_and_gate(y: torch.Tensor, u: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None) -> torch.Tensor:
+    """y + D * u, then times silu(z): y, u, z (batch, dim, L) in the compute dtype, D (dim,)."""
+    if D is not None:
+        y = y + D.to(y.dtype)[:, None] * u
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    return y
