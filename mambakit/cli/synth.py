@@ -32,6 +32,13 @@ def parse_lengths(text: str) -> list[int]:
     return lengths
 
 
+def token_count(text: str) -> int:
+    """An int >= 0 for argparse."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"expected a token count >= 0, got {text!r}")
+    return int(text)
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser("synth", help="synthetic tasks: accuracy by sequence length",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,6 +57,9 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-samples", type=int, default=256, help="sequences per length (fewer past 2^16)")
+    parser.add_argument("--eval-chunk", type=token_count, default=1 << 16, metavar="TOKENS",
+                        help="longer sequences are evaluated this many tokens at a time through the inference "
+                             "cache, bounding memory (0: whole sequences; default 65536)")
     parser.add_argument("--max-attention-len", type=int, default=1 << 16,
                         help="longest length evaluated for models with attention (quadratic cost)")
     parser.add_argument("--max-time", type=float, default=None, metavar="SECONDS", help="training time per model")
@@ -87,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
             samples = args.eval_samples if length <= 1 << 16 else max(4, args.eval_samples >> 5)
             try:
                 acc[length] = accuracy(model, task, length, samples, args.batch_size, seed=args.seed + 1,
-                                       bf16=args.bf16)
+                                       bf16=args.bf16, chunk_len=args.eval_chunk or None)
             except torch.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 acc[length] = None

@@ -3,7 +3,7 @@
     task = InductionHeads()
     model = task_model("mamba", task.vocab_size, d_model=64, n_layer=2)
     train_task(model, task, seq_len=256, steps=2000)
-    accuracy(model, task, seq_len=1 << 20, num_samples=8)
+    accuracy(model, task, seq_len=1 << 20, num_samples=8, chunk_len=1 << 16)
 """
 from __future__ import annotations
 
@@ -28,13 +28,38 @@ def task_model(arch: str, vocab_size: int, d_model: int = 64, n_layer: int = 2, 
     return MambaLMHeadModel(model_config, device=device)
 
 
-def _scored_logits(model, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _scored_logits(model, inputs: torch.Tensor, targets: torch.Tensor,
+                   chunk_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits at the scored positions (n, vocab), their targets (n,)); only the tail the targets need
-    goes through the LM head, so million-token inputs do not materialize million-row logits."""
+    goes through the LM head, so million-token inputs do not materialize million-row logits. Inputs
+    longer than `chunk_len` run through the model's inference cache that many tokens at a time."""
     scored = targets != IGNORE
     first = int(scored.any(dim=0).nonzero()[0])
-    logits = model(inputs, num_last_tokens=inputs.shape[1] - first).logits
+    if chunk_len is None or inputs.shape[1] <= chunk_len:
+        logits = model(inputs, num_last_tokens=inputs.shape[1] - first).logits
+    else:
+        logits = _tail_logits_in_chunks(model, inputs, first, chunk_len)
     return logits[scored[:, first:]], targets[:, first:][scored[:, first:]]
+
+
+def _tail_logits_in_chunks(model, inputs: torch.Tensor, first: int, chunk_len: int) -> torch.Tensor:
+    """The logits (batch, L - first, vocab) at positions first.. of inputs (batch, L), computed by feeding
+    `chunk_len` tokens at a time through an inference cache (chunked prefill): activations stay bounded
+    by the chunk, and each chunk continues from the states the previous ones left."""
+    from mambakit.generation import InferenceCache
+
+    batch, length = inputs.shape
+    cache = InferenceCache.allocate(model, batch, length)
+    tails = []
+    for start in range(0, length, chunk_len):
+        end = min(start + chunk_len, length)
+        cache.seqlen_offset = start
+        cache.lengths_per_sample.fill_(start)
+        keep = end - max(start, first)
+        logits = model(inputs[:, start:end], inference_params=cache, num_last_tokens=max(keep, 1)).logits
+        if keep > 0:
+            tails.append(logits)
+    return torch.cat(tails, dim=1)
 
 
 def train_task(model, task, seq_len: int, steps: int, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
@@ -74,9 +99,12 @@ def train_task(model, task, seq_len: int, steps: int, batch_size: int = 64, lr: 
 
 @torch.no_grad()
 def accuracy(model, task, seq_len: int, num_samples: int = 256, batch_size: int = 64, seed: int = 1,
-             bf16: bool = False) -> float:
+             bf16: bool = False, chunk_len: int | None = None) -> float:
     """Fraction of scored positions predicted right (argmax) on `num_samples` fresh sequences of `seq_len`
-    (a seed other than training's). Batches shrink with length so that one holds about 2^20 tokens."""
+    (a seed other than training's). Batches shrink with length so that one holds about 2^20 tokens.
+    `chunk_len`: sequences longer than this run through the inference cache in chunks of it (None: whole)."""
+    if chunk_len is not None and (isinstance(chunk_len, bool) or not isinstance(chunk_len, int) or chunk_len < 1):
+        raise ValueError(f"chunk_len: expected a positive int or None, got {chunk_len!r}")
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     batch_size = max(1, min(batch_size, (1 << 20) // seq_len))
@@ -86,7 +114,7 @@ def accuracy(model, task, seq_len: int, num_samples: int = 256, batch_size: int 
     for first in range(0, num_samples, batch_size):
         inputs, targets = (t.to(device) for t in task.sample(min(batch_size, num_samples - first), seq_len, generator))
         with autocast:
-            logits, answers = _scored_logits(model, inputs, targets)
+            logits, answers = _scored_logits(model, inputs, targets, chunk_len)
         right += int((logits.argmax(-1) == answers).sum())
         total += answers.numel()
     model.train()

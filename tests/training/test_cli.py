@@ -66,3 +66,11 @@ def test_demo_replaces_only_its_own_run_folder(tmp_path):
     with pytest.raises(FileExistsError, match="thesis.tex"):
         _clear_previous_demo(tmp_path / "mine")
     assert (tmp_path / "mine" / "thesis.tex").exists()
+
+
+def test_synth_eval_chunk_option():
+    parse = lambda *extra: build_parser().parse_args(["synth", "induction-heads", *extra])  # noqa: E731
+    assert parse().eval_chunk == 1 << 16
+    assert parse("--eval-chunk", "0").eval_chunk == 0
+    with pytest.raises(SystemExit):
+        parse("--eval-chunk", "-5")
