@@ -1,4 +1,5 @@
-"""Autoregressive generation: parallel prefill of the prompts, then one-token decode steps for all rows.
+"""Autoregressive generation: parallel prefill of the prompts (long ones in pieces, each continuing from
+the cached states), then one-token decode steps for all rows.
 
 Prompts of different lengths are exact: rows of equal length are prefilled together in a sub-cache
 whose final states are copied into their rows of the main cache, so no pad token ever enters a state;
@@ -17,6 +18,9 @@ from torch import nn
 from mambakit.generation.cache import InferenceCache
 from mambakit.generation.sampling import SamplingConfig, row_seeds, sample
 from mambakit.ops._common import check_shape
+
+# Prompts longer than this are prefilled in pieces: activations stay bounded by the piece.
+DEFAULT_PREFILL_CHUNK = 8192
 
 
 @dataclass
@@ -64,6 +68,7 @@ def generate(
     return_dict_in_generate: bool = False,
     cache_dtype: torch.dtype | None = None,
     attention_mask: torch.Tensor | None = None,
+    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
 ) -> torch.Tensor | list[list[int]] | GenerationOutput:
     """Continue each prompt of `input_ids`: (batch, L) int tensor, or a list of token-id lists of any lengths.
 
@@ -76,7 +81,8 @@ def generate(
     SSM states are always fp32). Returns the sequences (prompt + new tokens, see `GenerationOutput`), or
     a `GenerationOutput` with `return_dict_in_generate=True` (`output_scores=True` adds the logits).
     A padded tensor batch takes `attention_mask` (batch, L) (0: padding); padding never enters a state,
-    and the output keeps the input's layout.
+    and the output keeps the input's layout. `prefill_chunk`: prompts longer than this many tokens are
+    prefilled that many at a time, each piece continuing from the states the previous left (None: whole).
     """
     device = next(model.parameters()).device
     prompts = prompt_rows(input_ids, device, attention_mask)
@@ -84,7 +90,7 @@ def generate(
         model, prompts, max_length=max_length, max_new_tokens=max_new_tokens, temperature=temperature,
         top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
         eos_token_id=eos_token_id, stop_token_ids=stop_token_ids, stop_strings=stop_strings,
-        tokenizer=tokenizer, pad_token_id=pad_token_id, cache_dtype=cache_dtype,
+        tokenizer=tokenizer, pad_token_id=pad_token_id, cache_dtype=cache_dtype, prefill_chunk=prefill_chunk,
     )
     tokens, scores = [], []
     num_new = torch.zeros(len(prompts), dtype=torch.long, device=device)
@@ -122,6 +128,7 @@ def iterate_tokens(
     tokenizer=None,
     pad_token_id: int | None = None,
     cache_dtype: torch.dtype | None = None,
+    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
 ) -> Iterator[Step]:
     """Yield one `Step` per generated position until every row has stopped (arguments: see `generate`)."""
     config = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
@@ -140,7 +147,7 @@ def iterate_tokens(
     check_token_ids(prompts, vocab)
 
     cache = InferenceCache.allocate(model, batch, int(lengths.max()) + steps_total, dtype=cache_dtype)
-    logits = prefill(model, cache, prompts, cache_dtype)[:, :vocab]
+    logits = prefill(model, cache, prompts, cache_dtype, prefill_chunk)[:, :vocab]
     seen = None
     if config.repetition_penalty != 1.0:
         seen = torch.zeros(batch, logits.shape[-1], dtype=torch.bool, device=device)
@@ -168,19 +175,22 @@ def iterate_tokens(
 
 
 def prefill(model: nn.Module, cache: InferenceCache, prompts: list[torch.Tensor],
-            cache_dtype: torch.dtype | None = None) -> torch.Tensor:
+            cache_dtype: torch.dtype | None = None, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK) -> torch.Tensor:
     """Run the parallel forward over every prompt, leave the final states in `cache` (one row per prompt)
-    and return the last position's logits (batch, vocab). Prompts of equal length share one forward."""
+    and return the last position's logits (batch, vocab). Prompts of equal length share one forward,
+    in pieces of `prefill_chunk` tokens (None: whole)."""
+    if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, Integral)
+                                      or prefill_chunk < 1):
+        raise ValueError(f"prefill_chunk: expected a positive int or None, got {prefill_chunk!r}")
     groups: dict[int, list[int]] = {}
     for row, prompt in enumerate(prompts):
         groups.setdefault(len(prompt), []).append(row)
     last_logits = [None] * len(prompts)
-    for rows in groups.values():
+    for length, rows in groups.items():
         ids = torch.stack([prompts[r] for r in rows])
         target = cache if len(rows) == len(prompts) else InferenceCache.allocate(
             model, len(rows), cache.max_seqlen, dtype=cache_dtype)
-        target.seqlen_offset = 0
-        logits = model(ids, inference_params=target, num_last_tokens=1).logits[:, -1]
+        logits = prefill_rows(model, target, ids, prefill_chunk or length)
         if target is not cache:
             cache.write_rows(rows, target)
         for r, row_logits in zip(rows, logits):
@@ -188,6 +198,16 @@ def prefill(model: nn.Module, cache: InferenceCache, prompts: list[torch.Tensor]
     cache.lengths_per_sample.copy_(torch.tensor([len(p) for p in prompts], device=cache.lengths_per_sample.device))
     cache.seqlen_offset = max(groups)
     return torch.stack(last_logits)
+
+
+def prefill_rows(model: nn.Module, cache: InferenceCache, ids: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Feed ids (batch, L) into an empty `cache`, `chunk` tokens at a time, each piece continuing from the
+    states the previous left (chunked prefill); return the last position's logits (batch, vocab)."""
+    for start in range(0, ids.shape[1], chunk):
+        cache.seqlen_offset = start
+        cache.lengths_per_sample.fill_(start)
+        logits = model(ids[:, start:start + chunk], inference_params=cache, num_last_tokens=1).logits[:, -1]
+    return logits
 
 
 def decode_step(model: nn.Module, cache: InferenceCache, tokens: torch.Tensor) -> torch.Tensor:

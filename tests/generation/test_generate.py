@@ -52,6 +52,27 @@ def test_prefill_is_one_parallel_forward(make_model, vocab):
     assert sorted(shapes) == [(1, 5), (2, 3), (3, 1)]
 
 
+def test_long_prompts_are_prefilled_in_pieces(make_model, vocab):
+    model = make_model("hybrid")
+    shapes = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: shapes.append(tuple(args[0].shape)), with_kwargs=True)
+    generate(model, torch.randint(0, vocab, (2, 21)), max_new_tokens=2, prefill_chunk=8)
+    assert shapes == [(2, 8), (2, 8), (2, 5), (2, 1)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_chunked_prefill_equals_whole_prefill(kind, make_model, vocab):
+    model = make_model(kind).double()
+    # Pieces of 4: 23 tokens end with a piece of 3, 9 tokens with a one-token piece (a decode step).
+    prompts = [torch.randint(0, vocab, (n,)).tolist() for n in (23, 9, 23, 2)]
+    seeds = torch.randint(0, 2**40, (len(prompts),)).tolist()
+    options = dict(max_new_tokens=6, temperature=1.0, seed=seeds, output_scores=True, return_dict_in_generate=True)
+    whole = generate(model, prompts, prefill_chunk=None, **options)
+    chunked = generate(model, prompts, prefill_chunk=4, **options)
+    assert chunked.sequences == whole.sequences
+    assert float((chunked.scores - whole.scores).norm() / whole.scores.norm()) < 1e-6  # scores are fp32
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("sampling", [{}, {"temperature": 1.0, "top_p": 0.95, "repetition_penalty": 1.3}])
 def test_ragged_batch_equals_one_by_one(kind, sampling, make_model, vocab):
@@ -177,6 +198,7 @@ def test_stop_strings(make_model, vocab):
         (lambda m: generate(m, [[1, 2]], max_new_tokens=2, stop_strings=["x"]), ValueError, "tokenizer"),
         (lambda m: generate(m, [[1, 2], [3]], max_new_tokens=2, seed=[1]), ValueError, "seed"),
         (lambda m: generate(m, [[1, 2]], max_new_tokens=2, eos_token_id=-3), ValueError, "eos_token_id"),
+        (lambda m: generate(m, [[1, 2]], max_new_tokens=2, prefill_chunk=0), ValueError, "prefill_chunk"),
     ],
 )
 def test_bad_arguments_fail_clearly(call, error, match, make_model):
