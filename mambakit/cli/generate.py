@@ -37,6 +37,8 @@ def register(subparsers) -> None:
                        help="stop at this token (repeatable)")
     group.add_argument("--ignore-eos", action="store_true", help="do not stop at the tokenizer's end-of-text token")
     parser.add_argument("--no-echo", action="store_true", help="print only the new text, not the prompt")
+    parser.add_argument("--prefill-chunk", type=int, default=8192, metavar="TOKENS",
+                        help="prefill a longer prompt in pieces of this many tokens, bounding memory (8192)")
     parser.set_defaults(func=run)
 
 
@@ -87,8 +89,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         # Fail on bad sampling flags before loading the model.
         SamplingConfig(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
-        if args.max_new_tokens < 1:
-            raise ValueError(f"--max-new-tokens: expected an int >= 1, got {args.max_new_tokens}")
+        for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--prefill-chunk", args.prefill_chunk)):
+            if value < 1:
+                raise ValueError(f"{flag}: expected an int >= 1, got {value}")
         prompt = read_text(args, "prompt")
         model, tokenizer = load_model(args)
         prompts = prompt_rows([tokenizer.encode(prompt)], next(model.parameters()).device)
@@ -101,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
         eos_token_id=eos, stop_token_ids=args.stop_token_id, stop_strings=args.stop, tokenizer=tokenizer,
+        prefill_chunk=args.prefill_chunk,
     )
     clock = StepClock()
     if not args.no_echo:

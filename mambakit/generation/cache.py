@@ -1,7 +1,7 @@
 """The inference cache handed to layers during generation (DESIGN.md, "Inference-cache protocol").
 
 Layers read `key_value_memory_dict[layer_idx]` (a tuple of state tensors, batch first), `seqlen_offset`
-(0: prefill, > 0: one-token decode step) and `lengths_per_sample` (tokens cached per row, for attention
+(0: prefill; > 0: a one-token decode step, or a chunk of prefill continuing from the cached states) and `lengths_per_sample` (tokens cached per row, for attention
 layers of hybrids). The field names are the official `InferenceParams`' ones, so either works with
 code written for the other.
 """

@@ -48,7 +48,8 @@ def test_generate_reads_prompt_file_and_stdin(checkpoint, capsys, monkeypatch, t
     "extra, match",
     [(["--top-p", "0"], "top_p"), (["--temperature", "-1"], "temperature"),
      (["--max-new-tokens", "0"], "max-new-tokens"), (["--stop-token-id", "-2"], "stop_token_ids"),
-     (["--prompt", ""], "empty"), (["--device", "nonsense"], "error")],
+     (["--prompt", ""], "empty"), (["--device", "nonsense"], "error"),
+     (["--prefill-chunk", "0"], "--prefill-chunk: expected an int >= 1, got 0")],
 )
 def test_generate_bad_arguments(checkpoint, capsys, extra, match):
     path, _ = checkpoint
