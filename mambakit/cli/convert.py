@@ -16,9 +16,12 @@ from pathlib import Path
 import torch
 
 from mambakit._io import atomic_path
+from mambakit.tokenizer import BYTE_TOKENIZER_FILE, HF_TOKENIZER_FILE
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
+# Those `load_tokenizer` reads, and the Hugging Face files that travel with a tokenizer.json.
+TOKENIZER_FILES = (HF_TOKENIZER_FILE, BYTE_TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt")
 
 
 def register(subparsers) -> None:

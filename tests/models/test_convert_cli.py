@@ -27,6 +27,16 @@ def test_convert_official_to_hf_to_official(kind, tmp_path, tiny):
         assert torch.equal(back.state_dict()[k], v), k
 
 
+def test_convert_keeps_a_byte_tokenizer_so_the_output_generates(tmp_path, tiny):
+    from mambakit.tokenizer import ByteTokenizer, load_tokenizer
+
+    model = tiny.build("mamba2")
+    model.save_pretrained(tmp_path / "src")
+    ByteTokenizer().save(tmp_path / "src")
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    assert isinstance(load_tokenizer(tmp_path / "hf"), ByteTokenizer)
+
+
 def test_convert_to_bfloat16(tmp_path, tiny):
     model = tiny.build("mamba1")
     model.save_pretrained(tmp_path / "src")
