@@ -108,8 +108,8 @@ def run(args: argparse.Namespace) -> int:
     write_json(out / f"{task.name}.json", {"task": task.name, "task_config": vars(task), "train_len": args.train_len,
                                            "device": str(device), "args": _plain(vars(args)), "rows": rows})
     plot_accuracy(rows, lengths, args.train_len, out / f"{task.name}.png", task.name)
-    print()
-    print(format_table(rows, lengths))
+    if len(rows) > 1:  # each row was printed as its model finished; now all of them together
+        print("\n" + format_table(rows, lengths))
     print(f"\nsaved {out / (task.name + '.json')} and {out / (task.name + '.png')}")
     return 0
 
