@@ -323,6 +323,16 @@ def resolve_directory(name: str | os.PathLike) -> Path:
     return local
 
 
+def materialize(model, device=None) -> None:
+    """Give a model built on the meta device real, uninitialised storage on `device` (default CPU),
+    keeping what `to_empty` drops: the parameters' flags (`_no_weight_decay`, ...) and the tied head."""
+    flags = {name: dict(vars(p)) for name, p in model.named_parameters(remove_duplicate=False)}
+    model.to_empty(device=device or "cpu")
+    for name, p in model.named_parameters(remove_duplicate=False):
+        vars(p).update(flags[name])
+    model.tie_weights()
+
+
 def load_pretrained(cls, name: str | os.PathLike, device=None, dtype=None, strict: bool = True):
     """Build `cls` (MambaLMHeadModel) from a checkpoint directory or hub id, in either layout.
 
@@ -337,7 +347,12 @@ def load_pretrained(cls, name: str | os.PathLike, device=None, dtype=None, stric
         state = _rename(state, HF_EMBEDDING, OFFICIAL_EMBEDDING)
     if dtype == "auto":
         dtype = state[OFFICIAL_EMBEDDING].dtype if OFFICIAL_EMBEDDING in state else None
-    model = cls(config, device=device, dtype=dtype)
+    if strict:  # every tensor comes from the file: skip the random init (22 s of a 1.4B model's load on CPU)
+        with torch.device("meta"):
+            model = cls(config, dtype=dtype)
+        materialize(model, device)
+    else:
+        model = cls(config, device=device, dtype=dtype)
     missing, unexpected = load_state_dict_checked(model, state, strict=strict, source=str(directory))
     if missing or unexpected:
         warnings.warn(f"{directory}: loaded with missing keys {_listing(missing)} and unexpected keys "

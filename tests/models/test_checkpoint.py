@@ -250,3 +250,17 @@ def test_tied_checkpoint_holding_only_the_head(tiny):
     load_state_dict_checked(target, state)
     assert torch.equal(target.backbone.embedding.weight, source.backbone.embedding.weight)
     assert target.lm_head.weight is target.backbone.embedding.weight
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("strict", [True, False])
+def test_loaded_model_keeps_flags_ties_and_every_weight(kind, strict, tmp_path, tiny):
+    model = tiny.build(kind)
+    model.save_pretrained(tmp_path)
+    loaded = MambaLMHeadModel.from_pretrained(tmp_path, strict=strict)
+    assert loaded.lm_head.weight is loaded.backbone.embedding.weight
+    for (name, p), (_, q) in zip(model.named_parameters(), loaded.named_parameters(), strict=True):
+        assert q.device.type == "cpu" and q.dtype == p.dtype and torch.equal(q, p), name
+        # the trainer's weight-decay grouping and the init read these flags
+        assert vars(q) == vars(p), name
+    assert any(getattr(p, "_no_weight_decay", False) for p in loaded.parameters())
