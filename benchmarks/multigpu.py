@@ -13,7 +13,6 @@ cut, once --time-budget seconds have passed, so partial results are still writte
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -23,6 +22,8 @@ import time
 from pathlib import Path
 
 from mambakit.bench.common import device_slug, format_table, save_rows
+from mambakit.training.checkpoint import list_checkpoints
+from mambakit.training.metrics import MetricsLog
 
 # NVLink multicast must stay off on shared hosts (device README): set for every child process.
 NCCL_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -46,11 +47,7 @@ def train(args, out: Path, procs: int, arch: str, fsdp: bool = False, resume: bo
                 "--warmup-fraction", "0.1", "--fsdp" if fsdp else "--no-fsdp"]
     env = {**os.environ, **NCCL_SAFE_ENV, "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd, check=True, env=env)
-    return read_metrics(out)
-
-
-def read_metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return MetricsLog(out).records()
 
 
 def step_losses(lines: list[dict]) -> dict[int, float]:
@@ -79,15 +76,12 @@ def summarize(arch, run, procs, lines, base_losses=None, base_rate=None, steps=N
 
 
 def rewind(run: Path, step: int, dst: Path) -> Path:
-    """A copy of `run` whose latest checkpoint is the one of `step` (later ones and their metrics dropped)."""
+    """A copy of `run` without the checkpoints after `step`: `--resume` continues from `step`'s (the
+    newest left) and drops the metrics of later steps itself."""
     shutil.copytree(run, dst, symlinks=True)
-    for ckpt in dst.glob("checkpoint-*"):
+    for ckpt in list_checkpoints(dst):
         if int(ckpt.name.split("-")[1]) > step:
             shutil.rmtree(ckpt)
-    (dst / "latest").unlink()
-    (dst / "latest").symlink_to(f"checkpoint-{step:08d}")
-    kept = [r for r in read_metrics(dst) if r.get("step", 0) <= step]
-    (dst / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
     return dst
 
 
@@ -130,7 +124,7 @@ def main() -> None:
                 break
             resumed = rewind(args.work / f"{arch}-{n}-ddp", mid, args.work / f"{arch}-resume-{procs}")
             lines = train(args, resumed, procs, arch, resume=True)
-            uninterrupted = step_losses(read_metrics(args.work / f"{arch}-{n}-ddp"))
+            uninterrupted = step_losses(MetricsLog(args.work / f"{arch}-{n}-ddp").records())
             rows.append(summarize(arch, f"{n}x ddp @{mid} resumed on {procs}", procs, lines, uninterrupted, None,
                                   steps=range(mid + 1, args.steps + 1)))
         save_rows(args.out / f"multigpu-{device_slug()}.json", rows)
