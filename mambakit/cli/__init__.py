@@ -5,6 +5,11 @@ import argparse
 import importlib
 import sys
 
+import torch
+
+# --dtype names shared by the commands that load a model (each adds its own meaning of "auto").
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 # Each name is a module `mambakit.cli.<name>` defining `register(subparsers)`; the parser it
 # adds sets `func` to a callable taking the parsed args and returning an exit code.
 COMMANDS = ("generate", "score", "convert", "train", "synth", "demo", "bench")

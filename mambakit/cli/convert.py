@@ -13,12 +13,10 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
-
 from mambakit._io import atomic_path
+from mambakit.cli import DTYPES
 from mambakit.tokenizer import BYTE_TOKENIZER_FILE, HF_TOKENIZER_FILE
 
-DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Those `load_tokenizer` reads, and the Hugging Face files that travel with a tokenizer.json.
 TOKENIZER_FILES = (HF_TOKENIZER_FILE, BYTE_TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt")
@@ -30,7 +28,7 @@ def register(subparsers) -> None:
     parser.add_argument("src", help="checkpoint directory (official or transformers layout) or hub id")
     parser.add_argument("dst", type=Path, help="output directory")
     parser.add_argument("--to", required=True, choices=["official", "hf"], help="layout to write")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="auto",
+    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                         help="dtype of the written weights (auto: as stored; parameters kept in fp32 stay fp32)")
     parser.add_argument("--bin", action="store_true", help="write pytorch_model.bin instead of model.safetensors")
     parser.set_defaults(func=run)
@@ -40,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from mambakit.models import MambaLMHeadModel
 
     try:
-        model = MambaLMHeadModel.from_pretrained(args.src, dtype=DTYPES[args.dtype])
+        model = MambaLMHeadModel.from_pretrained(args.src, dtype=DTYPES.get(args.dtype, "auto"))
         model.save_pretrained(args.dst, format=args.to, safe_serialization=not args.bin)
     except (ValueError, FileNotFoundError, FileExistsError) as e:  # CheckpointError is a ValueError
         print(f"mambakit convert: error: {e}", file=sys.stderr)

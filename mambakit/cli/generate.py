@@ -15,7 +15,8 @@ from typing import Iterable, Iterator
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from mambakit.cli import DTYPES
+
 
 
 def register(subparsers) -> None:
