@@ -44,17 +44,23 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
 
 
+def start_training(run: Path, config, until_step: int, stdout=subprocess.DEVNULL) -> subprocess.Popen:
+    """`mambakit train` in a child process, returned once it has logged `until_step` (or exited, or 120 s passed)."""
+    proc = subprocess.Popen([sys.executable, "-m", "mambakit", "train", "--out", str(run), *cli_args(config)],
+                            env=child_env(), stdout=stdout, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while max(losses(run), default=0) < until_step and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return proc
+
+
 def test_kill_9_loses_only_the_steps_since_the_last_checkpoint(corpus, tmp_path):
     config = tiny_config(corpus, max_tokens=4 * 32 * 8, save_interval=3, eval_interval=100)
     Trainer(config, tmp_path / "reference", quiet=True).fit()
     expected = losses(tmp_path / "reference")
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "mambakit", "train", "--out", str(run), *cli_args(config)],
-                            env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while max(losses(run), default=0) < 4 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
+    proc = start_training(run, config, until_step=4)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     logged = max(losses(run))
@@ -107,11 +113,7 @@ def test_two_gloo_processes_equal_one_process_and_resume_on_one(corpus, tmp_path
 def test_sigterm_saves_the_current_step_and_exits_cleanly(corpus, tmp_path):
     config = tiny_config(corpus, max_tokens=4 * 32 * 1000, save_interval=1000, eval_interval=1000)
     run = tmp_path / "stopped"
-    proc = subprocess.Popen([sys.executable, "-m", "mambakit", "train", "--out", str(run), *cli_args(config)],
-                            env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while max(losses(run), default=0) < 2 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
+    proc = start_training(run, config, until_step=2, stdout=subprocess.PIPE)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err.decode()[-2000:]
