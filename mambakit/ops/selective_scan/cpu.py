@@ -2,7 +2,8 @@
 in cache, with a hand-written backward.
 
 The reference builds (batch, dim, L, N) intermediates and lets autograd record every step; here the only
-full-size tensor is the saved states, and each step's reductions happen while its slice is in cache.
+full-size tensor is the states saved for the backward (none without gradients), and each step's
+reductions happen while its slice is in cache.
 """
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from mambakit.ops.selective_scan.reference import compute_dtype, discretize_delta, skip_and_gate
+
+
+STREAM_CHUNK = 256  # steps whose states are held at once on the no-gradient path
 
 
 def by_group(t: torch.Tensor, groups: int) -> torch.Tensor:
@@ -28,6 +32,34 @@ def as_columns(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.unflatten(2, (groups, -1)).unsqueeze(-1)
 
 
+def run_steps(states, h, delta_u, B, C, y):
+    """The forward loop, in place: `states` (T, batch, dim, N) holds the decays on entry and the states
+    h_t on return; y (T, batch, dim) receives C_t . h_t; h (batch, dim, N) is the state before the first
+    step. Returns the last state (a view into `states`). Views are built once, outside the loop."""
+    groups_b, groups_c = B.shape[2], C.shape[2]
+    states_b, states_c = by_group(states, groups_b), by_group(states, groups_c)
+    u_cols, B_rows, C_rows = as_columns(delta_u, groups_b), B.unsqueeze(3), C.unsqueeze(3)
+    y_groups = y.unflatten(2, (groups_c, -1))
+    for t in range(states.shape[0]):
+        states[t].mul_(h)
+        states_b[t].addcmul_(u_cols[t], B_rows[t])
+        torch.sum(states_c[t] * C_rows[t], dim=-1, out=y_groups[t])
+        h = states[t]
+    return h
+
+
+def recurrence_without_grad(delta, delta_u, A, B, C, h0, keep, chunk: int = STREAM_CHUNK):
+    """`Recurrence.forward` when no gradient is needed: the states live `chunk` steps at a time, so memory
+    is O(chunk * batch * dim * N) instead of O(L * batch * dim * N) (long prompts, long evaluations)."""
+    y = delta.new_empty(delta.shape)
+    h = h0
+    for start in range(0, delta.shape[0], chunk):
+        part = slice(start, start + chunk)
+        states = all_decays(delta[part], A, None if keep is None else keep[part])
+        h = run_steps(states, h, delta_u[part], B[part], C[part], y[part]).clone()  # frees the chunk's buffer
+    return y, h
+
+
 class Recurrence(torch.autograd.Function):
     """h_t = decay_t * h_{t-1} + delta_u_t * B_t,  y_t = C_t . h_t,  decay_t = exp(delta_t * A) * keep_t.
 
@@ -39,20 +71,11 @@ class Recurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, delta, delta_u, A, B, C, h0, keep):
-        groups_b, groups_c = B.shape[2], C.shape[2]
-        states = all_decays(delta, A, keep)  # overwritten step by step with h_t = decay_t * h_{t-1} + ...
+        states = all_decays(delta, A, keep)
         y = delta.new_empty(delta.shape)
-        states_b, states_c = by_group(states, groups_b), by_group(states, groups_c)
-        u_cols, B_rows, C_rows = as_columns(delta_u, groups_b), B.unsqueeze(3), C.unsqueeze(3)
-        y_groups = y.unflatten(2, (groups_c, -1))
-        h = h0
-        for t in range(delta.shape[0]):
-            states[t].mul_(h)
-            states_b[t].addcmul_(u_cols[t], B_rows[t])
-            torch.sum(states_c[t] * C_rows[t], dim=-1, out=y_groups[t])
-            h = states[t]
+        last = run_steps(states, h0, delta_u, B, C, y)
         ctx.save_for_backward(delta, delta_u, A, B, C, h0, keep, states)
-        return y, h.clone()
+        return y, last.clone()
 
     @staticmethod
     @once_differentiable
@@ -97,8 +120,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         keep[:, 1:] = (seq_idx[:, 1:] == seq_idx[:, :-1]).to(dtype)
         keep = keep.t().contiguous()
 
-    y, last = Recurrence.apply(delta.permute(2, 0, 1).contiguous(), (delta * u32).permute(2, 0, 1).contiguous(),
-                               A.to(dtype), B.permute(3, 0, 1, 2).contiguous(), C.permute(3, 0, 1, 2).contiguous(),
-                               h0, keep)
+    args = (delta.permute(2, 0, 1).contiguous(), (delta * u32).permute(2, 0, 1).contiguous(), A.to(dtype),
+            B.permute(3, 0, 1, 2).contiguous(), C.permute(3, 0, 1, 2).contiguous(), h0, keep)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)
+    y, last = Recurrence.apply(*args) if needs_grad else recurrence_without_grad(*args)
     out = skip_and_gate(y.permute(1, 2, 0), u32, D, z).to(u.dtype)
     return (out, last) if return_final_state else out
