@@ -101,13 +101,14 @@ def train_task(model, task, seq_len: int, steps: int, batch_size: int = 64, lr: 
 def accuracy(model, task, seq_len: int, num_samples: int = 256, batch_size: int = 64, seed: int = 1,
              bf16: bool = False, chunk_len: int | None = None) -> float:
     """Fraction of scored positions predicted right (argmax) on `num_samples` fresh sequences of `seq_len`
-    (a seed other than training's). Batches shrink with length so that one holds about 2^20 tokens.
-    `chunk_len`: sequences longer than this run through the inference cache in chunks of it (None: whole)."""
+    (a seed other than training's). Batches shrink with length so that one forward holds about 2^20 tokens.
+    `chunk_len`: sequences longer than this run through the inference cache in chunks of it (None: whole),
+    so a forward holds batch x chunk_len tokens and long sequences are evaluated several at a time."""
     if chunk_len is not None and (isinstance(chunk_len, bool) or not isinstance(chunk_len, int) or chunk_len < 1):
         raise ValueError(f"chunk_len: expected a positive int or None, got {chunk_len!r}")
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
-    batch_size = max(1, min(batch_size, (1 << 20) // seq_len))
+    batch_size = max(1, min(batch_size, (1 << 20) // min(seq_len, chunk_len or seq_len)))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
     model.eval()
     right = total = 0
