@@ -10,6 +10,9 @@ process, so that several small models can share a GPU side by side:
         --lengths 4096 --time 150 --tag sc-mamba
     python benchmarks/synth_tasks.py summarize        # merges results/synth-*.json part files, prints the table
 
+`--probe-every 2500` measures accuracy at `--probe-lens` during training, so a run also says how many steps
+its extrapolation took. On a CPU, `--threads 1` lets two runs share two cores.
+
 Each run writes <out>/synth-part-<tag>.json; summarize writes synth-<device>.json and .png.
 """
 from __future__ import annotations
@@ -32,15 +35,24 @@ RESULTS = Path(__file__).parent / "results"
 
 def run(args: argparse.Namespace) -> None:
     """Train one model on one task for args.time seconds, then accuracy at each length."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
     task = TASKS[args.task]()
     torch.manual_seed(args.seed)
     model = task_model(args.arch, task.vocab_size, args.d_model, args.n_layer, device=args.device,
                        **args.model_options)
+
+    def on_log(record: dict) -> None:
+        """Every --probe-every steps, accuracy at the --probe-lens goes into the log: accuracy against steps."""
+        if args.probe_every and record["step"] % args.probe_every == 0:
+            record["probe"] = {n: accuracy(model, task, n, args.probe_samples, batch_size=64, seed=args.seed + 2,
+                                           chunk_len=args.eval_chunk) for n in args.probe_lens}
+        print(args.tag, record, flush=True)
+
     start = time.perf_counter()
     log = train_task(model, task, args.train_len, args.steps, args.batch_size, args.lr, seed=args.seed,
-                     max_time=args.time, progress=False, log_interval=250,
-                     on_log=lambda record: print(args.tag, record, flush=True))
-    train_s = time.perf_counter() - start
+                     max_time=args.time, progress=False, log_interval=250, on_log=on_log)
+    train_s = time.perf_counter() - start  # probes included
     row = {"tag": args.tag, "task": task.name, "arch": args.arch,
            "params": sum(p.numel() for p in model.parameters()), "model_options": args.model_options,
            "train_len": args.train_len, "batch_size": args.batch_size, "lr": args.lr,
@@ -51,7 +63,7 @@ def run(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         try:
             acc = None if args.max_len is not None and n > args.max_len else \
-                accuracy(model, task, n, samples, batch_size=64, seed=args.seed + 1)
+                accuracy(model, task, n, samples, batch_size=64, seed=args.seed + 1, chunk_len=args.eval_chunk)
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             acc = None
@@ -103,7 +115,14 @@ def main() -> None:
     one.add_argument("--lr", type=float, default=1e-3)
     one.add_argument("--eval-samples", type=int, default=256)
     one.add_argument("--long-eval-samples", type=int, default=16, help="sequences per length past 2^16")
+    one.add_argument("--eval-chunk", type=int, default=1 << 16, help="longer sequences are evaluated in chunks of "
+                     "this many tokens through the inference cache (bounded memory)")
+    one.add_argument("--probe-every", type=int, default=0, help="steps between accuracy probes during training "
+                     "(a multiple of 250; 0: none)")
+    one.add_argument("--probe-lens", type=parse_lengths, default=parse_lengths("256,4096,16384"))
+    one.add_argument("--probe-samples", type=int, default=32)
     one.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    one.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     one.add_argument("--seed", type=int, default=0)
     one.set_defaults(func=run)
     merge = sub.add_parser("summarize", help="merge part files and print the tables")
