@@ -2,8 +2,8 @@
 in cache, with a hand-written backward.
 
 The reference builds (batch, dim, L, N) intermediates and lets autograd record every step; here the only
-full-size tensor is the states saved for the backward (none without gradients), and each step's
-reductions happen while its slice is in cache.
+full-size tensor is the states saved for the backward, and each step's reductions happen while its slice
+is in cache. Without gradients nothing of size L x N is built at all (`recurrence_without_grad`).
 """
 from __future__ import annotations
 
@@ -11,9 +11,6 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from mambakit.ops.selective_scan.reference import compute_dtype, discretize_delta, skip_and_gate
-
-
-STREAM_CHUNK = 256  # steps whose states are held at once on the no-gradient path
 
 
 def by_group(t: torch.Tensor, groups: int) -> torch.Tensor:
@@ -32,32 +29,30 @@ def as_columns(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.unflatten(2, (groups, -1)).unsqueeze(-1)
 
 
-def run_steps(states, h, delta_u, B, C, y):
-    """The forward loop, in place: `states` (T, batch, dim, N) holds the decays on entry and the states
-    h_t on return; y (T, batch, dim) receives C_t . h_t; h (batch, dim, N) is the state before the first
-    step. Returns the last state (a view into `states`). Views are built once, outside the loop."""
+def recurrence_without_grad(delta, delta_u, A, B, C, h0, keep):
+    """`Recurrence.forward` when no gradient is needed (prefill, evaluation): one state and two scratch
+    buffers of (batch, N, dim), reused every step, so memory is O(batch * dim * N) at any length and every
+    step works in cache. N before dim makes the reduction over N an add across contiguous channels."""
     groups_b, groups_c = B.shape[2], C.shape[2]
-    states_b, states_c = by_group(states, groups_b), by_group(states, groups_c)
-    u_cols, B_rows, C_rows = as_columns(delta_u, groups_b), B.unsqueeze(3), C.unsqueeze(3)
-    y_groups = y.unflatten(2, (groups_c, -1))
-    for t in range(states.shape[0]):
-        states[t].mul_(h)
-        states_b[t].addcmul_(u_cols[t], B_rows[t])
-        torch.sum(states_c[t] * C_rows[t], dim=-1, out=y_groups[t])
-        h = states[t]
-    return h
-
-
-def recurrence_without_grad(delta, delta_u, A, B, C, h0, keep, chunk: int = STREAM_CHUNK):
-    """`Recurrence.forward` when no gradient is needed: the states live `chunk` steps at a time, so memory
-    is O(chunk * batch * dim * N) instead of O(L * batch * dim * N) (long prompts, long evaluations)."""
+    h = h0.transpose(1, 2).contiguous()
+    decay, product = torch.empty_like(h), torch.empty_like(h)
+    h_b, h_c = h.unflatten(2, (groups_b, -1)), h.unflatten(2, (groups_c, -1))  # (batch, N, G, dim // G)
+    product_c = product.unflatten(2, (groups_c, -1))
+    A_rows = A.t().contiguous()  # (N, dim)
+    delta_rows = delta.unsqueeze(2)  # (L, batch, 1, dim)
+    u_rows = delta_u.unflatten(2, (groups_b, -1)).unsqueeze(2)  # (L, batch, 1, G, dim // G)
+    B_cols, C_cols = B.transpose(2, 3).unsqueeze(-1), C.transpose(2, 3).unsqueeze(-1)  # (L, batch, N, G, 1)
     y = delta.new_empty(delta.shape)
-    h = h0
-    for start in range(0, delta.shape[0], chunk):
-        part = slice(start, start + chunk)
-        states = all_decays(delta[part], A, None if keep is None else keep[part])
-        h = run_steps(states, h, delta_u[part], B[part], C[part], y[part]).clone()  # frees the chunk's buffer
-    return y, h
+    for t in range(delta.shape[0]):
+        torch.mul(delta_rows[t], A_rows, out=decay)
+        decay.exp_()
+        if keep is not None:
+            decay.mul_(keep[t][:, None, None])
+        h.mul_(decay)
+        h_b.addcmul_(u_rows[t], B_cols[t])
+        torch.mul(h_c, C_cols[t], out=product_c)
+        torch.sum(product, dim=1, out=y[t])
+    return y, h.transpose(1, 2).contiguous()
 
 
 class Recurrence(torch.autograd.Function):
@@ -71,11 +66,20 @@ class Recurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, delta, delta_u, A, B, C, h0, keep):
-        states = all_decays(delta, A, keep)
+        groups_b, groups_c = B.shape[2], C.shape[2]
+        states = all_decays(delta, A, keep)  # overwritten step by step with h_t = decay_t * h_{t-1} + ...
         y = delta.new_empty(delta.shape)
-        last = run_steps(states, h0, delta_u, B, C, y)
+        states_b, states_c = by_group(states, groups_b), by_group(states, groups_c)
+        u_cols, B_rows, C_rows = as_columns(delta_u, groups_b), B.unsqueeze(3), C.unsqueeze(3)
+        y_groups = y.unflatten(2, (groups_c, -1))
+        h = h0
+        for t in range(delta.shape[0]):
+            states[t].mul_(h)
+            states_b[t].addcmul_(u_cols[t], B_rows[t])
+            torch.sum(states_c[t] * C_rows[t], dim=-1, out=y_groups[t])
+            h = states[t]
         ctx.save_for_backward(delta, delta_u, A, B, C, h0, keep, states)
-        return y, last.clone()
+        return y, h.clone()
 
     @staticmethod
     @once_differentiable
