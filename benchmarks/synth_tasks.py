@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> None:
         """Every --probe-every steps, accuracy at the --probe-lens goes into the log: accuracy against steps."""
         if args.probe_every and record["step"] % args.probe_every == 0:
             record["probe"] = {n: accuracy(model, task, n, args.probe_samples, batch_size=64, seed=args.seed + 2,
-                                           chunk_len=args.eval_chunk) for n in args.probe_lens}
+                                           chunk_len=args.eval_chunk or None) for n in args.probe_lens}
         print(args.tag, record, flush=True)
 
     start = time.perf_counter()
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         try:
             acc = None if args.max_len is not None and n > args.max_len else \
-                accuracy(model, task, n, samples, batch_size=64, seed=args.seed + 1, chunk_len=args.eval_chunk)
+                accuracy(model, task, n, samples, batch_size=64, seed=args.seed + 1, chunk_len=args.eval_chunk or None)
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             acc = None
@@ -116,7 +116,7 @@ def main() -> None:
     one.add_argument("--eval-samples", type=int, default=256)
     one.add_argument("--long-eval-samples", type=int, default=16, help="sequences per length past 2^16")
     one.add_argument("--eval-chunk", type=int, default=1 << 16, help="longer sequences are evaluated in chunks of "
-                     "this many tokens through the inference cache (bounded memory)")
+                     "this many tokens through the inference cache (bounded memory; 0: whole sequences)")
     one.add_argument("--probe-every", type=int, default=0, help="steps between accuracy probes during training "
                      "(a multiple of 250; 0: none)")
     one.add_argument("--probe-lens", type=parse_lengths, default=parse_lengths("256,4096,16384"))
