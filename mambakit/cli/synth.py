@@ -7,6 +7,7 @@ like the Mamba paper's tables; saves <out>/<task>.json and <task>.png.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -39,6 +40,17 @@ def token_count(text: str) -> int:
     return int(text)
 
 
+def json_object(text: str) -> dict:
+    """A JSON object for argparse."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({err})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser("synth", help="synthetic tasks: accuracy by sequence length",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,6 +60,9 @@ def register(subparsers) -> None:
     parser.add_argument("--n-layer", type=int, default=2)
     parser.add_argument("--d-state", type=int, default=None, help="SSM state size (mixer default)")
     parser.add_argument("--headdim", type=int, default=None, help="Mamba-2 head size")
+    parser.add_argument("--ssm-options", type=json_object, default=None, metavar="JSON",
+                        help='further mixer arguments, e.g. \'{"dt_scale": 20}\' (the induction-heads recipe in '
+                             'benchmarks/results/synth-cpu-notes.md)')
     parser.add_argument("--attn-heads", type=int, default=None, help="attention heads (d_model / 64)")
     parser.add_argument("--attn-layer-idx", type=int_list, default=None, metavar="I,J", help="hybrid: attention layers")
     parser.add_argument("--vocab", type=int, default=None, help="task vocabulary (the task's default)")
@@ -70,10 +85,19 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def build_model(args: argparse.Namespace, task, arch: str, device):
+    """The `arch` model of a `synth` run, sized by its options, for `task`'s vocabulary."""
+    from mambakit.tasks.train import task_model
+
+    extra = {k: getattr(args, k) for k in ("d_state", "headdim", "ssm_options", "attn_heads", "attn_layer_idx")
+             if getattr(args, k) is not None}
+    return task_model(arch, task.vocab_size, args.d_model, args.n_layer, device=device, **extra)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from mambakit.tasks.train import accuracy, task_model, train_task
+    from mambakit.tasks.train import accuracy, train_task
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     task = TASKS[args.task]() if args.vocab is None else TASKS[args.task](vocab_size=args.vocab)
@@ -81,9 +105,7 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for arch in args.arch.split(","):
         torch.manual_seed(args.seed)
-        extra = {k: getattr(args, k) for k in ("d_state", "headdim", "attn_heads", "attn_layer_idx")
-                 if getattr(args, k) is not None}
-        model = task_model(arch, task.vocab_size, args.d_model, args.n_layer, device=device, **extra)
+        model = build_model(args, task, arch, device)
         start = time.perf_counter()
         log = train_task(model, task, args.train_len, args.steps, args.batch_size, args.lr, seed=args.seed,
                          max_time=args.max_time, bf16=args.bf16)
@@ -115,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _plain(d: dict) -> dict:
-    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, list, bool, type(None)))}
+    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, list, dict, bool, type(None)))}
 
 
 def _length_label(n: int) -> str:

@@ -3,8 +3,9 @@ import pytest
 
 from mambakit.cli import build_parser
 from mambakit.cli.demo import _clear_previous_demo
-from mambakit.cli.synth import parse_lengths
+from mambakit.cli.synth import build_model, parse_lengths
 from mambakit.cli.train import given_options
+from mambakit.tasks import InductionHeads
 from mambakit.training import TrainConfig, parse_count
 
 
@@ -74,3 +75,15 @@ def test_synth_eval_chunk_option():
     assert parse("--eval-chunk", "0").eval_chunk == 0
     with pytest.raises(SystemExit):
         parse("--eval-chunk", "-5")
+
+
+
+def test_synth_ssm_options_reach_the_model():
+    args = build_parser().parse_args(["synth", "induction-heads", "--d-model", "16", "--d-state", "4",
+                                      "--ssm-options", '{"dt_scale": 40.0}'])
+    assert args.ssm_options == {"dt_scale": 40.0}
+    model = build_model(args, InductionHeads(), "mamba", "cpu")
+    # dt_proj's weight is uniform in +-dt_scale / sqrt(dt_rank): dt_rank 1 here, so beyond 1 only when scaled.
+    assert model.backbone.layers[0].mixer.dt_proj.weight.abs().max() > 1
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["synth", "induction-heads", "--ssm-options", "[1, 2]"])
