@@ -145,7 +145,8 @@ def _length_label(n: int) -> str:
 
 
 def format_row(row: dict, lengths: list[int], header: bool = False) -> str:
-    cells = ["-" if row["accuracy"][n] is None else f"{100 * row['accuracy'][n]:.1f}" for n in lengths]
+    accuracy = [row["accuracy"].get(n) for n in lengths]  # a row may lack lengths other rows have
+    cells = ["-" if a is None else f"{100 * a:.1f}" for a in accuracy]
     line = f"{row['arch']:>12} {row['params']:>8,} " + " ".join(f"{c:>6}" for c in cells)
     if not header:
         return line

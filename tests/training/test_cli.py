@@ -3,7 +3,7 @@ import pytest
 
 from mambakit.cli import build_parser
 from mambakit.cli.demo import _clear_previous_demo
-from mambakit.cli.synth import build_model, parse_lengths
+from mambakit.cli.synth import build_model, format_table, parse_lengths
 from mambakit.cli.train import given_options
 from mambakit.tasks import InductionHeads
 from mambakit.training import TrainConfig, parse_count
@@ -87,3 +87,11 @@ def test_synth_ssm_options_reach_the_model():
     assert model.backbone.layers[0].mixer.dt_proj.weight.abs().max() > 1
     with pytest.raises(SystemExit):
         build_parser().parse_args(["synth", "induction-heads", "--ssm-options", "[1, 2]"])
+
+
+def test_synth_table_marks_lengths_a_row_lacks():
+    rows = [{"arch": "a", "params": 10, "accuracy": {64: 1.0, 128: 0.5}},
+            {"arch": "b", "params": 20, "accuracy": {128: 0.25, 256: None}}]
+    lines = format_table(rows, [64, 128, 256]).splitlines()
+    assert lines[1].split()[2:] == ["100.0", "50.0", "-"]
+    assert lines[2].split()[2:] == ["-", "25.0", "-"]
