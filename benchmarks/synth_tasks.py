@@ -41,12 +41,13 @@ def run(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     model = task_model(args.arch, task.vocab_size, args.d_model, args.n_layer, device=args.device,
                        **args.model_options)
+    chunk_len = args.eval_chunk or None
 
     def on_log(record: dict) -> None:
         """Every --probe-every steps, accuracy at the --probe-lens goes into the log: accuracy against steps."""
         if args.probe_every and record["step"] % args.probe_every == 0:
             record["probe"] = {n: accuracy(model, task, n, args.probe_samples, batch_size=64, seed=args.seed + 2,
-                                           chunk_len=args.eval_chunk or None) for n in args.probe_lens}
+                                           chunk_len=chunk_len) for n in args.probe_lens}
         print(args.tag, record, flush=True)
 
     start = time.perf_counter()
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         try:
             acc = None if args.max_len is not None and n > args.max_len else \
-                accuracy(model, task, n, samples, batch_size=64, seed=args.seed + 1, chunk_len=args.eval_chunk or None)
+                accuracy(model, task, n, samples, batch_size=64, seed=args.seed + 1, chunk_len=chunk_len)
         except torch.OutOfMemoryError:
             torch.cuda.empty_cache()
             acc = None
