@@ -77,7 +77,6 @@ def test_synth_eval_chunk_option():
         parse("--eval-chunk", "-5")
 
 
-
 def test_synth_ssm_options_reach_the_model():
     args = build_parser().parse_args(["synth", "induction-heads", "--d-model", "16", "--d-state", "4",
                                       "--ssm-options", '{"dt_scale": 40.0}'])
