@@ -39,8 +39,9 @@ def run(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     task = TASKS[args.task]()
     torch.manual_seed(args.seed)
-    model = task_model(args.arch, task.vocab_size, args.d_model, args.n_layer, device=args.device,
-                       **args.model_options)
+    # initialised on --init-device (default: --device), so that a GPU run can start from a CPU run's weights
+    model = task_model(args.arch, task.vocab_size, args.d_model, args.n_layer, device=args.init_device or args.device,
+                       **args.model_options).to(args.device)
     chunk_len = args.eval_chunk or None
 
     def on_log(record: dict) -> None:
@@ -56,6 +57,7 @@ def run(args: argparse.Namespace) -> None:
     train_s = time.perf_counter() - start  # probes included
     row = {"tag": args.tag, "task": task.name, "arch": args.arch,
            "params": sum(p.numel() for p in model.parameters()), "model_options": args.model_options,
+           "seed": args.seed, "init_device": args.init_device or args.device,
            "train_len": args.train_len, "batch_size": args.batch_size, "lr": args.lr,
            "steps": log[-1]["step"], "train_s": round(train_s, 1), "final_loss": log[-1]["loss"],
            "final_train_acc": log[-1]["train_acc"], "accuracy": {}, "eval_s": {}, "eval_samples": {}, "log": log}
@@ -123,6 +125,8 @@ def main() -> None:
     one.add_argument("--probe-lens", type=parse_lengths, default=parse_lengths("256,4096,16384"))
     one.add_argument("--probe-samples", type=int, default=32)
     one.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    one.add_argument("--init-device", default=None, help="device whose random generator initialises the "
+                     "model (cpu: the same weights as a CPU run of the same seed)")
     one.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     one.add_argument("--seed", type=int, default=0)
     one.set_defaults(func=run)
