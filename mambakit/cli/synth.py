@@ -7,12 +7,11 @@ like the Mamba paper's tables; saves <out>/<task>.json and <task>.png.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 from mambakit._io import atomic_path, write_json
-from mambakit.cli.train import int_list
+from mambakit.cli.train import int_list, json_object
 from mambakit.tasks import TASKS
 
 
@@ -38,17 +37,6 @@ def token_count(text: str) -> int:
     if not text.strip().isdigit():
         raise argparse.ArgumentTypeError(f"expected a token count >= 0, got {text!r}")
     return int(text)
-
-
-def json_object(text: str) -> dict:
-    """A JSON object for argparse."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({err})") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-    return value
 
 
 def register(subparsers) -> None:

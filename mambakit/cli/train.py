@@ -18,6 +18,17 @@ def int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def json_object(text: str) -> dict:
+    """A JSON object for argparse."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({err})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
 # (flag, TrainConfig field, argparse keywords); every default is None so that a resumed run knows
 # which options were given (and override the checkpoint's) and a fresh run takes TrainConfig's defaults.
 OPTIONS = [
@@ -36,7 +47,7 @@ OPTIONS = [
     ("--d-state", "d_state", dict(type=int, help="SSM state size (mixer default)")),
     ("--headdim", "headdim", dict(type=int, help="Mamba-2 head size (64)")),
     ("--expand", "expand", dict(type=int, help="SSM inner width / d_model (2)")),
-    ("--ssm-options", "ssm_options", dict(type=json.loads, metavar="JSON",
+    ("--ssm-options", "ssm_options", dict(type=json_object, metavar="JSON",
                                           help='further mixer arguments, e.g. \'{"chunk_size": 64}\'')),
     ("--attn-layer-idx", "attn_layer_idx", dict(type=int_list, metavar="I,J", help="hybrid: attention layer indices")),
     ("--attn-heads", "attn_heads", dict(type=int, help="attention heads (d_model / 64)")),

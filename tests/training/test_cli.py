@@ -84,8 +84,9 @@ def test_synth_ssm_options_reach_the_model():
     model = build_model(args, InductionHeads(), "mamba", "cpu")
     # dt_proj's weight is uniform in +-dt_scale / sqrt(dt_rank): dt_rank 1 here, so beyond 1 only when scaled.
     assert model.backbone.layers[0].mixer.dt_proj.weight.abs().max() > 1
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["synth", "induction-heads", "--ssm-options", "[1, 2]"])
+    for command in (["synth", "induction-heads"], ["train"]):  # a JSON value that is not an object
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*command, "--ssm-options", "[1, 2]"])
 
 
 def test_synth_table_marks_lengths_a_row_lacks():

@@ -162,7 +162,6 @@ def _check_step_args(state, x, dt, A, B, C, D, z, dt_bias, dt_limit):
     check_same_device(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
 
 
-
 def _check_D(D, nheads, headdim):
     """D is per head (nheads,) or per channel (nheads, headdim)."""
     if isinstance(D, torch.Tensor) and D.dim() == 2:
