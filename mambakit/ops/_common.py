@@ -82,3 +82,31 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
         raise ValueError(f"tensors must share a device: {listing}")
+
+
+def eager_autograd(forward: Callable, setup_context: Callable, backward: Callable) -> Callable:
+    """The `apply` of an autograd.Function made of a custom op's pieces: `forward(*inputs)` (the op's
+    body), `setup_context(ctx, inputs, outputs)` and `backward(ctx, *output_grads)` (calling the backward
+    body). Same results as the registered op, without the dispatcher. Unused output gradients are None."""
+
+    class EagerOp(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            ctx.set_materialize_grads(False)
+            outputs = forward(*inputs)
+            setup_context(ctx, inputs, outputs)
+            return outputs
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    EagerOp.__name__ = EagerOp.__qualname__ = f"Eager_{forward.__name__}"
+    return EagerOp.apply
+
+
+def custom_op_if_compiling(custom_op: Callable, eager: Callable) -> Callable:
+    """`custom_op` while torch.compile traces (one opaque node in the graph), else `eager`: the same
+    computation without the dispatcher, whose host cost (about 0.4 ms a call on an H200 host,
+    benchmarks/results/kernels-h200-notes.md) exceeds the GPU time of small launches."""
+    return custom_op if torch.compiler.is_compiling() else eager

@@ -384,7 +384,8 @@ def mamba1_like(x, conv_w, conv_b, delta, A, B, C, D, z, bias, norm_w, residual)
 
 
 def test_compiled_matches_eager():
-    """torch.compile traces the Triton ops (custom ops) without graph breaks: fullgraph, same values and grads."""
+    """torch.compile traces the Triton ops (custom ops) without graph breaks, and the eager path (the same
+    bodies through autograd.Functions) gives the same values and grads."""
     batch, dim, length, N = 1, 8, 20, 4
     inputs, _ = make_inputs(batch, dim, length, N)
     args = [torch.randn(batch, dim, length), torch.randn(dim, 4), torch.randn(dim), inputs["delta"], inputs["A"],

@@ -8,6 +8,7 @@ and the initial-state gradient are (batch, dim, width-1) slices, done with plain
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -15,6 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from mambakit.ops._common import custom_op_if_compiling, eager_autograd
 from mambakit.ops.conv1d import reference
 
 BLOCK_D, BLOCK_L = 16, 128
@@ -130,11 +132,14 @@ def _launch_fwd(x, weight, bias, initial_states, seq_idx, silu, out, dout=None):
     return out
 
 
-# torch.library custom ops (forward, backward, autograd link): one opaque node for torch.compile.
-@torch.library.custom_op("mambakit::causal_conv1d_fwd", mutates_args=())
-def _conv_fwd_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], initial_states: Optional[Tensor],
-                 seq_idx: Optional[Tensor], silu: bool) -> Tensor:
+# torch.library custom ops (forward, backward, autograd link): one opaque node for torch.compile; eager
+# calls take the same bodies through an autograd.Function (see custom_op_if_compiling).
+def _conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], initial_states: Optional[Tensor],
+              seq_idx: Optional[Tensor], silu: bool) -> Tensor:
     return _launch_fwd(x, weight.contiguous(), bias, initial_states, seq_idx, silu, torch.empty_like(x))
+
+
+_conv_fwd_op = torch.library.custom_op("mambakit::causal_conv1d_fwd", _conv_fwd, mutates_args=())
 
 
 @_conv_fwd_op.register_fake
@@ -142,9 +147,8 @@ def _(x, weight, bias, initial_states, seq_idx, silu):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("mambakit::causal_conv1d_bwd", mutates_args=())
-def _conv_bwd_op(dout: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], initial_states: Optional[Tensor],
-                 seq_idx: Optional[Tensor], silu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _conv_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], initial_states: Optional[Tensor],
+              seq_idx: Optional[Tensor], silu: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias, dinitial_states); empty tensors for absent inputs."""
     batch, dim, length = x.shape
     weight = weight.contiguous()
@@ -173,6 +177,9 @@ def _conv_bwd_op(dout: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor]
     return dx, dw.to(weight.dtype), dbias.to(bias.dtype) if bias is not None else x.new_empty(0), dinit
 
 
+_conv_bwd_op = torch.library.custom_op("mambakit::causal_conv1d_bwd", _conv_bwd, mutates_args=())
+
+
 @_conv_bwd_op.register_fake
 def _(dout, x, weight, bias, initial_states, seq_idx, silu):
     absent = x.new_empty(0)
@@ -186,13 +193,14 @@ def _conv_setup_context(ctx, inputs, output):
     ctx.silu = silu
 
 
-def _conv_grads(ctx, dout):
+def _conv_grads(ctx, dout, backward=_conv_bwd_op):
     x, weight, bias, initial_states, seq_idx = ctx.saved_tensors
-    dx, dw, dbias, dinit = _conv_bwd_op(dout, x, weight, bias, initial_states, seq_idx, ctx.silu)
+    dx, dw, dbias, dinit = backward(dout, x, weight, bias, initial_states, seq_idx, ctx.silu)
     return (dx, dw, dbias if bias is not None else None, dinit if initial_states is not None else None, None, None)
 
 
 _conv_fwd_op.register_autograd(_conv_grads, setup_context=_conv_setup_context)
+_conv_fwd_eager = eager_autograd(_conv_fwd, _conv_setup_context, functools.partial(_conv_grads, backward=_conv_bwd))
 
 
 def _initial_states_grad(dpre, weight, seq_idx):
@@ -233,7 +241,8 @@ def causal_conv1d(x, weight, bias=None, seq_idx=None, initial_states=None, retur
         return reference.causal_conv1d(x, weight, bias=bias, seq_idx=seq_idx, initial_states=initial_states,
                                        return_final_states=return_final_states, activation=activation)
     bias = bias.contiguous() if bias is not None else None  # indexed with unit stride
-    out = _conv_fwd_op(x, weight, bias, initial_states, seq_idx, activation is not None)
+    conv = custom_op_if_compiling(_conv_fwd_op, _conv_fwd_eager)
+    out = conv(x, weight, bias, initial_states, seq_idx, activation is not None)
     if not return_final_states:
         return out
     return out, _final_states(x, initial_states, seq_idx, weight.shape[1])

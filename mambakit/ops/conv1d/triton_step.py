@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from mambakit.ops._common import custom_op_if_compiling
 from mambakit.ops.conv1d import step
 
 BLOCK_D = 64
@@ -38,9 +39,8 @@ def _conv_update_kernel(x_ptr, state_ptr, w_ptr, bias_ptr, out_ptr, dim, s_xb, s
     tl.store(out_ptr + b * s_ob + d, acc.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
-@torch.library.custom_op("mambakit::causal_conv1d_update", mutates_args=("conv_state",))
-def _conv_update_op(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool) -> Tensor:
-    """The kernel launch, as a custom op (in-place on conv_state) so that torch.compile keeps it whole."""
+def _conv_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool) -> Tensor:
+    """The kernel launch (in place on conv_state); registered as a custom op so that torch.compile keeps it whole."""
     batch, dim = x.shape
     width = weight.shape[1]
     out = torch.empty_like(x)
@@ -50,6 +50,10 @@ def _conv_update_op(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optiona
         HAS_BIAS=bias is not None, SILU=silu,
     )
     return out
+
+
+_conv_update_op = torch.library.custom_op("mambakit::causal_conv1d_update", _conv_update,
+                                          mutates_args=("conv_state",))
 
 
 @_conv_update_op.register_fake
@@ -63,4 +67,5 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
     if any(t is not None and t.dtype == torch.float64 for t in (x, conv_state, weight, bias)):
         return step.causal_conv1d_update(x, conv_state, weight, bias=bias, activation=activation)
     bias = bias.contiguous() if bias is not None else None
-    return _conv_update_op(x, conv_state, weight.contiguous(), bias, activation is not None)
+    update = custom_op_if_compiling(_conv_update_op, _conv_update)
+    return update(x, conv_state, weight.contiguous(), bias, activation is not None)

@@ -7,6 +7,7 @@ from the saved inputs and the per-row 1/rms; weight gradients are summed per pro
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -14,6 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from mambakit.ops._common import custom_op_if_compiling, eager_autograd
 from mambakit.ops.norm import reference
 
 
@@ -102,11 +104,11 @@ def _rows(t: torch.Tensor | None, hidden: int) -> torch.Tensor | None:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-# torch.library custom ops (forward, backward, autograd link): one opaque node for torch.compile.
-@torch.library.custom_op("mambakit::rms_norm_fwd", mutates_args=())
-def _norm_fwd_op(x: Tensor, residual: Optional[Tensor], z: Optional[Tensor], weight: Tensor, eps: float,
-                 group_size: int, gate_first: bool, store_res: bool,
-                 res_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+# torch.library custom ops (forward, backward, autograd link): one opaque node for torch.compile; eager
+# calls take the same bodies through an autograd.Function (see custom_op_if_compiling).
+def _norm_fwd(x: Tensor, residual: Optional[Tensor], z: Optional[Tensor], weight: Tensor, eps: float,
+              group_size: int, gate_first: bool, store_res: bool,
+              res_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """(out, s = x + residual in res_dtype or an empty tensor unless store_res, 1/rms per normalized group)."""
     hidden = x.shape[-1]
     x2, r2, z2 = _rows(x, hidden), _rows(residual, hidden), _rows(z, hidden)
@@ -125,6 +127,9 @@ def _norm_fwd_op(x: Tensor, residual: Optional[Tensor], z: Optional[Tensor], wei
     return out.view(x.shape), res_out.view(x.shape) if store_res else x.new_empty(0), rstd
 
 
+_norm_fwd_op = torch.library.custom_op("mambakit::rms_norm_fwd", _norm_fwd, mutates_args=())
+
+
 @_norm_fwd_op.register_fake
 def _(x, residual, z, weight, eps, group_size, gate_first, store_res, res_dtype):
     rows = x.numel() // group_size
@@ -132,10 +137,9 @@ def _(x, residual, z, weight, eps, group_size, gate_first, store_res, res_dtype)
             x.new_empty(rows, dtype=torch.float32))
 
 
-@torch.library.custom_op("mambakit::rms_norm_bwd", mutates_args=())
-def _norm_bwd_op(dout: Tensor, dres_out: Optional[Tensor], x: Tensor, residual: Optional[Tensor], z: Optional[Tensor],
-                 weight: Tensor, rstd: Tensor, group_size: int,
-                 gate_first: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _norm_bwd(dout: Tensor, dres_out: Optional[Tensor], x: Tensor, residual: Optional[Tensor], z: Optional[Tensor],
+              weight: Tensor, rstd: Tensor, group_size: int,
+              gate_first: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dresidual, dz, dweight); empty tensors for absent inputs."""
     hidden = x.shape[-1]
     x2, r2, z2 = _rows(x, hidden), _rows(residual, hidden), _rows(z, hidden)
@@ -161,6 +165,9 @@ def _norm_bwd_op(dout: Tensor, dres_out: Optional[Tensor], x: Tensor, residual: 
             dz.view(x.shape) if dz is not None else x.new_empty(0), dw.to(weight.dtype))
 
 
+_norm_bwd_op = torch.library.custom_op("mambakit::rms_norm_bwd", _norm_bwd, mutates_args=())
+
+
 @_norm_bwd_op.register_fake
 def _(dout, dres_out, x, residual, z, weight, rstd, group_size, gate_first):
     return (torch.empty_like(x), torch.empty_like(residual) if residual is not None else x.new_empty(0),
@@ -173,17 +180,23 @@ def _norm_setup_context(ctx, inputs, output):
     ctx.group_size, ctx.gate_first, ctx.store_res = group_size, gate_first, store_res
 
 
-def _norm_grads(ctx, dout, dres_out, _drstd):
+def _norm_grads(ctx, dout, dres_out, _drstd, backward=_norm_bwd_op):
     x, residual, z, weight, rstd = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(x)
-    dx, dres, dz, dw = _norm_bwd_op(dout, dres_out if ctx.store_res else None, x, residual, z, weight, rstd,
-                                    ctx.group_size, ctx.gate_first)
+    dx, dres, dz, dw = backward(dout, dres_out if ctx.store_res else None, x, residual, z, weight, rstd,
+                                ctx.group_size, ctx.gate_first)
     return (dx, dres if residual is not None else None, dz if z is not None else None, dw,
             None, None, None, None, None)
 
 
 _norm_fwd_op.register_autograd(_norm_grads, setup_context=_norm_setup_context)
+_norm_fwd_eager = eager_autograd(_norm_fwd, _norm_setup_context, functools.partial(_norm_grads, backward=_norm_bwd))
+
+
+def _norm_forward(*args):
+    """`_norm_fwd_op`'s results: the custom op under torch.compile, its eager twin otherwise."""
+    return custom_op_if_compiling(_norm_fwd_op, _norm_fwd_eager)(*args)
 
 
 def _warps(group_size: int) -> int:
@@ -206,8 +219,8 @@ def rms_norm(x, weight, eps=1e-5, residual=None, prenorm=False, residual_in_fp32
     res_dtype = x.dtype if residual is None else residual.dtype
     if residual_in_fp32:
         res_dtype = torch.float32
-    out, summed, _ = _norm_fwd_op(x, residual, None, weight.contiguous(), eps, x.shape[-1], False, prenorm,
-                                  res_dtype)
+    out, summed, _ = _norm_forward(x, residual, None, weight.contiguous(), eps, x.shape[-1], False, prenorm,
+                                   res_dtype)
     return (out, summed) if prenorm else out
 
 
@@ -218,5 +231,5 @@ def rms_norm_gated(x, weight, z=None, eps=1e-5, group_size=None, norm_before_gat
                                         norm_before_gate=norm_before_gate)
     group_size = x.shape[-1] if group_size is None else group_size
     gate_first = z is not None and not norm_before_gate
-    out, _, _ = _norm_fwd_op(x, None, z, weight.contiguous(), eps, group_size, gate_first, False, x.dtype)
+    out, _, _ = _norm_forward(x, None, z, weight.contiguous(), eps, group_size, gate_first, False, x.dtype)
     return out

@@ -18,6 +18,7 @@ gradients, summed over channels, are accumulated with atomic adds.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -25,6 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from mambakit.ops._common import custom_op_if_compiling, eager_autograd
 from mambakit.ops.selective_scan import reference
 
 TILE_L = 64  # steps per tile; the backward's checkpoint stride
@@ -474,15 +476,18 @@ def _scan_backward(dout, dfinal, saved, delta_softplus, has_h0):
 
 
 # Registered as torch.library custom ops (forward, backward, autograd link) so that torch.compile sees
-# one opaque node per call instead of breaking the graph at the Triton launches.
-@torch.library.custom_op("mambakit::selective_scan_fwd", mutates_args=())
-def _scan_fwd_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
-                 delta_bias: Optional[Tensor], delta_softplus: bool, initial_state: Optional[Tensor],
-                 seq_idx: Optional[Tensor], save_ckpt: bool) -> tuple[Tensor, Tensor, Tensor]:
+# one opaque node per call instead of breaking the graph at the Triton launches; eager calls take the
+# same bodies through an autograd.Function (see custom_op_if_compiling).
+def _scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+              delta_bias: Optional[Tensor], delta_softplus: bool, initial_state: Optional[Tensor],
+              seq_idx: Optional[Tensor], save_ckpt: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(out, final_state, tile checkpoints or an empty tensor when save_ckpt is False)."""
     out, final_state, ckpt = _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
                                            seq_idx, save_ckpt)
     return out, final_state.clone(), ckpt if ckpt is not None else u.new_empty(0, dtype=torch.float32)
+
+
+_scan_fwd_op = torch.library.custom_op("mambakit::selective_scan_fwd", _scan_fwd, mutates_args=())
 
 
 @_scan_fwd_op.register_fake
@@ -494,14 +499,16 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_id
             u.new_empty(ckpt_shape, dtype=torch.float32))
 
 
-@torch.library.custom_op("mambakit::selective_scan_bwd", mutates_args=())
-def _scan_bwd_op(dout: Tensor, dfinal: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                 D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor], seq_idx: Optional[Tensor],
-                 ckpt: Tensor, delta_softplus: bool, has_h0: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                                          Tensor, Tensor, Tensor, Tensor]:
+def _scan_bwd(dout: Tensor, dfinal: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+              D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor], seq_idx: Optional[Tensor],
+              ckpt: Tensor, delta_softplus: bool, has_h0: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                                       Tensor, Tensor, Tensor, Tensor]:
     """(du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state); empty tensors for absent inputs."""
     grads = _scan_backward(dout, dfinal, (u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt), delta_softplus, has_h0)
     return tuple(g if g is not None else u.new_empty(0) for g in grads)
+
+
+_scan_bwd_op = torch.library.custom_op("mambakit::selective_scan_bwd", _scan_bwd, mutates_args=())
 
 
 @_scan_bwd_op.register_fake
@@ -522,11 +529,11 @@ def _scan_setup_context(ctx, inputs, output):
     ctx.has_h0 = initial_state is not None
 
 
-def _scan_grads(ctx, dout, dfinal, _dckpt):
+def _scan_grads(ctx, dout, dfinal, _dckpt, backward=_scan_bwd_op):
     u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(u)
-    du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _scan_bwd_op(
+    du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = backward(
         dout, dfinal, u, delta, A, B, C, D, z, delta_bias, seq_idx, ckpt, ctx.delta_softplus, ctx.has_h0)
     present = lambda grad, t: grad if t is not None else None  # noqa: E731
     return (du, ddelta, dA, dB, dC, present(dD, D), present(dz, z), present(dbias, delta_bias), None,
@@ -534,6 +541,7 @@ def _scan_grads(ctx, dout, dfinal, _dckpt):
 
 
 _scan_fwd_op.register_autograd(_scan_grads, setup_context=_scan_setup_context)
+_scan_fwd_eager = eager_autograd(_scan_fwd, _scan_setup_context, functools.partial(_scan_grads, backward=_scan_bwd))
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -554,6 +562,6 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     z = z if z is None or z.stride(-1) == 1 else z.contiguous()
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias, initial_state))
-    out, final_state, _ = _scan_fwd_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx,
-                                       needs_grad)
+    scan = custom_op_if_compiling(_scan_fwd_op, _scan_fwd_eager)
+    out, final_state, _ = scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, needs_grad)
     return (out, final_state) if return_final_state else out

@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from mambakit.ops._common import custom_op_if_compiling
 from mambakit.ops.selective_scan import step
 
 BLOCK_D = 32
@@ -50,10 +51,9 @@ def _state_update_kernel(
     tl.store(out_ptr + b * s_ob + d, y.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
-@torch.library.custom_op("mambakit::selective_state_update", mutates_args=("state",))
-def _state_update_op(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-                     z: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool) -> Tensor:
-    """The kernel launch, as a custom op (in-place on state) so that torch.compile and CUDA graphs keep it whole."""
+def _state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                  z: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool) -> Tensor:
+    """The kernel launch (in place on state); registered as a custom op so that torch.compile keeps it whole."""
     B3 = B if B.dim() == 3 else B.unsqueeze(1)
     C3 = C if C.dim() == 3 else C.unsqueeze(1)
     batch, dim, N = state.shape
@@ -68,6 +68,10 @@ def _state_update_op(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
         HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
     )
     return out
+
+
+_state_update_op = torch.library.custom_op("mambakit::selective_state_update", _state_update,
+                                           mutates_args=("state",))
 
 
 @_state_update_op.register_fake
@@ -85,4 +89,5 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         return step.selective_state_update(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
     D = D.contiguous() if D is not None else None  # indexed with unit stride
     dt_bias = dt_bias.contiguous() if dt_bias is not None else None
-    return _state_update_op(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    update = custom_op_if_compiling(_state_update_op, _state_update)
+    return update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)

@@ -6,12 +6,14 @@ with seq_idx numbered 0, 1, 2, ... (derived from cu_seqlens when only that was g
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import triton
 from torch import Tensor
 
+from .._common import custom_op_if_compiling, eager_autograd
 from .reference import DEFAULT_DT_LIMIT
 
 BLOCK_T = 64  # rows per tensor-core block
@@ -198,16 +200,19 @@ def ssd_backward(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_sof
     return dx, ddt, dA, dB, dC, dD, dz, dbias, dinit
 
 
-# --- custom ops: opaque to torch.compile, differentiable through register_autograd ---------------
+# --- custom ops: opaque to torch.compile, differentiable through register_autograd; eager calls take
+# the same bodies through an autograd.Function (see custom_op_if_compiling) -------------------------
 
-@torch.library.custom_op("mambakit::ssd_fwd", mutates_args=())
-def _ssd_fwd_op(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
-                D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool,
-                dt_min: float, dt_max: float, initial_states: Optional[Tensor], seq_idx: Optional[Tensor],
-                cu_seqlens: Optional[Tensor], return_varlen_states: bool, store_y: bool
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
+             D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool,
+             dt_min: float, dt_max: float, initial_states: Optional[Tensor], seq_idx: Optional[Tensor],
+             cu_seqlens: Optional[Tensor], return_varlen_states: bool, store_y: bool
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return ssd_forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max, initial_states,
                        seq_idx, cu_seqlens, return_varlen_states, store_y)
+
+
+_ssd_fwd_op = torch.library.custom_op("mambakit::ssd_fwd", _ssd_fwd, mutates_args=())
 
 
 @_ssd_fwd_op.register_fake
@@ -223,14 +228,16 @@ def _(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max, in
             x.new_empty(batch, nchunks, H, P, N, **f32), x.new_empty(batch, G, nchunks, Q, Q, **f32))
 
 
-@torch.library.custom_op("mambakit::ssd_bwd", mutates_args=())
-def _ssd_bwd_op(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
-                chunk_size: int, D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor],
-                dt_softplus: bool, dt_min: float, dt_max: float, initial_states: Optional[Tensor],
-                seq_idx: Optional[Tensor], y: Tensor, cs: Tensor, dtp: Tensor, states: Tensor, cb: Tensor
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _ssd_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+             chunk_size: int, D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor],
+             dt_softplus: bool, dt_min: float, dt_max: float, initial_states: Optional[Tensor],
+             seq_idx: Optional[Tensor], y: Tensor, cs: Tensor, dtp: Tensor, states: Tensor, cb: Tensor
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return ssd_backward(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max,
                         initial_states, seq_idx, y, cs, dtp, states, cb)
+
+
+_ssd_bwd_op = torch.library.custom_op("mambakit::ssd_bwd", _ssd_bwd, mutates_args=())
 
 
 @_ssd_bwd_op.register_fake
@@ -255,13 +262,13 @@ def _setup_context(ctx, inputs, output):
     ctx.has_initial = args["initial_states"] is not None
 
 
-def _backward(ctx, dout, dfinal, *unused):
+def _backward(ctx, dout, dfinal, *unused, backward=_ssd_bwd_op):
     x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, y, cs, dtp, states, cb = ctx.saved_tensors
     chunk_size, dt_softplus, dt_min, dt_max = ctx.options
     if dout is None:
         dout = torch.zeros_like(x)
-    grads = _ssd_bwd_op(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max,
-                        initial_states, seq_idx, y, cs, dtp, states, cb)
+    grads = backward(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max,
+                     initial_states, seq_idx, y, cs, dtp, states, cb)
     dx, ddt, dA, dB, dC, dD, dz, dbias, dinit = grads
     present = lambda g, t: g if t is not None else None  # noqa: E731
     return (dx, ddt, dA, dB, dC, None, present(dD, D), present(dz, z), present(dbias, dt_bias), None, None, None,
@@ -269,6 +276,7 @@ def _backward(ctx, dout, dfinal, *unused):
 
 
 _ssd_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_ssd_fwd_eager = eager_autograd(_ssd_fwd, _setup_context, functools.partial(_backward, backward=_ssd_bwd))
 
 
 def ssd(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplus=False,
@@ -284,7 +292,7 @@ def ssd(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplu
         raise TypeError("x: the triton SSD path runs in float32/bfloat16/float16, got float64 (use backend='reference')")
     tensors = (x, dt, A, B, C, D, z, dt_bias, initial_states)
     store_y = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    out, final, varlen, *_ = _ssd_fwd_op(
+    out, final, varlen, *_ = custom_op_if_compiling(_ssd_fwd_op, _ssd_fwd_eager)(
         x, dt, A, B, C, int(chunk_size), D, z, dt_bias, bool(dt_softplus), float(dt_limit[0]), float(dt_limit[1]),
         initial_states, seq_idx, cu_seqlens, bool(return_varlen_states), store_y)
     results = [out]
