@@ -1,4 +1,5 @@
-"""Helpers shared by every op: choosing an implementation and checking arguments."""
+"""Helpers shared by every op: choosing an implementation, checking arguments, and running a
+Triton op eagerly without the custom-op dispatcher."""
 from __future__ import annotations
 
 import os

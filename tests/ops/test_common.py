@@ -60,3 +60,40 @@ def test_check_dtype_and_device():
     check_same_device(u=torch.randn(2), delta=torch.randn(2), D=None)
     with pytest.raises(ValueError, match="u on cpu, delta on meta"):
         check_same_device(u=torch.randn(2), delta=torch.empty(2, device="meta"))
+
+
+def test_eager_autograd_runs_the_pieces_and_passes_none_for_unused_outputs():
+    seen = {}
+
+    def forward(x, scale):
+        return x * scale, x.exp()
+
+    def setup_context(ctx, inputs, outputs):
+        ctx.save_for_backward(inputs[0], outputs[1])
+        ctx.scale = inputs[1]
+
+    def backward(ctx, d_scaled, d_exp):
+        seen["d_exp"] = d_exp
+        x, e = ctx.saved_tensors
+        grad = d_scaled * ctx.scale if d_scaled is not None else torch.zeros_like(x)
+        return (grad + d_exp * e if d_exp is not None else grad), None
+
+    op = _common.eager_autograd(forward, setup_context, backward)
+    x = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    scale = float(torch.rand(()) + 0.5)
+    scaled, _ = op(x, scale)
+    (g,) = torch.autograd.grad(scaled.sum(), x)
+    assert torch.allclose(g, torch.full_like(x, scale)) and seen["d_exp"] is None
+    assert torch.autograd.gradcheck(lambda t: sum(o.sum() for o in op(t, scale)), (x,))
+
+
+def test_custom_op_if_compiling_picks_the_custom_op_only_under_compile():
+    picked = []
+
+    def f(x):
+        picked.append(_common.custom_op_if_compiling("custom", "eager"))
+        return x + 1
+
+    f(torch.zeros(2))
+    torch.compile(f, backend="eager", fullgraph=True)(torch.zeros(3))
+    assert picked == ["eager", "custom"]
