@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from mambakit.bench import selective_scan as bench_scan
 from mambakit.bench import ssd as bench_ssd
-from mambakit.bench.common import device_slug, environment, save_rows, time_ms
+from mambakit.bench.common import device_slug, environment, fwdbwd_step, save_rows, time_ms
 from mambakit.ops.selective_scan import triton_scan
 from mambakit.ops.ssd import triton_ssd
 
@@ -54,11 +54,7 @@ def host_ms(step, repeats: int = 200) -> float:
 
 def measure(op: str, length: int, batch: int) -> list[dict]:
     module, make_inputs, make_fn = OPS[op]
-    inputs = make_inputs(batch, length)
-    leaves = [v for v in inputs.values() if v.requires_grad]
-    fn = make_fn()
-    grad = torch.randn_like(fn(inputs))
-    step = lambda: torch.autograd.grad(fn(inputs), leaves, grad)  # noqa: E731
+    step = fwdbwd_step(make_fn(), make_inputs(batch, length))
     rows = []
     for path in ("eager", "custom_op"):
         # the custom-op path, as torch.compile would take it, but run eagerly

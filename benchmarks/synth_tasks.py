@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> None:
     task = TASKS[args.task]()
     torch.manual_seed(args.seed)
     # initialised on --init-device (default: --device), so that a GPU run can start from a CPU run's weights
-    model = task_model(args.arch, task.vocab_size, args.d_model, args.n_layer, device=args.init_device or args.device,
+    init_device = args.init_device or args.device
+    model = task_model(args.arch, task.vocab_size, args.d_model, args.n_layer, device=init_device,
                        **args.model_options).to(args.device)
     chunk_len = args.eval_chunk or None
 
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> None:
     train_s = time.perf_counter() - start  # probes included
     row = {"tag": args.tag, "task": task.name, "arch": args.arch,
            "params": sum(p.numel() for p in model.parameters()), "model_options": args.model_options,
-           "seed": args.seed, "init_device": args.init_device or args.device,
+           "seed": args.seed, "init_device": init_device,
            "train_len": args.train_len, "batch_size": args.batch_size, "lr": args.lr,
            "steps": log[-1]["step"], "train_s": round(train_s, 1), "final_loss": log[-1]["loss"],
            "final_train_acc": log[-1]["train_acc"], "accuracy": {}, "eval_s": {}, "eval_samples": {}, "log": log}

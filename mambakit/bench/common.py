@@ -21,17 +21,22 @@ def time_ms(fn: Callable[[], object], warmup_ms: int = 50, rep_ms: int = 200) ->
     return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
+def fwdbwd_step(fn: Callable[[dict], torch.Tensor], inputs: dict) -> Callable[[], object]:
+    """One forward+backward of `fn(inputs)` as a callable: gradients w.r.t. the inputs that require
+    them, against a fixed random output gradient."""
+    leaves = [v for v in inputs.values() if v.requires_grad]
+    grad = torch.randn_like(fn(inputs))
+    return lambda: torch.autograd.grad(fn(inputs), leaves, grad)
+
+
 def fwd_and_fwdbwd_ms(fn: Callable[[dict], torch.Tensor], inputs: dict,
                       backward: bool = True) -> tuple[float, float | None]:
-    """Median forward and forward+backward milliseconds of `fn(inputs)`; gradients w.r.t. the inputs
-    that require them, against a fixed random output gradient."""
+    """Median forward and forward+backward (`fwdbwd_step`) milliseconds of `fn(inputs)`."""
     with torch.no_grad():
         fwd = time_ms(lambda: fn(inputs))
     if not backward:
         return fwd, None
-    leaves = [v for v in inputs.values() if v.requires_grad]
-    grad = torch.randn_like(fn(inputs))
-    return fwd, time_ms(lambda: torch.autograd.grad(fn(inputs), leaves, grad))
+    return fwd, time_ms(fwdbwd_step(fn, inputs))
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
