@@ -16,7 +16,9 @@ def rel_err(out, ref):
 
 
 def loop_ssd(x, dt, A, B, C, D=None, z=None, dt_bias=None, softplus=False, dt_limit=None, h0=None, seq_idx=None):
-    """float64 recurrence, one step at a time: returns out (b, L, h, p) and the state after every step."""
+    """float64 recurrence, one step at a time: returns out (b, L, h, p) and the state after every step.
+
+    A is (h,) or, to expose each step's share of A's gradient, (b, L, h)."""
     x, dt, A, B, C = (t.double() for t in (x, dt, A, B, C))
     batch, length, nheads, headdim = x.shape
     group = torch.arange(nheads) // (nheads // B.shape[2])
@@ -28,7 +30,8 @@ def loop_ssd(x, dt, A, B, C, D=None, z=None, dt_bias=None, softplus=False, dt_li
     for t in range(length):
         if seq_idx is not None and t > 0:
             h = h * (seq_idx[:, t] == seq_idx[:, t - 1]).double()[:, None, None, None]
-        h = torch.exp(dt[:, t] * A)[:, :, None, None] * h + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, group, None, :]
+        a = A[:, t] if A.dim() == 3 else A
+        h = torch.exp(dt[:, t] * a)[:, :, None, None] * h + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, group, None, :]
         y = (h * C[:, t, group, None, :]).sum(-1)
         if D is not None:
             y = y + x[:, t] * (D.double()[:, None] if D.dim() == 1 else D.double())
@@ -77,22 +80,32 @@ def run_triton(inputs, chunk_size, softplus=True, dt_limit=(0.0, float("inf"))):
 
 
 def check_against_loop(inputs, chunk_size, tol, softplus=True, dt_limit=None, grad_tol=None):
+    """Outputs and every gradient against loop_ssd in float64.
+
+    A's and dt_bias's gradients are sums over (batch, time) of terms that can nearly cancel, so their
+    error is measured against the norm of the summed |terms| (the scale fp32 rounding works at)."""
     out, final = run_triton(inputs, chunk_size, softplus, dt_limit or (0.0, float("inf")))
     ref_inputs = {k: v.detach().double().requires_grad_(v.requires_grad) if v.is_floating_point() else v
                   for k, v in inputs.items()}
+    batch, length = inputs["x"].shape[:2]
+    A_steps = ref_inputs["A"].detach()[None, None].expand(batch, length, -1).clone().requires_grad_(True)
     names = {"initial_states": "h0"}
-    ref_out, ref_states = loop_ssd(**{names.get(k, k): v for k, v in ref_inputs.items()}, softplus=softplus,
-                                   dt_limit=dt_limit)
+    ref_out, ref_states = loop_ssd(**{names.get(k, k): v for k, v in ref_inputs.items() if k != "A"}, A=A_steps,
+                                   softplus=softplus, dt_limit=dt_limit)
     assert torch.isfinite(out).all() and torch.isfinite(final).all()
     assert rel_err(out, ref_out) < tol
     assert rel_err(final, ref_states[:, -1]) < tol
     g_out, g_final = torch.randn_like(ref_out), torch.randn_like(ref_states[:, -1])
     ((out.double() * g_out).sum() + (final.double() * g_final).sum()).backward()
     ((ref_out * g_out).sum() + (ref_states[:, -1] * g_final).sum()).backward()
+    ref_inputs["A"].grad = A_steps.grad.sum((0, 1))
+    summed_terms = {"A": A_steps.grad, "dt_bias": ref_inputs["dt"].grad}  # dt_bias enters as dt + dt_bias
     for name, v in inputs.items():
         if v.is_floating_point():
             assert v.grad is not None and torch.isfinite(v.grad).all(), name
-            err = rel_err(v.grad, ref_inputs[name].grad)
+            ref = ref_inputs[name].grad
+            scale = summed_terms[name].abs().sum((0, 1)).norm() if name in summed_terms else ref.norm()
+            err = ((v.grad.double() - ref).norm() / scale).item()
             assert err < (grad_tol or {}).get(name, tol), (name, err)
 
 
@@ -115,10 +128,11 @@ def test_forward_backward_fp32(case, monkeypatch):
 def test_large_decay_is_finite_and_exact():
     """|A dt| up to ~100 per step: every decay underflows to 0 rather than overflowing.
 
-    dA sums da_t * dt_t with dt_t ~ 50 over terms that nearly cancel: in fp32 it keeps about
-    three digits there (seen up to 5e-4), far beyond the |A dt| < 2 of trained models."""
+    A chunk's decay cumsum reaches ~-1600 here, where an fp32 ulp is ~1e-4, so each step's share of
+    dA carries ~1e-4 relative error (up to 1.1e-3 against the summed |terms| in 200 seeds), far beyond
+    the |A dt| < 2 of trained models."""
     inputs = make(1, 40, 2, 4, 1, 4, dt_scale=30.0, init=True)
-    check_against_loop(inputs, chunk_size=16, tol=1e-4, grad_tol={"A": 2e-3, "dt_bias": 2e-3})
+    check_against_loop(inputs, chunk_size=16, tol=1e-4, grad_tol={"A": 3e-3})
 
 
 def test_varlen_states():
