@@ -59,6 +59,10 @@ def register(subparsers) -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup-steps", type=int, default=0)
+    parser.add_argument("--min-lr-ratio", type=float, default=1.0,
+                        help="below 1: cosine decay over --steps to lr x this (default 1: constant, the papers')")
+    parser.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (default: none)")
     parser.add_argument("--eval-samples", type=int, default=256, help="sequences per length (fewer past 2^16)")
     parser.add_argument("--eval-chunk", type=token_count, default=1 << 16, metavar="TOKENS",
                         help="longer sequences are evaluated this many tokens at a time through the inference "
@@ -96,7 +100,8 @@ def run(args: argparse.Namespace) -> int:
         model = build_model(args, task, arch, device)
         start = time.perf_counter()
         log = train_task(model, task, args.train_len, args.steps, args.batch_size, args.lr, seed=args.seed,
-                         max_time=args.max_time, bf16=args.bf16)
+                         max_time=args.max_time, bf16=args.bf16, warmup_steps=args.warmup_steps,
+                         min_lr_ratio=args.min_lr_ratio, grad_clip=args.grad_clip)
         train_s = time.perf_counter() - start
         has_attention = bool(model.config.attn_layer_idx)
         acc = {}

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mambakit.tasks.synthetic import IGNORE
+from mambakit.training.optim import CosineSchedule
 
 
 def task_model(arch: str, vocab_size: int, d_model: int = 64, n_layer: int = 2, device=None, **config):
@@ -64,12 +65,19 @@ def _tail_logits_in_chunks(model, inputs: torch.Tensor, first: int, chunk_len: i
 
 def train_task(model, task, seq_len: int, steps: int, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
                max_time: float | None = None, bf16: bool = False, progress: bool = True,
-               on_log: Callable[[dict], None] | None = None, log_interval: int = 100) -> list[dict]:
-    """Adam at a constant `lr` (the papers' synthetic-task recipe) on `steps` fresh batches, the loss on the
-    scored positions only. Stops early after `max_time` seconds. Returns the logged records."""
+               on_log: Callable[[dict], None] | None = None, log_interval: int = 100, warmup_steps: int = 0,
+               min_lr_ratio: float = 1.0, grad_clip: float | None = None) -> list[dict]:
+    """Adam on `steps` fresh batches of (batch_size, seq_len), the loss on the scored positions only.
+
+    The defaults are the papers' synthetic-task recipe, a constant `lr`; `min_lr_ratio` < 1 decays it by a
+    cosine over `steps` to lr * min_lr_ratio (after `warmup_steps` of linear warmup), and `grad_clip`
+    bounds the gradient norm. Stops early after `max_time` seconds. Returns the logged records."""
+    if grad_clip is not None and not grad_clip > 0:
+        raise ValueError(f"grad_clip: expected a positive number or None, got {grad_clip!r}")
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    schedule = CosineSchedule(lr, steps, warmup_steps, min_lr_ratio)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda")
     records, start = [], time.perf_counter()
     model.train()
@@ -81,12 +89,16 @@ def train_task(model, task, seq_len: int, steps: int, batch_size: int = 64, lr: 
         loss = F.cross_entropy(logits.float(), answers)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        schedule.apply(optimizer, step)
         optimizer.step()
         elapsed = time.perf_counter() - start
         done = step + 1 == steps or (max_time is not None and elapsed > max_time)
         if (step + 1) % log_interval == 0 or done:
             hits = (logits.argmax(-1) == answers).float().mean()
-            record = {"step": step + 1, "loss": loss.item(), "train_acc": hits.item(), "elapsed_s": elapsed}
+            record = {"step": step + 1, "loss": loss.item(), "train_acc": hits.item(), "lr": schedule.lr(step),
+                      "elapsed_s": elapsed}
             records.append(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_acc']:.3f}")
             if on_log is not None:
