@@ -26,7 +26,7 @@ import torch
 
 from mambakit._io import write_json
 from mambakit.bench.common import device_slug, environment
-from mambakit.cli.synth import format_table, parse_lengths, plot_accuracy
+from mambakit.cli.synth import add_schedule_arguments, format_table, parse_lengths, plot_accuracy, schedule_options
 from mambakit.tasks import TASKS
 from mambakit.tasks.train import accuracy, task_model, train_task
 
@@ -54,14 +54,13 @@ def run(args: argparse.Namespace) -> None:
 
     start = time.perf_counter()
     log = train_task(model, task, args.train_len, args.steps, args.batch_size, args.lr, seed=args.seed,
-                     max_time=args.time, progress=False, log_interval=250, on_log=on_log,
-                     warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio, grad_clip=args.grad_clip)
+                     max_time=args.time, progress=False, log_interval=250, on_log=on_log, **schedule_options(args))
     train_s = time.perf_counter() - start  # probes included
     row = {"tag": args.tag, "task": task.name, "arch": args.arch,
            "params": sum(p.numel() for p in model.parameters()), "model_options": args.model_options,
            "seed": args.seed, "init_device": init_device,
            "train_len": args.train_len, "batch_size": args.batch_size, "lr": args.lr,
-           "warmup_steps": args.warmup_steps, "min_lr_ratio": args.min_lr_ratio, "grad_clip": args.grad_clip,
+           **schedule_options(args),
            "steps": log[-1]["step"], "train_s": round(train_s, 1), "final_loss": log[-1]["loss"],
            "final_train_acc": log[-1]["train_acc"], "accuracy": {}, "eval_s": {}, "eval_samples": {}, "log": log}
     for n in args.lengths:  # the part file is rewritten after each length, so a timeout keeps what was measured
@@ -119,10 +118,7 @@ def main() -> None:
     one.add_argument("--model-options", type=json.loads, default={}, help="TrainConfig model fields, JSON")
     one.add_argument("--batch-size", type=int, default=64)
     one.add_argument("--lr", type=float, default=1e-3)
-    one.add_argument("--warmup-steps", type=int, default=0)
-    one.add_argument("--min-lr-ratio", type=float, default=1.0,
-                     help="below 1: cosine decay over --steps to lr x this (default 1: constant, the papers')")
-    one.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (default: none)")
+    add_schedule_arguments(one)
     one.add_argument("--eval-samples", type=int, default=256)
     one.add_argument("--long-eval-samples", type=int, default=16, help="sequences per length past 2^16")
     one.add_argument("--eval-chunk", type=int, default=1 << 16, help="longer sequences are evaluated in chunks of "

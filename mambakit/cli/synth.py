@@ -59,10 +59,7 @@ def register(subparsers) -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup-steps", type=int, default=0)
-    parser.add_argument("--min-lr-ratio", type=float, default=1.0,
-                        help="below 1: cosine decay over --steps to lr x this (default 1: constant, the papers')")
-    parser.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (default: none)")
+    add_schedule_arguments(parser)
     parser.add_argument("--eval-samples", type=int, default=256, help="sequences per length (fewer past 2^16)")
     parser.add_argument("--eval-chunk", type=token_count, default=1 << 16, metavar="TOKENS",
                         help="longer sequences are evaluated this many tokens at a time through the inference "
@@ -75,6 +72,19 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/synth", help="folder for the JSON and PNG results")
     parser.set_defaults(func=run)
+
+
+def add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
+    """`train_task`'s learning-rate schedule and clipping options (`schedule_options` reads them back)."""
+    parser.add_argument("--warmup-steps", type=int, default=0)
+    parser.add_argument("--min-lr-ratio", type=float, default=1.0,
+                        help="below 1: cosine decay over --steps to lr x this (default 1: constant, the papers')")
+    parser.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (default: none)")
+
+
+def schedule_options(args: argparse.Namespace) -> dict:
+    """The `train_task` keywords that `add_schedule_arguments` parsed."""
+    return {"warmup_steps": args.warmup_steps, "min_lr_ratio": args.min_lr_ratio, "grad_clip": args.grad_clip}
 
 
 def build_model(args: argparse.Namespace, task, arch: str, device):
@@ -100,8 +110,7 @@ def run(args: argparse.Namespace) -> int:
         model = build_model(args, task, arch, device)
         start = time.perf_counter()
         log = train_task(model, task, args.train_len, args.steps, args.batch_size, args.lr, seed=args.seed,
-                         max_time=args.max_time, bf16=args.bf16, warmup_steps=args.warmup_steps,
-                         min_lr_ratio=args.min_lr_ratio, grad_clip=args.grad_clip)
+                         max_time=args.max_time, bf16=args.bf16, **schedule_options(args))
         train_s = time.perf_counter() - start
         has_attention = bool(model.config.attn_layer_idx)
         acc = {}

@@ -91,13 +91,13 @@ def train_task(model, task, seq_len: int, steps: int, batch_size: int = 64, lr: 
         loss.backward()
         if grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        schedule.apply(optimizer, step)
+        lr_now = schedule.apply(optimizer, step)
         optimizer.step()
         elapsed = time.perf_counter() - start
         done = step + 1 == steps or (max_time is not None and elapsed > max_time)
         if (step + 1) % log_interval == 0 or done:
             hits = (logits.argmax(-1) == answers).float().mean()
-            record = {"step": step + 1, "loss": loss.item(), "train_acc": hits.item(), "lr": schedule.lr(step),
+            record = {"step": step + 1, "loss": loss.item(), "train_acc": hits.item(), "lr": lr_now,
                       "elapsed_s": elapsed}
             records.append(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_acc']:.3f}")
