@@ -24,7 +24,8 @@ def register(subparsers) -> None:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     add_text_arguments(parser, "prompt")
-    group = parser.add_argument_group("sampling (greedy unless one of temperature/top-k/top-p/min-p is given)")
+    group = parser.add_argument_group("sampling (greedy unless one of temperature/top-k/top-p/min-p is given; "
+                                      "then top-k defaults to no limit)")
     group.add_argument("--max-new-tokens", type=int, default=200)
     group.add_argument("--temperature", type=float)
     group.add_argument("--top-k", type=int)
@@ -82,31 +83,40 @@ def load_model(args: argparse.Namespace):
     return model, load_tokenizer(args.tokenizer if args.tokenizer is not None else args.model)
 
 
+def sampling_options(args: argparse.Namespace) -> dict:
+    """generate()'s sampling keywords from the flags: greedy unless a sampling flag is given (then top_k
+    defaults to no limit), since generate() itself is greedy unless top_k != 1 (the official rule)."""
+    sampling_asked = any(v is not None for v in (args.temperature, args.top_k, args.top_p, args.min_p))
+    top_k = args.top_k if args.top_k is not None else 0 if sampling_asked else 1
+    return dict(temperature=1.0 if args.temperature is None else args.temperature, top_k=top_k,
+                top_p=0.0 if args.top_p is None else args.top_p, min_p=0.0 if args.min_p is None else args.min_p,
+                repetition_penalty=args.repetition_penalty)
+
+
 def run(args: argparse.Namespace) -> int:
-    from mambakit.generation import SamplingConfig, iterate_tokens
-    from mambakit.generation.generate import prompt_rows, stop_id_tensor
+    from mambakit.generation import GenerationOptions, SamplingConfig
+    from mambakit.generation.generate import decode_steps, prompt_rows
     from mambakit.generation.stream import stream_text
 
     try:
         # Fail on bad sampling flags before loading the model.
-        SamplingConfig(args.temperature, args.top_k, args.top_p, args.min_p, args.repetition_penalty)
         for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--prefill-chunk", args.prefill_chunk)):
             if value < 1:
                 raise ValueError(f"{flag}: expected an int >= 1, got {value}")
+        sampling = sampling_options(args)
+        SamplingConfig(**sampling)
         prompt = read_text(args, "prompt")
         model, tokenizer = load_model(args)
+        config = GenerationOptions(max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                   eos_token_id=[] if args.ignore_eos else None, stop_token_ids=args.stop_token_id,
+                                   stop_strings=args.stop, tokenizer=tokenizer, prefill_chunk=args.prefill_chunk,
+                                   **sampling)
         prompts = prompt_rows([tokenizer.encode(prompt)], next(model.parameters()).device)
-        eos = [] if args.ignore_eos else None
-        stop_ids = stop_id_tensor(eos, args.stop_token_id, tokenizer, prompts[0].device)
+        stop_ids = config.stop_ids(prompts[0].device)
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad input, missing files, unusable --device
         print(f"mambakit generate: error: {e}", file=sys.stderr)
         return 2
-    steps = iterate_tokens(
-        model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-        eos_token_id=eos, stop_token_ids=args.stop_token_id, stop_strings=args.stop, tokenizer=tokenizer,
-        prefill_chunk=args.prefill_chunk,
-    )
+    steps = decode_steps(model, prompts, config)
     clock = StepClock()
     if not args.no_echo:
         sys.stdout.write(prompt)

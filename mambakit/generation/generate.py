@@ -8,19 +8,18 @@ A row that has stopped keeps its output fixed while the others go on.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from numbers import Integral
 from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from mambakit.generation.cache import InferenceCache
-from mambakit.generation.sampling import SamplingConfig, row_seeds, sample
+from mambakit.generation.decoder import get_decoder
+from mambakit.generation.options import DEFAULT_PREFILL_CHUNK, GenerationOptions, check_int
+from mambakit.generation.sampling import row_seeds
 from mambakit.ops._common import check_shape
-
-# Prompts longer than this are prefilled in pieces: activations stay bounded by the piece.
-DEFAULT_PREFILL_CHUNK = 8192
 
 
 @dataclass
@@ -28,17 +27,20 @@ class GenerationOutput:
     """sequences: (batch, prompt_len + steps) int64 for a tensor input, padded with `pad_token_id` after a
     row stops; a list of token-id lists (prompt + new tokens) for a list input.
     num_new_tokens: (batch,) tokens generated per row, the stop token included.
-    scores: (batch, steps, vocab) fp32 logits at each generated position, when asked for."""
+    scores: with output_scores, one (batch, vocab) fp32 tensor of logits per generated position (the
+    official format)."""
 
     sequences: torch.Tensor | list[list[int]]
     num_new_tokens: torch.Tensor
-    scores: torch.Tensor | None = None
+    scores: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
 class Step:
     """One generated position for every row: tokens (batch,) (`pad_token_id` where the row had stopped),
-    logits (batch, vocab), active (batch,) bool: the row produced this token; finished: it stops after it."""
+    logits (batch, vocab) (valid until the next step: copy them to keep them), active (batch,) bool: the row
+    produced this token; finished: it stops after it. With `check_every` > 1 the last few steps may have
+    no active row."""
 
     tokens: torch.Tensor
     logits: torch.Tensor
@@ -46,132 +48,132 @@ class Step:
     finished: torch.Tensor
 
 
+# generate() reads the stop condition back every this many tokens (one host sync each time).
+GENERATE_CHECK_EVERY = 16
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
     input_ids: torch.Tensor | Sequence[Sequence[int]],
     max_length: int | None = None,
-    *,
-    max_new_tokens: int | None = None,
-    temperature: float | None = None,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    min_p: float | None = None,
-    repetition_penalty: float = 1.0,
-    seed: int | Sequence[int] | None = None,
-    eos_token_id: int | Sequence[int] | None = None,
-    stop_token_ids: Sequence[int] = (),
-    stop_strings: Sequence[str] = (),
-    tokenizer=None,
-    pad_token_id: int | None = None,
-    output_scores: bool = False,
+    top_k: int | None = 1,
+    top_p: float = 0.0,
+    min_p: float = 0.0,
+    temperature: float = 1.0,
     return_dict_in_generate: bool = False,
-    cache_dtype: torch.dtype | None = None,
+    output_scores: bool = False,
+    *,
     attention_mask: torch.Tensor | None = None,
-    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
+    streamer=None,
+    enable_timing: bool = False,
+    **options,
 ) -> torch.Tensor | list[list[int]] | GenerationOutput:
     """Continue each prompt of `input_ids`: (batch, L) int tensor, or a list of token-id lists of any lengths.
 
-    Give `max_new_tokens`, or `max_length` (prompt + new tokens, the official spelling). Sampling options:
-    see `SamplingConfig` (greedy when none is given). `seed`: an int (row b uses seed + b) or one per row;
-    a row's output depends only on its prompt and seed, never on the rest of the batch. A row stops at
-    `eos_token_id` (default: the tokenizer's), any of `stop_token_ids`, or once its generated text holds one
-    of `stop_strings` (needs `tokenizer`); the stop token is kept, later positions hold `pad_token_id`
-    (default: the first stop id, else 0). `cache_dtype`: of the conv / KV states (default: the model's;
-    SSM states are always fp32). Returns the sequences (prompt + new tokens, see `GenerationOutput`), or
-    a `GenerationOutput` with `return_dict_in_generate=True` (`output_scores=True` adds the logits).
+    The official `mamba_ssm` call: `max_length` counts the prompt (or give `max_new_tokens`), greedy
+    unless `top_k != 1`, `cg=True` for CUDA graphs (here the default on CUDA), `teacher_outputs`,
+    `vocab_size`, `eos_token_id`, `repetition_penalty`; `streamer` gets `put(prompt ids)`, `put(tokens)`
+    per step and `end()` (transformers' streamer protocol); `enable_timing` prints the time taken.
+    Further options: see `GenerationOptions` (seed, stop_token_ids, stop_strings, tokenizer, ...). A row's
+    output depends only on its prompt and seed, never on the rest of the batch.
     A padded tensor batch takes `attention_mask` (batch, L) (0: padding); padding never enters a state,
-    and the output keeps the input's layout. `prefill_chunk`: prompts longer than this many tokens are
-    prefilled that many at a time, each piece continuing from the states the previous left (None: whole).
+    and the output keeps the input's layout. Returns the sequences (prompt + new tokens), or a
+    `GenerationOutput` with `return_dict_in_generate=True`.
     """
     device = next(model.parameters()).device
     prompts = prompt_rows(input_ids, device, attention_mask)
-    steps = iterate_tokens(
-        model, prompts, max_length=max_length, max_new_tokens=max_new_tokens, temperature=temperature,
-        top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed,
-        eos_token_id=eos_token_id, stop_token_ids=stop_token_ids, stop_strings=stop_strings,
-        tokenizer=tokenizer, pad_token_id=pad_token_id, cache_dtype=cache_dtype, prefill_chunk=prefill_chunk,
-    )
-    tokens, scores = [], []
-    num_new = torch.zeros(len(prompts), dtype=torch.long, device=device)
-    for step in steps:
+    options.setdefault("check_every", 1 if streamer is not None else GENERATE_CHECK_EVERY)
+    config = GenerationOptions(max_length=max_length, top_k=top_k, top_p=top_p, min_p=min_p, temperature=temperature,
+                               **options)
+    if streamer is not None:
+        if len({len(p) for p in prompts}) != 1:
+            raise ValueError("streamer: needs prompts of one length, got ragged prompts")
+        streamer.put(torch.stack(prompts).cpu())
+    start = time.perf_counter()
+    tokens, active, scores = [], [], []
+    for step in decode_steps(model, prompts, config):
         tokens.append(step.tokens)
-        num_new += step.active
+        active.append(step.active)
         if output_scores:
-            scores.append(step.logits.float())
-    new = torch.stack(tokens, dim=1) if tokens else torch.empty(len(prompts), 0, dtype=torch.long, device=device)
+            scores.append(step.logits.float())  # a copy: the step's logits buffer is reused
+        if streamer is not None:
+            streamer.put(step.tokens.cpu())
+    if streamer is not None:
+        streamer.end()
+    if enable_timing:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        print(f"Prompt processing + decoding time: {(time.perf_counter() - start) * 1000:.0f}ms")
+    batch = len(prompts)
+    new = torch.stack(tokens, dim=1) if tokens else torch.empty(batch, 0, dtype=torch.long, device=device)
+    num_new = torch.stack(active, dim=1).sum(1) if active else torch.zeros(batch, dtype=torch.long, device=device)
+    # Steps may have run past the last row's stop before it was read back (check_every > 1).
+    new = new[:, : int(num_new.max())] if tokens else new
+    scores = scores[: new.shape[1]]
     if isinstance(input_ids, torch.Tensor):
         sequences = torch.cat([input_ids.to(torch.long), new], dim=1)
     else:
         sequences = [p.tolist() + new[b, : num_new[b]].tolist() for b, p in enumerate(prompts)]
     if not return_dict_in_generate:
         return sequences
-    return GenerationOutput(sequences, num_new, torch.stack(scores, dim=1) if output_scores and scores else None)
+    return GenerationOutput(sequences, num_new, tuple(scores) if output_scores else None)
 
 
 @torch.no_grad()
-def iterate_tokens(
-    model: nn.Module,
-    prompts: list[torch.Tensor],
-    *,
-    max_length: int | None = None,
-    max_new_tokens: int | None = None,
-    temperature: float | None = None,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    min_p: float | None = None,
-    repetition_penalty: float = 1.0,
-    seed: int | Sequence[int] | None = None,
-    eos_token_id: int | Sequence[int] | None = None,
-    stop_token_ids: Sequence[int] = (),
-    stop_strings: Sequence[str] = (),
-    tokenizer=None,
-    pad_token_id: int | None = None,
-    cache_dtype: torch.dtype | None = None,
-    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
-) -> Iterator[Step]:
-    """Yield one `Step` per generated position until every row has stopped (arguments: see `generate`)."""
-    config = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
+def iterate_tokens(model: nn.Module, prompts: list[torch.Tensor], **options) -> Iterator[Step]:
+    """Yield one `Step` per generated position until every row has stopped.
+
+    prompts: 1-D int64 tensors on the model's device (`prompt_rows` makes them); options: `GenerationOptions`."""
+    return decode_steps(model, prompts, GenerationOptions(**options))
+
+
+def decode_steps(model: nn.Module, prompts: list[torch.Tensor], options: GenerationOptions) -> Iterator[Step]:
+    """Prefill the prompts, then decode (with CUDA graphs on CUDA unless options.cg is False); see `iterate_tokens`."""
     device = prompts[0].device
     batch = len(prompts)
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    budgets = token_budgets(lengths, max_length, max_new_tokens)
+    lengths = torch.tensor([len(p) for p in prompts])
+    budgets = options.token_budgets(lengths)
     steps_total = int(budgets.max())
     if steps_total == 0:
         return
-    stop_ids = stop_id_tensor(eos_token_id, stop_token_ids, tokenizer, device)
-    stop_strings = check_stop_strings(stop_strings, tokenizer)
-    pad = pad_token_id if pad_token_id is not None else int(stop_ids[0]) if stop_ids.numel() else 0
-    seeds = row_seeds(seed, batch, device)
-    vocab = vocab_size(model)
-    check_token_ids(prompts, vocab)
-
-    cache = InferenceCache.allocate(model, batch, int(lengths.max()) + steps_total, dtype=cache_dtype)
-    logits = prefill(model, cache, prompts, cache_dtype, prefill_chunk)[:, :vocab]
-    seen = None
-    if config.repetition_penalty != 1.0:
-        seen = torch.zeros(batch, logits.shape[-1], dtype=torch.bool, device=device)
-        for b, p in enumerate(prompts):
-            seen[b, p] = True
-    finished = budgets == 0
-    texts = [[] for _ in prompts] if stop_strings else None
-    step = torch.zeros((), dtype=torch.long, device=device)
+    stop_ids = options.stop_ids(device)
+    pad = options.pad_token_id if options.pad_token_id is not None else int(stop_ids[0]) if stop_ids.numel() else 0
+    seeds = row_seeds(options.seed, batch, device)
+    model_vocab = vocab_size(model)
+    check_token_ids(prompts, model_vocab)
+    vocab = model_vocab if options.vocab_size is None else options.vocab_size
+    if vocab > model_vocab:
+        raise ValueError(f"vocab_size: expected at most the model's vocab_size {model_vocab}, got {vocab}")
+    teacher = options.teacher_outputs
+    if teacher is not None:
+        check_shape("teacher_outputs", teacher, batch, None)
+        teacher = teacher.to(device=device, dtype=torch.long)
+    graph = device.type == "cuda" and options.cg is not False
+    decoder = get_decoder(model, batch, int(lengths.max()) + steps_total, steps_total, vocab, stop_ids.numel(),
+                          options.sampling, options.cache_dtype, None if teacher is None else teacher.shape[1], graph)
+    buffers = decoder.buffers
+    buffers.load(prompts, seeds, budgets.to(device), stop_ids, pad, teacher)
+    logits = prefill(model, decoder.cache, prompts, options.cache_dtype, options.prefill_chunk)[:, :vocab]
+    buffers.choose(logits, options.sampling)
+    texts = [[] for _ in prompts] if options.stop_strings else None
+    every = 1 if texts is not None else options.check_every
     for t in range(steps_total):
-        tokens = sample(logits, config, seeds, step, seen).masked_fill_(finished, pad)
-        active = ~finished
-        finished = finished | torch.isin(tokens, stop_ids) | (budgets <= t + 1)
+        if t > 0:
+            logits = decoder.advance()
         if texts is not None:
-            finished |= stop_string_hits(tokens, active, texts, stop_strings, tokenizer)
-        done, broken = torch.stack([finished.all(), logits.isnan().any()]).tolist()  # one host sync per step
-        if broken:
-            raise FloatingPointError(f"logits: the model produced NaN at generated position {t}")
-        yield Step(tokens, logits, active, finished)
+            hits = stop_string_hits(buffers.sequence[:, t], buffers.active[:, t], texts, options.stop_strings,
+                                    options.tokenizer)
+            buffers.finished |= hits
+            buffers.finished_at[:, t] |= hits
+        done = False
+        if (t + 1) % every == 0 or t + 1 == steps_total:
+            done, broken = torch.stack([buffers.finished.all(), buffers.nan]).tolist()  # one host sync
+            if broken:
+                raise FloatingPointError(f"logits: the model produced NaN at or before generated position {t}")
+        yield Step(buffers.sequence[:, t], logits, buffers.active[:, t], buffers.finished_at[:, t])
         if done:
             return
-        if seen is not None:
-            seen.scatter_(1, tokens[:, None], True)
-        step += 1
-        logits = decode_step(model, cache, tokens)[:, :vocab]
 
 
 def prefill(model: nn.Module, cache: InferenceCache, prompts: list[torch.Tensor],
@@ -179,9 +181,7 @@ def prefill(model: nn.Module, cache: InferenceCache, prompts: list[torch.Tensor]
     """Run the parallel forward over every prompt, leave the final states in `cache` (one row per prompt)
     and return the last position's logits (batch, vocab). Prompts of equal length share one forward,
     in pieces of `prefill_chunk` tokens (None: whole)."""
-    if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, Integral)
-                                      or prefill_chunk < 1):
-        raise ValueError(f"prefill_chunk: expected a positive int or None, got {prefill_chunk!r}")
+    check_int("prefill_chunk", prefill_chunk, 1, allow_none=True)
     groups: dict[int, list[int]] = {}
     for row, prompt in enumerate(prompts):
         groups.setdefault(len(prompt), []).append(row)
@@ -207,15 +207,6 @@ def prefill_rows(model: nn.Module, cache: InferenceCache, ids: torch.Tensor, chu
         cache.seqlen_offset = start
         cache.lengths_per_sample.fill_(start)
         logits = model(ids[:, start:start + chunk], inference_params=cache, num_last_tokens=1).logits[:, -1]
-    return logits
-
-
-def decode_step(model: nn.Module, cache: InferenceCache, tokens: torch.Tensor) -> torch.Tensor:
-    """Feed one token per row (batch,), advance the cache in place and return the next logits (batch, vocab).
-    No tensor is created here beyond the model's own activations (the path a CUDA graph will capture)."""
-    logits = model(tokens[:, None], inference_params=cache, num_last_tokens=1).logits[:, -1]
-    cache.seqlen_offset += 1
-    cache.lengths_per_sample += 1
     return logits
 
 
@@ -248,44 +239,6 @@ def prompt_rows(input_ids, device: torch.device, attention_mask: torch.Tensor | 
     if empty:
         raise ValueError(f"input_ids: every prompt needs at least one token, rows {empty} are empty")
     return rows
-
-
-def token_budgets(lengths: torch.Tensor, max_length: int | None, max_new_tokens: int | None) -> torch.Tensor:
-    """New tokens allowed per row (batch,) from `max_new_tokens` or `max_length` (prompt included)."""
-    if (max_length is None) == (max_new_tokens is None):
-        raise ValueError("give exactly one of max_new_tokens and max_length, got "
-                         f"max_new_tokens={max_new_tokens!r}, max_length={max_length!r}")
-    name, value = ("max_new_tokens", max_new_tokens) if max_new_tokens is not None else ("max_length", max_length)
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
-        raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
-    if max_new_tokens is not None:
-        return torch.full_like(lengths, max_new_tokens)
-    if int(lengths.max()) > max_length:
-        raise ValueError(f"max_length: expected >= the longest prompt ({int(lengths.max())} tokens), got {max_length}")
-    return max_length - lengths
-
-
-def stop_id_tensor(eos_token_id, stop_token_ids, tokenizer, device) -> torch.Tensor:
-    """All token ids that end a row (1-D int64): eos (the tokenizer's when not given) and `stop_token_ids`."""
-    if eos_token_id is None:
-        eos_token_id = getattr(tokenizer, "eos_token_id", None)
-    eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, Integral) else list(eos_token_id)
-    ids = eos + list(stop_token_ids)
-    bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, Integral) or i < 0]
-    if bad:
-        raise ValueError(f"eos_token_id / stop_token_ids: expected ints >= 0, got {bad}")
-    return torch.tensor(ids, dtype=torch.long, device=device)
-
-
-def check_stop_strings(stop_strings, tokenizer) -> list[str]:
-    if isinstance(stop_strings, str):
-        stop_strings = [stop_strings]
-    stop_strings = list(stop_strings)
-    if any(not isinstance(s, str) or not s for s in stop_strings):
-        raise ValueError(f"stop_strings: expected non-empty strings, got {stop_strings!r}")
-    if stop_strings and tokenizer is None:
-        raise ValueError("stop_strings: needs a tokenizer to read the generated text, got tokenizer=None")
-    return stop_strings
 
 
 def stop_string_hits(tokens, active, texts, stop_strings, tokenizer) -> torch.Tensor:

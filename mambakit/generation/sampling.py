@@ -20,39 +20,37 @@ _MAX_SEED = 2**63 - 1
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How to pick tokens. Greedy (argmax) unless a sampling option is given; temperature 0 or top_k 1 is greedy too.
+    """How to pick tokens, with the official `mamba_ssm` defaults and meaning: greedy (argmax) when
+    top_k == 1 (the default), sampling otherwise; temperature 0 is greedy too.
 
     temperature: >= 0, divides the logits. top_k: keep the k most likely tokens (0 or None: all).
-    top_p: in (0, 1], keep the smallest set of most likely tokens whose probability reaches top_p.
-    min_p: in [0, 1), drop tokens less likely than min_p times the most likely one.
+    top_p: in [0, 1], keep the smallest set of most likely tokens whose probability reaches top_p
+    (0 or 1: no filter). min_p: in [0, 1), drop tokens less likely than min_p times the most likely one.
     repetition_penalty: > 0, logits of tokens already in the row (prompt included) are divided by it
     when positive and multiplied when negative (CTRL); 1 leaves them alone.
     """
 
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
+    temperature: float = 1.0
+    top_k: int | None = 1
+    top_p: float = 0.0
+    min_p: float = 0.0
     repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         _check_real("temperature", self.temperature, lambda v: v >= 0, ">= 0")
-        _check_real("top_p", self.top_p, lambda v: 0 < v <= 1, "in (0, 1]")
+        _check_real("top_p", self.top_p, lambda v: 0 <= v <= 1, "in [0, 1] (0 or 1: no filter)")
         _check_real("min_p", self.min_p, lambda v: 0 <= v < 1, "in [0, 1)")
         _check_real("repetition_penalty", self.repetition_penalty, lambda v: v > 0, "> 0")
         k = self.top_k
         if k is not None and (isinstance(k, bool) or not isinstance(k, Integral) or k < 0):
-            raise ValueError(f"top_k: expected an int >= 0 (0 or None: no limit), got {self.top_k!r}")
+            raise ValueError(f"top_k: expected an int >= 0 (1: greedy; 0 or None: no limit), got {self.top_k!r}")
 
     @property
     def greedy(self) -> bool:
-        sampling_asked = any(v is not None for v in (self.temperature, self.top_k, self.top_p, self.min_p))
-        return not sampling_asked or self.temperature == 0 or self.top_k == 1
+        return self.top_k == 1 or self.temperature == 0
 
 
 def _check_real(name: str, value, ok, expected: str) -> None:
-    if value is None:
-        return
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or not ok(value):
         raise ValueError(f"{name}: expected a finite number {expected}, got {value!r}")
 
@@ -106,12 +104,12 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 
 def filtered_probs(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
     """Probabilities (batch, vocab) fp32 after temperature, top-k, top-p and min-p, renormalized."""
-    logits = logits.float() / (config.temperature if config.temperature is not None else 1.0)
+    logits = logits.float() / config.temperature
     if config.top_k:
         kth = torch.topk(logits, min(config.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    if config.top_p is not None and config.top_p < 1:
+    if 0 < config.top_p < 1:
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         # Drop a token when the more likely ones already reach top_p (the most likely always stays).
         drop_sorted = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= config.top_p

@@ -6,7 +6,8 @@ from typing import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from mambakit.generation.generate import Step, iterate_tokens, prompt_rows, stop_id_tensor
+from mambakit.generation.generate import Step, decode_steps, prompt_rows
+from mambakit.generation.options import GenerationOptions
 
 REPLACEMENT_CHAR = "\ufffd"
 
@@ -47,7 +48,8 @@ def stream(model: nn.Module, prompt: str | Sequence[int], tokenizer=None, **opti
     """Generate from one prompt (text or token ids) and yield the new text piece by piece.
 
     `tokenizer` defaults to `model.tokenizer` (when the loader attached one); `options` are `generate`'s
-    (max_new_tokens, temperature, top_p, seed, stop_strings, ...). Stop tokens are not printed.
+    (`GenerationOptions`: max_new_tokens, top_k, temperature, top_p, seed, stop_strings, ...), greedy unless
+    top_k != 1. Stop tokens are not printed.
     """
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tokenizer is None:
@@ -56,9 +58,8 @@ def stream(model: nn.Module, prompt: str | Sequence[int], tokenizer=None, **opti
     if isinstance(ids, torch.Tensor) and ids.dim() != 1:
         raise ValueError(f"prompt: stream takes one prompt (L,), got shape {tuple(ids.shape)}")
     prompts = prompt_rows([ids], next(model.parameters()).device)
-    stop_ids = stop_id_tensor(options.get("eos_token_id"), options.get("stop_token_ids", ()), tokenizer,
-                              prompts[0].device)
-    yield from stream_text(iterate_tokens(model, prompts, tokenizer=tokenizer, **options), tokenizer, stop_ids)
+    config = GenerationOptions(tokenizer=tokenizer, **options)
+    yield from stream_text(decode_steps(model, prompts, config), tokenizer, config.stop_ids(prompts[0].device))
 
 
 def stream_text(steps: Iterable[Step], tokenizer, stop_ids: torch.Tensor) -> Iterator[str]:

@@ -168,11 +168,13 @@ class MambaLMHeadModel(nn.Module):
             hidden_states = hidden_states[:, -num_last_tokens:]
         return CausalLMOutput(logits=self.lm_head(hidden_states))
 
-    def generate(self, input_ids, max_length=None, **kwargs):
-        """`mambakit.generation.generate(self, input_ids, max_length, **kwargs)`: the official spelling."""
+    def generate(self, input_ids, max_length=None, top_k=1, top_p=0.0, min_p=0.0, temperature=1.0,
+                 return_dict_in_generate=False, output_scores=False, **kwargs):
+        """`mambakit.generation.generate(self, input_ids, ...)`, with the official signature and defaults."""
         from mambakit.generation import generate
 
-        return generate(self, input_ids, max_length, **kwargs)
+        return generate(self, input_ids, max_length, top_k, top_p, min_p, temperature, return_dict_in_generate,
+                        output_scores, **kwargs)
 
     def stream(self, prompt, tokenizer=None, **options):
         """`mambakit.generation.stream(self, prompt, tokenizer, **options)`: yields text as it is generated."""

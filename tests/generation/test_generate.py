@@ -29,8 +29,9 @@ def test_step_decoding_equals_the_parallel_forward(kind, prompt_len, make_model,
     assert torch.equal(out.sequences, greedy_reference(model, ids, 10, vocab))
     assert out.num_new_tokens.tolist() == [10, 10]
     parallel = model(out.sequences).logits[:, prompt_len - 1 : -1, :vocab].float().detach()
-    assert out.scores.shape == (2, 10, vocab)
-    assert float((out.scores - parallel).norm() / parallel.norm()) < 1e-6
+    scores = torch.stack(out.scores, dim=1)  # the official format: one (batch, vocab) tensor per step
+    assert len(out.scores) == 10 and scores.shape == (2, 10, vocab)
+    assert float((scores - parallel).norm() / parallel.norm()) < 1e-6
 
 
 @pytest.mark.parametrize("kind", ["mamba2", "hybrid"])
@@ -66,15 +67,16 @@ def test_chunked_prefill_equals_whole_prefill(kind, make_model, vocab):
     # Pieces of 4: 23 tokens end with a piece of 3, 9 tokens with a one-token piece (a decode step).
     prompts = [torch.randint(0, vocab, (n,)).tolist() for n in (23, 9, 23, 2)]
     seeds = torch.randint(0, 2**40, (len(prompts),)).tolist()
-    options = dict(max_new_tokens=6, temperature=1.0, seed=seeds, output_scores=True, return_dict_in_generate=True)
+    options = dict(max_new_tokens=6, temperature=1.0, top_k=0, seed=seeds, output_scores=True, return_dict_in_generate=True)
     whole = generate(model, prompts, prefill_chunk=None, **options)
     chunked = generate(model, prompts, prefill_chunk=4, **options)
     assert chunked.sequences == whole.sequences
-    assert float((chunked.scores - whole.scores).norm() / whole.scores.norm()) < 1e-6  # scores are fp32
+    chunked_scores, whole_scores = (torch.stack(o.scores, dim=1) for o in (chunked, whole))
+    assert float((chunked_scores - whole_scores).norm() / whole_scores.norm()) < 1e-6  # scores are fp32
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("sampling", [{}, {"temperature": 1.0, "top_p": 0.95, "repetition_penalty": 1.3}])
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 1.0, "top_k": 0, "top_p": 0.95, "repetition_penalty": 1.3}])
 def test_ragged_batch_equals_one_by_one(kind, sampling, make_model, vocab):
     model = make_model(kind).double()
     prompts = [torch.randint(0, vocab, (n,)).tolist() for n in (5, 17, 5, 1, 11)]
@@ -92,8 +94,8 @@ def test_left_padding_with_attention_mask_equals_ragged_prompts(make_model, voca
     mask = torch.zeros(3, 8, dtype=torch.long)
     for b, p in enumerate(prompts):
         padded[b, 8 - len(p) :], mask[b, 8 - len(p) :] = torch.tensor(p), 1
-    out = generate(model, padded, max_new_tokens=7, attention_mask=mask, temperature=1.0, seed=5)
-    ragged = generate(model, prompts, max_new_tokens=7, temperature=1.0, seed=5)
+    out = generate(model, padded, max_new_tokens=7, attention_mask=mask, temperature=1.0, top_k=0, seed=5)
+    ragged = generate(model, prompts, max_new_tokens=7, temperature=1.0, top_k=0, seed=5)
     assert torch.equal(out[:, :8], padded)
     assert out[:, 8:].tolist() == [r[len(p) :] for r, p in zip(ragged, prompts, strict=True)]
     with pytest.raises(ValueError, match="attention_mask"):
@@ -103,16 +105,16 @@ def test_left_padding_with_attention_mask_equals_ragged_prompts(make_model, voca
 def test_int_seed_gives_row_b_seed_plus_b(make_model, vocab):
     model = make_model("mamba1")
     prompts = torch.randint(0, vocab, (3, 4))
-    batched = generate(model, prompts, max_new_tokens=6, temperature=1.0, seed=100)
+    batched = generate(model, prompts, max_new_tokens=6, temperature=1.0, top_k=0, seed=100)
     for b in range(3):
-        alone = generate(model, prompts[b : b + 1], max_new_tokens=6, temperature=1.0, seed=100 + b)
+        alone = generate(model, prompts[b : b + 1], max_new_tokens=6, temperature=1.0, top_k=0, seed=100 + b)
         assert torch.equal(batched[b : b + 1], alone)
 
 
 def test_seeds_reproduce_and_differ(make_model, vocab):
     model = make_model("mamba2")
     ids = torch.randint(0, vocab, (2, 5))
-    sample = lambda **kw: generate(model, ids, max_new_tokens=16, temperature=1.0, **kw)  # noqa: E731
+    sample = lambda **kw: generate(model, ids, max_new_tokens=16, temperature=1.0, top_k=0, **kw)  # noqa: E731
     assert torch.equal(sample(seed=7), sample(seed=7))
     assert not torch.equal(sample(seed=7), sample(seed=8))
     torch.manual_seed(3)
@@ -193,7 +195,7 @@ def test_stop_strings(make_model, vocab):
         (lambda m: generate(m, "hello", max_new_tokens=2), TypeError, "input_ids"),
         (lambda m: generate(m, [[1, 2], []], max_new_tokens=2), ValueError, "empty"),
         (lambda m: generate(m, [[1, 300]], max_new_tokens=2), ValueError, "token ids"),
-        (lambda m: generate(m, [[1, 2]], max_new_tokens=2, top_p=0.0), ValueError, "top_p"),
+        (lambda m: generate(m, [[1, 2]], max_new_tokens=2, top_p=1.5), ValueError, "top_p"),
         (lambda m: generate(m, [[1, 2]], max_new_tokens=2, temperature=-0.5), ValueError, "temperature"),
         (lambda m: generate(m, [[1, 2]], max_new_tokens=2, stop_strings=["x"]), ValueError, "tokenizer"),
         (lambda m: generate(m, [[1, 2], [3]], max_new_tokens=2, seed=[1]), ValueError, "seed"),
@@ -227,4 +229,5 @@ def test_bf16_decoding_tracks_the_parallel_forward(kind, make_model, vocab):
     out = generate(model, ids, max_new_tokens=6, output_scores=True, return_dict_in_generate=True)
     with torch.no_grad():
         parallel = model(out.sequences).logits[:, 8:-1, :vocab].float()
-    assert float((out.scores - parallel).norm() / parallel.norm()) < 1e-2
+    scores = torch.stack(out.scores, dim=1)
+    assert float((scores - parallel).norm() / parallel.norm()) < 1e-2

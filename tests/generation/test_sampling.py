@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from mambakit.generation.sampling import SamplingConfig, row_seeds, sample, uniform
+from mambakit.generation.sampling import SamplingConfig, filtered_probs, row_seeds, sample, uniform
 
 
 def kept_by_top_p(probs: torch.Tensor, top_p: float) -> set[int]:
@@ -28,7 +28,7 @@ def draws(logits_row: torch.Tensor, config: SamplingConfig, n: int, seed: int) -
 @pytest.mark.parametrize(
     "kwargs, name",
     [
-        (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_p=-0.1), "top_p"),
+        (dict(top_p=1.5), "top_p"), (dict(top_p=-0.1), "top_p"),
         (dict(temperature=-1.0), "temperature"), (dict(temperature=float("nan")), "temperature"),
         (dict(temperature=float("inf")), "temperature"), (dict(top_k=-1), "top_k"), (dict(top_k=2.5), "top_k"),
         (dict(top_k=True), "top_k"), (dict(min_p=1.0), "min_p"), (dict(min_p=-0.5), "min_p"),
@@ -40,21 +40,27 @@ def test_invalid_settings_name_the_argument(kwargs, name):
         SamplingConfig(**kwargs)
 
 
-def test_greedy_is_the_default_and_temperature_zero_or_top_k_one():
+def test_greedy_unless_top_k_is_not_one_as_in_mamba_ssm():
     logits = torch.randn(6, 50)
     seeds = torch.arange(6)
-    greedy_configs = (SamplingConfig(), SamplingConfig(temperature=0.0, top_p=0.5),
-                      SamplingConfig(top_k=1, temperature=2.0))
+    # The official rule: top_k=1 (the default) is greedy whatever temperature / top_p / min_p say.
+    greedy_configs = (SamplingConfig(), SamplingConfig(temperature=0.0, top_k=0, top_p=0.5),
+                      SamplingConfig(top_k=1, temperature=2.0), SamplingConfig(temperature=0.7, top_p=0.9, min_p=0.1))
     for config in greedy_configs:
         assert config.greedy
         assert torch.equal(sample(logits, config, seeds, 3), logits.argmax(-1))
-    assert not SamplingConfig(top_p=0.9).greedy
+    for config in (SamplingConfig(top_k=0), SamplingConfig(top_k=None), SamplingConfig(top_k=5, top_p=0.9)):
+        assert not config.greedy
+    # Official defaults top_p=0.0 / min_p=0.0 filter nothing: top_k=0 alone samples the plain softmax.
+    plain = SamplingConfig(top_k=0)
+    assert torch.equal(filtered_probs(logits, plain), filtered_probs(logits, SamplingConfig(top_k=0, top_p=1.0)))
+    assert torch.allclose(filtered_probs(logits, plain), torch.softmax(logits, dim=-1))
 
 
 def test_samples_follow_the_tempered_softmax():
     logits = torch.randn(8) * 2
     n = 40000
-    counts = torch.bincount(draws(logits, SamplingConfig(temperature=0.7), n, seed=12345), minlength=8).double()
+    counts = torch.bincount(draws(logits, SamplingConfig(temperature=0.7, top_k=0), n, seed=12345), minlength=8).double()
     probs = torch.softmax(logits.double() / 0.7, dim=0)
     # Each frequency within 5 binomial standard deviations of its probability.
     assert torch.all((counts / n - probs).abs() <= 5 * torch.sqrt(probs * (1 - probs) / n) + 1e-4)
@@ -66,10 +72,10 @@ def test_top_k_top_p_min_p_only_sample_allowed_tokens():
     top5 = set(torch.topk(logits, 5).indices.tolist())
     assert set(draws(logits, SamplingConfig(top_k=5), 4000, seed=1).tolist()) <= top5
     nucleus = kept_by_top_p(probs, 0.8)
-    got = set(draws(logits, SamplingConfig(top_p=0.8), 4000, seed=2).tolist())
+    got = set(draws(logits, SamplingConfig(top_k=0, top_p=0.8), 4000, seed=2).tolist())
     assert got <= nucleus and int(logits.argmax()) in got
     min_p_kept = {i for i in range(40) if probs[i] >= 0.1 * probs.max()}
-    assert set(draws(logits, SamplingConfig(min_p=0.1), 4000, seed=3).tolist()) <= min_p_kept
+    assert set(draws(logits, SamplingConfig(top_k=0, min_p=0.1), 4000, seed=3).tolist()) <= min_p_kept
 
 
 def test_top_p_renormalizes_over_the_nucleus():
@@ -77,7 +83,7 @@ def test_top_p_renormalizes_over_the_nucleus():
     probs = torch.softmax(logits.double(), dim=0)
     kept = sorted(kept_by_top_p(probs, 0.75))
     n = 40000
-    counts = torch.bincount(draws(logits, SamplingConfig(top_p=0.75), n, seed=7), minlength=5).double()
+    counts = torch.bincount(draws(logits, SamplingConfig(top_k=0, top_p=0.75), n, seed=7), minlength=5).double()
     expected = torch.zeros(5, dtype=torch.float64)
     expected[kept] = probs[kept] / probs[kept].sum()
     assert torch.all((counts / n - expected).abs() <= 5 * torch.sqrt(expected * (1 - expected) / n) + 1e-4)
