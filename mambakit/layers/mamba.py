@@ -123,9 +123,10 @@ class Mamba(nn.Module):
         x, z = self.in_proj(hidden_states.squeeze(1)).chunk(2, dim=-1)  # (batch, d_inner) each
         x = causal_conv1d_update(x, conv_state, self._conv_weight(), self.conv1d.bias, activation=self.activation)
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight)
-        y = selective_state_update(ssm_state, x, dt, self._A(), B, C, self.D.float(), z=z,
-                                   dt_bias=self.dt_proj.bias.float(), dt_softplus=True)
+        # dt_proj and A = -exp(A_log) happen inside the step: fewer launches per token.
+        y = selective_state_update(ssm_state, x, dt, None, B, C, self.D.float(), z=z,
+                                   dt_bias=self.dt_proj.bias.float(), dt_softplus=True, A_log=self.A_log,
+                                   dt_proj_weight=self.dt_proj.weight)
         return self.out_proj(y).unsqueeze(1), conv_state, ssm_state
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None, **kwargs):

@@ -181,10 +181,10 @@ class Mamba2(nn.Module):
                                    activation=self.activation)
         x, B, C = xBC.split([self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         y = ssd_state_update(
-            ssm_state, x.unflatten(-1, (self.nheads, self.headdim)), dt, self._A(),
+            ssm_state, x.unflatten(-1, (self.nheads, self.headdim)), dt, None,
             B.unflatten(-1, (self.ngroups, self.d_state)), C.unflatten(-1, (self.ngroups, self.d_state)),
             D=self._D(), z=None if self.rmsnorm else z.unflatten(-1, (self.nheads, self.headdim)),
-            dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit,
+            dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit, A_log=self.A_log,
         )
         out = self._output(y.flatten(-2), z, z0, x0)
         return out.unsqueeze(1), conv_state, ssm_state

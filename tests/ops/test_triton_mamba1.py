@@ -360,6 +360,27 @@ def test_state_update_steps_match_loop(groups):
     assert rel_err(torch.stack(outs, -1), ref_out) < 1e-5 and rel_err(state, ref_last) < 1e-5
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_state_update_with_A_log_and_dt_proj_as_in_the_mamba_step(backend):
+    """As in Mamba.step: dt (low rank), B, C are column slices of one x_proj output, dt_proj and
+    A = -exp(A_log) are applied inside the step."""
+    batch, dim, N, rank = 3, 40, 5, 7
+    proj = torch.randn(batch, rank + 2 * N + 2, device=DEVICE)
+    dt_low, B, C = proj[:, : rank + 2 * N].split([rank, N, N], dim=-1)
+    x, z = torch.randn(batch, 2 * dim, device=DEVICE).chunk(2, dim=-1)  # strided halves
+    weight, bias = torch.randn(dim, rank, device=DEVICE) * 0.3, torch.randn(dim, device=DEVICE)
+    A_log, D = torch.randn(dim, N, device=DEVICE), torch.randn(dim, device=DEVICE)
+    state = torch.randn(batch, dim, N, device=DEVICE)
+    dt = (dt_low.double() @ weight.double().T)
+    ref_out, ref_last = loop_scan(x[..., None], dt[..., None], -torch.exp(A_log.double()), B[..., None],
+                                  C[..., None], D, z[..., None], bias, True, state, None)
+    out = scan_ops.selective_state_update(state, x, dt_low, None, B, C, D=D, z=z, dt_bias=bias, dt_softplus=True,
+                                          A_log=A_log, dt_proj_weight=weight, backend=backend)
+    assert rel_err(out, ref_out[..., 0]) < 1e-5 and rel_err(state, ref_last) < 1e-5
+    with pytest.raises(ValueError, match="A, A_log"):
+        scan_ops.selective_state_update(state, x, dt_low, -torch.exp(A_log), B, C, A_log=A_log, dt_proj_weight=weight)
+
+
 @pytest.mark.parametrize("width,silu", [(4, True), (3, False)])
 def test_conv_update_steps_match_loop(width, silu):
     x, w = torch.randn(2, 70, 5, device=DEVICE), torch.randn(70, width, device=DEVICE)

@@ -170,6 +170,25 @@ def test_step_matches_loop():
     assert rel_err(state, ref_states[:, -1]) < 1e-5
 
 
+def test_step_reads_strided_views_and_A_log_in_place():
+    """As in Mamba2.step: x, dt, B, C are column slices of one in_proj output, A comes as A_log."""
+    from mambakit.ops.ssd import triton_step
+
+    batch, nheads, headdim, ngroups, N = 3, 4, 5, 2, 6
+    widths = [nheads * headdim, ngroups * N, ngroups * N, nheads]
+    packed = torch.randn(batch, sum(widths) + 3, device=DEVICE)  # 3 spare columns: rows are not dense
+    x, B, C, dt = packed[:, : sum(widths)].split(widths, dim=-1)
+    x, B, C = x.unflatten(-1, (nheads, headdim)), B.unflatten(-1, (ngroups, N)), C.unflatten(-1, (ngroups, N))
+    A_log = torch.randn(nheads, device=DEVICE)
+    bias, D = torch.randn(nheads, device=DEVICE), torch.randn(nheads, device=DEVICE)
+    state = torch.randn(batch, nheads, headdim, N, device=DEVICE)
+    ref_out, ref_states = loop_ssd(x[:, None], dt[:, None], -torch.exp(A_log), B[:, None], C[:, None], D=D,
+                                   dt_bias=bias, softplus=True, h0=state)
+    out = triton_step.ssd_state_update(state, x, dt, None, B, C, D=D, dt_bias=bias, dt_softplus=True, A_log=A_log)
+    assert out.is_contiguous() and rel_err(out, ref_out[:, 0]) < 1e-5
+    assert rel_err(state, ref_states[:, -1]) < 1e-5
+
+
 def test_custom_op_compiles_and_matches_eager():
     """torch.compile traces the registered ops (fake tensors); eager calls run the same bodies through an
     autograd.Function: both give the same output and the same gradient for every input."""

@@ -87,17 +87,23 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                           backend=None):
+                           backend=None, A_log=None, dt_proj_weight=None):
     """One decoding step of the selective scan; `state` (batch, dim, N) fp32 is updated in place.
 
     x, dt, z: (batch, dim); A: (dim, N); B, C: (batch, N) or (batch, G, N), G dividing dim;
-    D, dt_bias: (dim,). Returns out (batch, dim) in x's dtype.
+    D, dt_bias: (dim,). Returns out (batch, dim) in x's dtype. Inputs may be strided views.
+    mambakit additions, which save the Mamba layer's step two to three launches: A=None with A_log (dim, N),
+    A = -exp(A_log); dt_proj_weight (dim, R) with dt (batch, R): the step uses dt @ dt_proj_weight^T.
     """
     check_shape("state", state, None, None, None)
     batch, dim, state_size = state.shape
     check_shape("x", x, batch, dim)
-    check_shape("dt", dt, batch, dim)
+    check_shape("dt_proj_weight", dt_proj_weight, dim, None)
+    check_shape("dt", dt, batch, dim if dt_proj_weight is None else dt_proj_weight.shape[1])
+    if (A is None) == (A_log is None):
+        raise ValueError(f"A, A_log: expected exactly one of them, got {'both' if A is not None else 'neither'}")
     check_shape("A", A, dim, state_size)
+    check_shape("A_log", A_log, dim, state_size)
     check_groups("B", B, batch, dim, state_size)
     check_groups("C", C, batch, dim, state_size)
     check_shape("D", D, dim)
@@ -108,9 +114,13 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         check_dtype(name, t, FLOAT_DTYPES)
     for name, t in dict(A=A, D=D, dt_bias=dt_bias).items():
         check_dtype(name, t, STATE_DTYPES)
-    check_same_device(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
+    for name, t in dict(A_log=A_log, dt_proj_weight=dt_proj_weight).items():  # read in fp32 by the step
+        check_dtype(name, t, FLOAT_DTYPES)
+    check_same_device(state=state, x=x, dt=dt, A=A, A_log=A_log, B=B, C=C, D=D, z=z, dt_bias=dt_bias,
+                      dt_proj_weight=dt_proj_weight)
     update = dispatch(_STEP_IMPLS, backend, x)
-    return update(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+    return update(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, A_log=A_log,
+                  dt_proj_weight=dt_proj_weight)
 
 
 __all__ = ["selective_scan", "selective_scan_fn", "selective_state_update"]

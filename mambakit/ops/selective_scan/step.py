@@ -12,14 +12,20 @@ def per_group(t: torch.Tensor) -> torch.Tensor:
     return t.unsqueeze(2)
 
 
-def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, A_log=None,
+                           dt_proj_weight=None):
     """state (batch, dim, N) <- exp(dt*A) * state + dt * B * x, in place; returns out (batch, dim) in x's dtype.
 
-    x, dt, z: (batch, dim); A: (dim, N); B, C: (batch, N) or (batch, G, N); D, dt_bias: (dim,).
+    x, dt, z: (batch, dim); A: (dim, N) (or None and A_log with A = -exp(A_log)); B, C: (batch, N) or
+    (batch, G, N); D, dt_bias: (dim,). With dt_proj_weight (dim, R), dt is (batch, R) and dt @ W^T is used.
     Math in state's dtype (fp32); B and C are broadcast per group rather than copied per channel.
     """
     dtype = state.dtype
+    if A_log is not None:
+        A = -torch.exp(A_log.to(dtype))
     dt = dt.to(dtype)
+    if dt_proj_weight is not None:
+        dt = dt @ dt_proj_weight.to(dtype).T
     if dt_bias is not None:
         dt = dt + dt_bias.to(dtype)
     if dt_softplus:

@@ -64,16 +64,18 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
 
 
 def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                     dt_limit=DEFAULT_DT_LIMIT, backend=None):
+                     dt_limit=DEFAULT_DT_LIMIT, backend=None, A_log=None):
     """One decoding step of SSD: h = exp(dt A) h + dt x B^T, y = h C + D x, out = y * silu(z).
 
     state: (batch, nheads, headdim, N) fp32, updated in place; x, z: (batch, nheads, headdim);
     dt: (batch, nheads); A: (nheads,); B, C: (batch, ngroups, N); D: (nheads,) or (nheads, headdim);
-    dt_bias: (nheads,); dt is processed as in `ssd`. Returns out (batch, nheads, headdim) in x's dtype.
+    dt_bias: (nheads,); dt is processed as in `ssd`. A_log (a mambakit addition): give A=None and the
+    layer's A_log (nheads,) instead; A = -exp(A_log) is then computed inside the step (no extra launches).
+    Inputs may be strided views. Returns out (batch, nheads, headdim) in x's dtype.
     """
-    _check_step_args(state, x, dt, A, B, C, D, z, dt_bias, dt_limit)
+    _check_step_args(state, x, dt, A, B, C, D, z, dt_bias, dt_limit, A_log)
     return dispatch(_STEP_IMPLS, backend, x)(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
-                                              dt_softplus=dt_softplus, dt_limit=dt_limit)
+                                              dt_softplus=dt_softplus, dt_limit=dt_limit, A_log=A_log)
 
 
 def number_sequences(seq_idx):
@@ -139,7 +141,7 @@ def _check_cu_seqlens(cu_seqlens, batch, seqlen, seq_idx):
             raise ValueError(f"seq_idx: its sequence starts {starts.tolist()} differ from cu_seqlens {bounds}")
 
 
-def _check_step_args(state, x, dt, A, B, C, D, z, dt_bias, dt_limit):
+def _check_step_args(state, x, dt, A, B, C, D, z, dt_bias, dt_limit, A_log):
     check_shape("state", state, None, None, None, None)
     check_dtype("state", state, (torch.float32, torch.float64))
     if not state.is_contiguous():
@@ -147,7 +149,11 @@ def _check_step_args(state, x, dt, A, B, C, D, z, dt_bias, dt_limit):
     batch, nheads, headdim, N = state.shape
     check_shape("x", x, batch, nheads, headdim)
     check_shape("dt", dt, batch, nheads)
+    if (A is None) == (A_log is None):
+        raise ValueError("A, A_log: expected exactly one of them, got "
+                         f"{'both' if A is not None else 'neither'}")
     check_shape("A", A, nheads)
+    check_shape("A_log", A_log, nheads)
     check_shape("B", B, batch, None, N)
     ngroups = B.shape[1]
     if ngroups == 0 or nheads % ngroups != 0:
@@ -156,10 +162,10 @@ def _check_step_args(state, x, dt, A, B, C, D, z, dt_bias, dt_limit):
     check_shape("z", z, batch, nheads, headdim)
     check_shape("dt_bias", dt_bias, nheads)
     _check_D(D, nheads, headdim)
-    for name, t in dict(x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias).items():
+    for name, t in dict(x=x, dt=dt, A=A, A_log=A_log, B=B, C=C, D=D, z=z, dt_bias=dt_bias).items():
         check_dtype(name, t, FLOAT_DTYPES)
     check_dt_limit(dt_limit)
-    check_same_device(state=state, x=x, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
+    check_same_device(state=state, x=x, dt=dt, A=A, A_log=A_log, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
 
 
 def _check_D(D, nheads, headdim):

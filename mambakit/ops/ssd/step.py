@@ -8,17 +8,20 @@ from .reference import DEFAULT_DT_LIMIT, prepare_dt
 
 
 def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                     dt_limit=DEFAULT_DT_LIMIT):
+                     dt_limit=DEFAULT_DT_LIMIT, A_log=None):
     """h = exp(dt * A) h + dt x B^T; y = h C + D x; out = y * silu(z) when z is given.
 
     state: (batch, nheads, headdim, N) fp32, updated in place; x, z: (batch, nheads, headdim);
-    dt: (batch, nheads); A: (nheads,); B, C: (batch, ngroups, N); D: (nheads,) or (nheads, headdim);
+    dt: (batch, nheads); A: (nheads,), or None and A_log (nheads,) with A = -exp(A_log);
+    B, C: (batch, ngroups, N); D: (nheads,) or (nheads, headdim);
     dt_bias: (nheads,). Returns out (batch, nheads, headdim) in x's dtype.
     Arguments are validated by `mambakit.ops.ssd.ssd_state_update`.
     """
     batch, nheads, headdim, N = state.shape
     ngroups = B.shape[1]
     dtype = state.dtype
+    if A_log is not None:
+        A = -torch.exp(A_log.to(dtype))
     dt = prepare_dt(dt, dt_bias, dt_softplus, dt_limit, dtype)  # (batch, nheads)
     decay = torch.exp(dt * A.to(dtype))
 

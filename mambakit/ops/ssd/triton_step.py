@@ -16,26 +16,31 @@ BLOCK_P = 16  # headdim rows per program: 24 heads x 64 at batch 1 is still 96 p
 
 @triton.jit
 def _ssd_step(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, out_ptr,
-              H, G, P, N, dt_min, dt_max,
+              H, G, P, N, dt_min, dt_max, s_xb, s_xh, s_xp, s_tb, s_th, s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn,
+              s_zb, s_zh, s_zp,
               HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-              SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
+              SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, A_IS_LOG: tl.constexpr, BP: tl.constexpr,
+              BN: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     g = h // (H // G)
     rows = tl.program_id(2) * BP + tl.arange(0, BP)
     cols = tl.arange(0, BN)
     mrow, mcol = rows < P, cols < N
-    dt = tl.load(dt_ptr + b * H + h).to(tl.float32)
+    dt = tl.load(dt_ptr + b * s_tb + h * s_th).to(tl.float32)
     if HAS_BIAS:
         dt += tl.load(bias_ptr + h).to(tl.float32)
     if SOFTPLUS:
         dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
     if HAS_LIMIT:
         dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
-    decay = tl.exp(dt * tl.load(A_ptr + h).to(tl.float32))
-    x = tl.load(x_ptr + (b * H + h) * P + rows, mask=mrow, other=0.0).to(tl.float32)
-    Bv = tl.load(B_ptr + (b * G + g) * N + cols, mask=mcol, other=0.0).to(tl.float32)
-    Cv = tl.load(C_ptr + (b * G + g) * N + cols, mask=mcol, other=0.0).to(tl.float32)
+    A = tl.load(A_ptr + h).to(tl.float32)
+    if A_IS_LOG:
+        A = -tl.exp(A)
+    decay = tl.exp(dt * A)
+    x = tl.load(x_ptr + b * s_xb + h * s_xh + rows * s_xp, mask=mrow, other=0.0).to(tl.float32)
+    Bv = tl.load(B_ptr + b * s_Bb + g * s_Bg + cols * s_Bn, mask=mcol, other=0.0).to(tl.float32)
+    Cv = tl.load(C_ptr + b * s_Cb + g * s_Cg + cols * s_Cn, mask=mcol, other=0.0).to(tl.float32)
     tile = state_ptr + ((b * H + h) * P + rows[:, None]) * N + cols[None, :]
     mask = mrow[:, None] & mcol[None, :]
     s = tl.load(tile, mask=mask, other=0.0) * decay + (dt * x)[:, None] * Bv[None, :]
@@ -47,31 +52,32 @@ def _ssd_step(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_
         else:
             y += x * tl.load(D_ptr + h).to(tl.float32)
     if HAS_Z:
-        zv = tl.load(z_ptr + (b * H + h) * P + rows, mask=mrow, other=0.0).to(tl.float32)
+        zv = tl.load(z_ptr + b * s_zb + h * s_zh + rows * s_zp, mask=mrow, other=0.0).to(tl.float32)
         y = y * zv * tl.sigmoid(zv)
     tl.store(out_ptr + (b * H + h) * P + rows, y, mask=mrow)
 
 
 def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                     dt_limit=DEFAULT_DT_LIMIT):
+                     dt_limit=DEFAULT_DT_LIMIT, A_log=None):
     """One decode step; arguments checked by `mambakit.ops.ssd.ssd_state_update`.
 
     state: (batch, nheads, headdim, N) fp32 contiguous, updated in place; x, z: (batch, nheads, headdim);
-    dt: (batch, nheads); A: (nheads,); B, C: (batch, ngroups, N). Returns out (batch, nheads, headdim).
+    dt: (batch, nheads); A or A_log: (nheads,); B, C: (batch, ngroups, N); any strides (views of one
+    in_proj output are read in place). Returns out (batch, nheads, headdim) contiguous, in x's dtype.
     """
     if state.dtype != torch.float32:
         raise TypeError(f"state: the triton step keeps the state in float32, got {state.dtype}")
     batch, H, P, N = state.shape
     G = B.shape[1]
-    x, dt, B, C = x.contiguous(), dt.contiguous(), B.contiguous(), C.contiguous()
     none = state.new_empty(0)
     has_limit = tuple(dt_limit) != DEFAULT_DT_LIMIT
-    out = torch.empty_like(x)
+    out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     _ssd_step[(batch, H, triton.cdiv(P, BLOCK_P))](
-        state, x, dt, A, B, C, D.contiguous() if D is not None else none, z.contiguous() if z is not None else none,
-        dt_bias if dt_bias is not None else none, out, H, G, P, N,
+        state, x, dt, (A if A_log is None else A_log).contiguous(), B, C, D.contiguous() if D is not None else none,
+        z if z is not None else none, dt_bias.contiguous() if dt_bias is not None else none, out, H, G, P, N,
         float(dt_limit[0]) if has_limit else 0.0, min(float(dt_limit[1]), 3.0e38) if has_limit else 0.0,
+        *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *(z.stride() if z is not None else (0, 0, 0)),
         HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2, HAS_Z=z is not None,
-        HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit,
+        HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit, A_IS_LOG=A_log is not None,
         BP=BLOCK_P, BN=max(16, triton.next_power_of_2(N)), num_warps=4)
     return out
