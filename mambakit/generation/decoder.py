@@ -161,8 +161,8 @@ class Decoder:
         with torch.cuda.stream(side):
             for _ in range(2):
                 self._eager_step()
+                self.buffers.step.zero_()  # buffers may hold a single step
         torch.cuda.current_stream().wait_stream(side)
-        self.buffers.step.zero_()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self._graph_logits = self._eager_step()
@@ -179,7 +179,7 @@ def get_decoder(model: nn.Module, batch: int, max_seqlen: int, steps: int, vocab
     max_seqlen, steps = _round_up_pow2(max_seqlen), _round_up_pow2(steps)
     stop_slots = -(-max(n_stop_ids, 1) // STOP_ID_SLOTS) * STOP_ID_SLOTS
     args = (model, batch, max_seqlen, steps, vocab, stop_slots, sampling, cache_dtype, teacher_len)
-    if not graph:
+    if not graph or steps == 1:  # one token comes from the prefill alone: nothing to replay
         return Decoder(*args, graph=False)
     weights = tuple((p.data_ptr(), p.dtype, p.shape) for p in model.parameters())
     key = (*args[1:], weights)
