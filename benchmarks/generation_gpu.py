@@ -108,7 +108,7 @@ def check_against_official(arch: str) -> dict:
     ids = torch.randint(0, VOCAB, (4, 512), device="cuda")
     ref, got = official(ids).logits.float(), ours(ids).logits.float()
     graph, eager = ours.generate(ids, 512 + 64, cg=True), ours.generate(ids, 512 + 64, cg=False)
-    theirs = official.generate(ids, 512 + 64, cg=True).sequences
+    theirs = official.generate(ids, 512 + 64, cg=True)
     same = (graph[:, 512:] == theirs[:, 512:]).cumprod(dim=1).sum(dim=1)  # leading tokens that agree, per row
     return dict(check="same weights as official", arch=arch, logits_err=float((got - ref).norm() / ref.norm()),
                 graph_equals_eager=bool(torch.equal(graph, eager)),

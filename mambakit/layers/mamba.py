@@ -125,7 +125,7 @@ class Mamba(nn.Module):
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         # dt_proj and A = -exp(A_log) happen inside the step: fewer launches per token.
         y = selective_state_update(ssm_state, x, dt, None, B, C, self.D.float(), z=z,
-                                   dt_bias=self.dt_proj.bias.float(), dt_softplus=True, A_log=self.A_log,
+                                   dt_bias=self.dt_proj.bias, dt_softplus=True, A_log=self.A_log,
                                    dt_proj_weight=self.dt_proj.weight)
         return self.out_proj(y).unsqueeze(1), conv_state, ssm_state
 

@@ -91,7 +91,8 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     """One decoding step of the selective scan; `state` (batch, dim, N) fp32 is updated in place.
 
     x, dt, z: (batch, dim); A: (dim, N); B, C: (batch, N) or (batch, G, N), G dividing dim;
-    D, dt_bias: (dim,). Returns out (batch, dim) in x's dtype. Inputs may be strided views.
+    D: (dim,) fp32; dt_bias: (dim,) any float dtype (used in fp32). Returns out (batch, dim) in x's dtype.
+    Inputs may be strided views.
     mambakit additions, which save the Mamba layer's step two to three launches: A=None with A_log (dim, N),
     A = -exp(A_log); dt_proj_weight (dim, R) with dt (batch, R): the step uses dt @ dt_proj_weight^T.
     """
@@ -112,9 +113,9 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     check_dtype("state", state, STATE_DTYPES)
     for name, t in dict(x=x, dt=dt, B=B, C=C, z=z).items():
         check_dtype(name, t, FLOAT_DTYPES)
-    for name, t in dict(A=A, D=D, dt_bias=dt_bias).items():
+    for name, t in dict(A=A, D=D).items():
         check_dtype(name, t, STATE_DTYPES)
-    for name, t in dict(A_log=A_log, dt_proj_weight=dt_proj_weight).items():  # read in fp32 by the step
+    for name, t in dict(A_log=A_log, dt_bias=dt_bias, dt_proj_weight=dt_proj_weight).items():  # read in fp32
         check_dtype(name, t, FLOAT_DTYPES)
     check_same_device(state=state, x=x, dt=dt, A=A, A_log=A_log, B=B, C=C, D=D, z=z, dt_bias=dt_bias,
                       dt_proj_weight=dt_proj_weight)
