@@ -2,6 +2,7 @@
 Triton op eagerly without the custom-op dispatcher."""
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable, Mapping, Sequence
 
@@ -11,6 +12,7 @@ BACKENDS = ("reference", "cpu", "triton")
 BACKEND_ENV = "MAMBAKIT_BACKEND"
 
 
+@functools.cache  # asked on every op call: the import statement alone costs microseconds
 def triton_available() -> bool:
     """True when Triton can run here: a CUDA device, or the CPU interpreter (TRITON_INTERPRET=1)."""
     try:

@@ -29,7 +29,8 @@ def test_graph_decoding_equals_eager_token_for_token(kind, sampling, dtype, make
     assert torch.equal(graph.num_new_tokens, eager.num_new_tokens)
     # cuBLAS may pick other kernels while capturing: logits agree to rounding, tokens exactly.
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
-    assert all(float((g - e).norm() / e.norm()) < tolerance for g, e in zip(graph.scores, eager.scores, strict=True))
+    errors = [float((g - e).norm() / e.norm()) for g, e in zip(graph.scores, eager.scores, strict=True)]
+    assert max(errors) < tolerance, errors
 
 
 def test_kept_graph_is_reused_and_rows_that_stop_do_not_recapture(make_model, vocab):
