@@ -96,7 +96,7 @@ def generate(
         tokens.append(step.tokens)
         active.append(step.active)
         if output_scores:
-            scores.append(step.logits.float())  # a copy: the step's logits buffer is reused
+            scores.append(step.logits.to(torch.float32, copy=True))  # the step's logits buffer is reused
         if streamer is not None:
             streamer.put(step.tokens.cpu())
     if streamer is not None:

@@ -85,6 +85,9 @@ def test_eager_autograd_runs_the_pieces_and_passes_none_for_unused_outputs():
     (g,) = torch.autograd.grad(scaled.sum(), x)
     assert torch.allclose(g, torch.full_like(x, scale)) and seen["d_exp"] is None
     assert torch.autograd.gradcheck(lambda t: sum(o.sum() for o in op(t, scale)), (x,))
+    with torch.no_grad():  # inference calls the forward body alone: same values, nothing recorded
+        scaled_again, exp = op(x, scale)
+    assert torch.equal(scaled_again, scaled) and exp.grad_fn is None and not exp.requires_grad
 
 
 def test_custom_op_if_compiling_picks_the_custom_op_only_under_compile():
