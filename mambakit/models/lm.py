@@ -88,7 +88,7 @@ class MixerModel(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        self.residual_in_fp32 = residual_in_fp32
+        self.residual_in_fp32, self.fused_add_norm = residual_in_fp32, fused_add_norm
         self.embedding = nn.Embedding(vocab_size, d_model, **factory)
         self.layers = nn.ModuleList(
             create_block(d_model, d_intermediate, ssm_cfg=ssm_cfg, attn_layer_idx=attn_layer_idx, attn_cfg=attn_cfg,
@@ -120,6 +120,8 @@ class MixerModel(nn.Module):
         for layer in self.layers:
             hidden_states, residual = layer(hidden_states, residual, inference_params=inference_params,
                                             **mixer_kwargs)
+        if self.fused_add_norm and isinstance(self.norm_f, RMSNorm):  # one launch, the sum in fp32 (as official)
+            return self.norm_f(hidden_states, residual=residual)
         residual = hidden_states + residual
         return self.norm_f(residual.to(dtype=self.norm_f.weight.dtype))
 
