@@ -105,7 +105,7 @@ class Mamba(nn.Module):
         dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # bias is added inside the scan, in fp32
         y = selective_scan(
-            x, dt, self._A(), B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), self.D.float(),
+            x, dt, self._A(), B.transpose(1, 2), C.transpose(1, 2), self.D.float(),
             z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
             initial_state=ssm_state if continuing else None,
             return_final_state=ssm_state is not None, seq_idx=seq_idx,

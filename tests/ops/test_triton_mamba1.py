@@ -157,6 +157,30 @@ def test_scan_without_optional_inputs_strided_steps():
         assert rel_err(ours[name], ref) < 1e-4, name
 
 
+@pytest.mark.parametrize("chunks", [None, 2])
+def test_scan_inference_reads_layer_layouts_without_copies(chunks, monkeypatch):
+    """Without gradients the scan reads u, delta, z with channels adjacent and B, C with states adjacent
+    (views of the projections' outputs, as in the Mamba layer) and writes out in z's layout."""
+    from mambakit.ops.selective_scan import triton_scan
+
+    monkeypatch.setattr(triton_scan, "FORCE_CHUNKS", chunks)
+    batch, dim, length, N = 2, 8, 40, 4
+    inputs, _ = make_inputs(batch, dim, length, N, h0=True)
+    channels_last = lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731
+    proj = torch.randn(batch, length, 3 + 2 * N, device=DEVICE)  # like x_proj's output: (dt, B, C) per step
+    proj[..., 3:3 + N], proj[..., 3 + N:] = inputs["B"].transpose(1, 2), inputs["C"].transpose(1, 2)
+    strided = dict(inputs, u=channels_last(inputs["u"]), delta=channels_last(inputs["delta"]),
+                   z=channels_last(inputs["z"]), B=proj[..., 3:3 + N].transpose(1, 2),
+                   C=proj[..., 3 + N:].transpose(1, 2))
+    with torch.no_grad():
+        out, last = scan_ops.selective_scan(**strided, delta_softplus=True, return_final_state=True,
+                                            backend="triton")
+    ref_out, ref_last = loop_scan(inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"], inputs["D"],
+                                  inputs["z"], inputs["delta_bias"], True, inputs["initial_state"], None)
+    assert out.stride() == strided["z"].stride()  # out_proj reads it as (batch, L, dim) without a copy
+    assert rel_err(out, ref_out) < 1e-4 and rel_err(last, ref_last) < 1e-4
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_scan_low_precision_inputs(dtype):
     inputs, _ = make_inputs(1, 4, 24, 4, dtype=dtype)

@@ -30,10 +30,12 @@ from mambakit.ops._common import custom_op_if_compiling, eager_autograd
 from mambakit.ops.selective_scan import reference
 
 TILE_L = 64  # steps per tile; the backward's checkpoint stride
-# Measured best on an H100 at batch 8, d_inner 1536, N 16, L 2048 (benchmarks/results/kernels-h100.json):
-FWD_BLOCK_D, FWD_WARPS, FWD_UNROLL = 64, 2, 8  # channels per program, warps, steps unrolled
+# Measured best on an H200 over batch 1 x 128K-512K, 16 x 2K and 128 x 2K, d_inner 1536, N 16 (a sweep of
+# channels, warps, unroll and programs per SM; benchmarks/results/kernels-h200-notes.md):
+FWD_BLOCK_D, FWD_WARPS, FWD_UNROLL = 128, 4, 16  # channels per program, warps, steps unrolled
 BWD_BLOCK_D, BWD_WARPS = 1, 1
 FWD_PROGRAMS_PER_SM = 8  # below this many programs per SM the forward also splits the sequence
+MIN_CHUNK_TILES = 8  # the shortest sequence chunk, in tiles: shorter ones cost more in pass 2 than they save
 FORCE_CHUNKS = None  # tests set an int to exercise the sequence-parallel forward at tiny shapes
 
 
@@ -354,9 +356,21 @@ def _grouped(t: torch.Tensor) -> torch.Tensor:
 
 
 def _steps_major(t: torch.Tensor) -> torch.Tensor:
-    """(batch, G, N, L) -> (batch, G, L, N) fp32: a step's N values adjacent and ready to use (one small copy)."""
+    """(batch, G, N, L) with a step's N values adjacent: t itself when they are (B and C cut from x_proj's
+    output), else an fp32 copy laid out (batch, G, L, N) (one small copy)."""
+    if t.stride(2) == 1:
+        return t
     out = torch.empty(*t.shape[:2], t.shape[3], t.shape[2], device=t.device, dtype=torch.float32)
-    return out.copy_(t.transpose(-1, -2))
+    return out.copy_(t.transpose(-1, -2)).transpose(-1, -2)
+
+
+def _new_out(u: torch.Tensor, z: Optional[torch.Tensor]) -> torch.Tensor:
+    """The output (batch, dim, L) in z's layout when z has its channels adjacent (the gate cut from in_proj's
+    output, at inference): out_proj then reads it without a copy. Else u's shape, contiguous."""
+    batch, dim, length = u.shape
+    if z is not None and z.stride(1) == 1 and z.stride(2) != 1:
+        return u.new_empty(batch, length, dim).transpose(1, 2)
+    return u.new_empty(batch, dim, length)
 
 
 def _block_d(dim: int, B: torch.Tensor, C: torch.Tensor, block: int) -> int:
@@ -377,7 +391,7 @@ def _num_chunks(batch: int, dim_blocks: int, length: int, device: torch.device) 
         return 1
     programs_wanted = FWD_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
     chunks = triton.cdiv(programs_wanted, batch * dim_blocks)
-    return max(1, min(chunks, triton.cdiv(length, 8 * TILE_L)))
+    return max(1, min(chunks, triton.cdiv(length, MIN_CHUNK_TILES * TILE_L)))
 
 
 def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, save_ckpt):
@@ -394,7 +408,7 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_s
     chunk_len = triton.cdiv(n_tiles, chunks) * TILE_L
     chunks = triton.cdiv(length, chunk_len)
     dev = u.device
-    out = torch.empty(batch, dim, length, device=dev, dtype=u.dtype)
+    out = _new_out(u, z)
     hend = torch.empty(batch, chunks, dim, N, device=dev, dtype=torch.float32)
     ckpt = torch.empty(batch, dim, n_tiles, N, device=dev, dtype=torch.float32) if save_ckpt else hend
     h0 = None if initial_state is None else initial_state.float().contiguous().unsqueeze(1)
@@ -409,7 +423,7 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_s
             out, hend, decay, ckpt,
             dim, length, chunk_len, dim // B.shape[1], dim // C.shape[1], 1,
             *u.stride(), *delta.stride(), *(z.stride() if z is not None else (0, 0, 0)), *out.stride(),
-            B.stride(0), B.stride(1), B.stride(3), B.stride(2), C.stride(0), C.stride(1), C.stride(3), C.stride(2),
+            *B.stride(), *C.stride(),
             *(seq_idx.stride() if seq_idx is not None else (0, 0)),
             s_start[0], s_start[1], s_start[2], hend.stride(0), hend.stride(1), hend.stride(2),
             ckpt.stride(0), ckpt.stride(1), ckpt.stride(2),
@@ -495,7 +509,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_id
     batch, dim, length = u.shape
     N = A.shape[1]
     ckpt_shape = (batch, dim, triton.cdiv(length, TILE_L), N) if save_ckpt else (0,)
-    return (u.new_empty(batch, dim, length), u.new_empty(batch, dim, N, dtype=torch.float32),
+    return (_new_out(u, z), u.new_empty(batch, dim, N, dtype=torch.float32),
             u.new_empty(ckpt_shape, dtype=torch.float32))
 
 
@@ -544,6 +558,15 @@ _scan_fwd_op.register_autograd(_scan_grads, setup_context=_scan_setup_context)
 _scan_fwd_eager = eager_autograd(_scan_fwd, _scan_setup_context, functools.partial(_scan_grads, backward=_scan_bwd))
 
 
+def _readable(t: Optional[Tensor], for_backward: bool, channel_dim: int) -> Optional[Tensor]:
+    """t with its steps adjacent in memory, or, when no backward follows, its channels (u, delta, z) or
+    states (B, C) adjacent: the forward reads (channels x steps) tiles coalesced either way, while the
+    backward walks one channel along the sequence (a strided read there costs more than one copy)."""
+    if t is None or t.stride(-1) == 1 or (not for_backward and t.stride(channel_dim) == 1):
+        return t
+    return t.contiguous()
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    initial_state=None, return_final_state=False, seq_idx=None):
     """Triton selective scan; arguments and shapes as `mambakit.ops.selective_scan` (validated there).
@@ -556,12 +579,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                                         return_final_state=return_final_state, seq_idx=seq_idx)
     D = D.contiguous() if D is not None else None  # the kernels index D and delta_bias with unit stride
     delta_bias = delta_bias.contiguous() if delta_bias is not None else None
-    # Steps adjacent in memory (e.g. delta = linear(...).transpose(1, 2) is not): one copy costs less than
-    # strided loads in every pass, forward and backward.
-    u, delta, B, C = (t if t.stride(-1) == 1 else t.contiguous() for t in (u, delta, B, C))
-    z = z if z is None or z.stride(-1) == 1 else z.contiguous()
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias, initial_state))
+    u, delta, z = (_readable(t, needs_grad, channel_dim=1) for t in (u, delta, z))
+    B, C = (_readable(t, needs_grad, channel_dim=-2) for t in (B, C))
     scan = custom_op_if_compiling(_scan_fwd_op, _scan_fwd_eager)
     out, final_state, _ = scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, needs_grad)
     return (out, final_state) if return_final_state else out
