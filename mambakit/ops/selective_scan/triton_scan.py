@@ -35,7 +35,7 @@ TILE_L = 64  # steps per tile; the backward's checkpoint stride
 FWD_BLOCK_D, FWD_WARPS, FWD_UNROLL = 128, 4, 16  # channels per program, warps, steps unrolled
 BWD_BLOCK_D, BWD_WARPS = 1, 1
 FWD_PROGRAMS_PER_SM = 8  # below this many programs per SM the forward also splits the sequence
-MIN_CHUNK_TILES = 8  # the shortest sequence chunk, in tiles: shorter ones cost more in pass 2 than they save
+MIN_CHUNK_TILES = 2  # the shortest sequence chunk, in tiles (H200, batch 1: 2 beat 1, 4 and 8 at 2K and 8K)
 FORCE_CHUNKS = None  # tests set an int to exercise the sequence-parallel forward at tiny shapes
 
 
@@ -364,15 +364,6 @@ def _steps_major(t: torch.Tensor) -> torch.Tensor:
     return out.copy_(t.transpose(-1, -2)).transpose(-1, -2)
 
 
-def _new_out(u: torch.Tensor, z: Optional[torch.Tensor]) -> torch.Tensor:
-    """The output (batch, dim, L) in z's layout when z has its channels adjacent (the gate cut from in_proj's
-    output, at inference): out_proj then reads it without a copy. Else u's shape, contiguous."""
-    batch, dim, length = u.shape
-    if z is not None and z.stride(1) == 1 and z.stride(2) != 1:
-        return u.new_empty(batch, length, dim).transpose(1, 2)
-    return u.new_empty(batch, dim, length)
-
-
 def _block_d(dim: int, B: torch.Tensor, C: torch.Tensor, block: int) -> int:
     """Channels per program: at most `block`, a power of two that keeps every program in one group of B and C."""
     for t in (B, C):
@@ -408,7 +399,7 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_s
     chunk_len = triton.cdiv(n_tiles, chunks) * TILE_L
     chunks = triton.cdiv(length, chunk_len)
     dev = u.device
-    out = _new_out(u, z)
+    out = torch.empty(batch, dim, length, device=dev, dtype=u.dtype)
     hend = torch.empty(batch, chunks, dim, N, device=dev, dtype=torch.float32)
     ckpt = torch.empty(batch, dim, n_tiles, N, device=dev, dtype=torch.float32) if save_ckpt else hend
     h0 = None if initial_state is None else initial_state.float().contiguous().unsqueeze(1)
@@ -509,7 +500,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_id
     batch, dim, length = u.shape
     N = A.shape[1]
     ckpt_shape = (batch, dim, triton.cdiv(length, TILE_L), N) if save_ckpt else (0,)
-    return (_new_out(u, z), u.new_empty(batch, dim, N, dtype=torch.float32),
+    return (u.new_empty(batch, dim, length), u.new_empty(batch, dim, N, dtype=torch.float32),
             u.new_empty(ckpt_shape, dtype=torch.float32))
 
 
@@ -558,15 +549,6 @@ _scan_fwd_op.register_autograd(_scan_grads, setup_context=_scan_setup_context)
 _scan_fwd_eager = eager_autograd(_scan_fwd, _scan_setup_context, functools.partial(_scan_grads, backward=_scan_bwd))
 
 
-def _readable(t: Optional[Tensor], for_backward: bool, channel_dim: int) -> Optional[Tensor]:
-    """t with its steps adjacent in memory, or, when no backward follows, its channels (u, delta, z) or
-    states (B, C) adjacent: the forward reads (channels x steps) tiles coalesced either way, while the
-    backward walks one channel along the sequence (a strided read there costs more than one copy)."""
-    if t is None or t.stride(-1) == 1 or (not for_backward and t.stride(channel_dim) == 1):
-        return t
-    return t.contiguous()
-
-
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    initial_state=None, return_final_state=False, seq_idx=None):
     """Triton selective scan; arguments and shapes as `mambakit.ops.selective_scan` (validated there).
@@ -581,8 +563,11 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     delta_bias = delta_bias.contiguous() if delta_bias is not None else None
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (u, delta, A, B, C, D, z, delta_bias, initial_state))
-    u, delta, z = (_readable(t, needs_grad, channel_dim=1) for t in (u, delta, z))
-    B, C = (_readable(t, needs_grad, channel_dim=-2) for t in (B, C))
+    # Steps adjacent in memory (delta = linear(...).transpose(1, 2) is not): each thread walks a run of steps
+    # of its channel, so a copy costs less than strided loads in every pass, forward and backward. B and C
+    # may instead have their states adjacent (cut from x_proj's output): the forward reads them per step.
+    u, delta, z = (t if t is None or t.stride(-1) == 1 else t.contiguous() for t in (u, delta, z))
+    B, C = (t if t.stride(-1) == 1 or (not needs_grad and t.stride(-2) == 1) else t.contiguous() for t in (B, C))
     scan = custom_op_if_compiling(_scan_fwd_op, _scan_fwd_eager)
     out, final_state, _ = scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, needs_grad)
     return (out, final_state) if return_final_state else out
