@@ -16,6 +16,18 @@ from mambakit.ops import causal_conv1d, causal_conv1d_update, selective_scan, se
 from ._common import cached_states, conv_history, conv_tail, inverse_softplus_dt, no_weight_decay
 
 
+def _channels_first(weight: torch.Tensor, bias: torch.Tensor | None, tokens: torch.Tensor, batch: int) -> torch.Tensor:
+    """weight (out, in) @ tokens (in, batch * seqlen) [+ bias] -> (batch, out, seqlen) with steps adjacent,
+    from one matmul and no copy."""
+    out = weight @ tokens if bias is None else torch.addmm(bias[:, None], weight, tokens)
+    return out.view(out.shape[0], batch, -1).permute(1, 0, 2)
+
+
+def _tokens_by_channels(x: torch.Tensor) -> torch.Tensor:
+    """(batch, channels, seqlen) -> (batch * seqlen, channels): a view when x came from `_channels_first`."""
+    return x.permute(0, 2, 1).reshape(-1, x.shape[1])
+
+
 class Mamba(nn.Module):
     """Selective state space mixer of Mamba-1. Input and output (batch, seqlen, d_model)."""
 
@@ -95,17 +107,21 @@ class Mamba(nn.Module):
                 out, _, _ = self.step(hidden_states, conv_state, ssm_state)
                 return out
 
-        x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (batch, d_inner, seqlen) each
+        # Projections as weight @ (features, tokens): the outputs come (batch, channels, seqlen) with steps
+        # adjacent, the layout the conv and the scan read, and the next projection reads them with no copy.
+        xz = _channels_first(self.in_proj.weight, self.in_proj.bias, hidden_states.reshape(-1, self.d_model).mT, batch)
+        x, z = xz.chunk(2, dim=1)  # (batch, d_inner, seqlen) each
         x_conv = causal_conv1d(x, self._conv_weight(), self.conv1d.bias, seq_idx=seq_idx, activation=self.activation,
                                initial_states=conv_history(conv_state, x.dtype) if continuing else None)
         if conv_state is not None:
             conv_state.copy_(conv_tail(x, self.d_conv, seq_idx, previous=conv_state if continuing else None))
         x = x_conv
 
-        dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # bias is added inside the scan, in fp32
+        dt, B, C = self.x_proj(_tokens_by_channels(x)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = _channels_first(self.dt_proj.weight, None, dt.mT, batch)  # its bias is added inside the scan, in fp32
+        B, C = (t.view(batch, seqlen, self.d_state).transpose(1, 2) for t in (B, C))  # (batch, d_state, seqlen)
         y = selective_scan(
-            x, dt, self._A(), B.transpose(1, 2), C.transpose(1, 2), self.D.float(),
+            x, dt, self._A(), B, C, self.D.float(),
             z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
             initial_state=ssm_state if continuing else None,
             return_final_state=ssm_state is not None, seq_idx=seq_idx,
@@ -113,7 +129,7 @@ class Mamba(nn.Module):
         if ssm_state is not None:
             y, final_state = y
             ssm_state.copy_(final_state)
-        return self.out_proj(y.transpose(1, 2))
+        return self.out_proj(_tokens_by_channels(y)).view(batch, seqlen, self.d_model)
 
     def step(self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
         """One decoding step. hidden_states: (batch, 1, d_model); conv_state (batch, d_inner, d_conv)

@@ -158,26 +158,34 @@ def test_scan_without_optional_inputs_strided_steps():
 
 
 @pytest.mark.parametrize("chunks", [None, 2])
-def test_scan_inference_reads_the_layer_layouts(chunks, monkeypatch):
-    """The layer's layouts: u, delta, z with channels adjacent, B and C views of x_proj's output with states
-    adjacent (read as they are when no gradient is needed)."""
+@pytest.mark.parametrize("backward", [False, True])
+def test_scan_reads_the_layer_layouts(chunks, backward, monkeypatch):
+    """The Mamba layer's layouts: u, delta, z laid out (L, batch * L, 1) (cut from one matmul over all
+    tokens), B and C views of x_proj's output with states adjacent; out comes in u's layout."""
     from mambakit.ops.selective_scan import triton_scan
 
     monkeypatch.setattr(triton_scan, "FORCE_CHUNKS", chunks)
     batch, dim, length, N = 2, 8, 40, 4
     inputs, _ = make_inputs(batch, dim, length, N, h0=True)
-    channels_last = lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)  # noqa: E731
+    tokens_major = lambda t: t.permute(1, 0, 2).contiguous().permute(1, 0, 2)  # noqa: E731
     proj = torch.randn(batch, length, 3 + 2 * N, device=DEVICE)  # like x_proj's output: (dt, B, C) per step
     proj[..., 3:3 + N], proj[..., 3 + N:] = inputs["B"].transpose(1, 2), inputs["C"].transpose(1, 2)
-    strided = dict(inputs, u=channels_last(inputs["u"]), delta=channels_last(inputs["delta"]),
-                   z=channels_last(inputs["z"]), B=proj[..., 3:3 + N].transpose(1, 2),
-                   C=proj[..., 3 + N:].transpose(1, 2))
-    with torch.no_grad():
-        out, last = scan_ops.selective_scan(**strided, delta_softplus=True, return_final_state=True,
-                                            backend="triton")
-    ref_out, ref_last = loop_scan(inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"], inputs["D"],
-                                  inputs["z"], inputs["delta_bias"], True, inputs["initial_state"], None)
-    assert rel_err(out, ref_out) < 1e-4 and rel_err(last, ref_last) < 1e-4
+    layer_inputs = dict(inputs, u=tokens_major(inputs["u"]), delta=tokens_major(inputs["delta"]),
+                        z=tokens_major(inputs["z"]), B=proj[..., 3:3 + N].transpose(1, 2),
+                        C=proj[..., 3 + N:].transpose(1, 2))
+    if backward:  # (run_both clones the inputs: B and C become contiguous, as the op makes them for a backward)
+        ours, truth = run_both(layer_inputs, None, softplus=True)
+    else:
+        with torch.no_grad():
+            out, last = scan_ops.selective_scan(**layer_inputs, delta_softplus=True, return_final_state=True,
+                                                backend="triton")
+        ours = {"out": out, "final_state": last}
+        truth = dict(zip(["out", "final_state"], loop_scan(
+            inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"], inputs["D"], inputs["z"],
+            inputs["delta_bias"], True, inputs["initial_state"], None)))
+    assert ours["out"].stride() == layer_inputs["u"].stride()  # out_proj reads it with no copy
+    for name, ref in truth.items():
+        assert rel_err(ours[name], ref) < 1e-4, (name, rel_err(ours[name], ref))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -399,7 +399,7 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_s
     chunk_len = triton.cdiv(n_tiles, chunks) * TILE_L
     chunks = triton.cdiv(length, chunk_len)
     dev = u.device
-    out = torch.empty(batch, dim, length, device=dev, dtype=u.dtype)
+    out = torch.empty_like(u)  # u's layout: (batch, dim, L) or the layer's (L, batch * L, 1), steps adjacent
     hend = torch.empty(batch, chunks, dim, N, device=dev, dtype=torch.float32)
     ckpt = torch.empty(batch, dim, n_tiles, N, device=dev, dtype=torch.float32) if save_ckpt else hend
     h0 = None if initial_state is None else initial_state.float().contiguous().unsqueeze(1)
@@ -500,7 +500,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_id
     batch, dim, length = u.shape
     N = A.shape[1]
     ckpt_shape = (batch, dim, triton.cdiv(length, TILE_L), N) if save_ckpt else (0,)
-    return (u.new_empty(batch, dim, length), u.new_empty(batch, dim, N, dtype=torch.float32),
+    return (torch.empty_like(u), u.new_empty(batch, dim, N, dtype=torch.float32),
             u.new_empty(ckpt_shape, dtype=torch.float32))
 
 
