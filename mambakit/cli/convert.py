@@ -4,7 +4,8 @@
     mambakit convert path/to/hf-checkpoint out/official --to official --dtype bfloat16
 
 The source may be in either layout (detected from its config.json) and is checked in full before
-anything is written. Tokenizer files found beside it are copied along.
+anything is written; what is written is loaded back and compared with the source, tensor by tensor.
+Tokenizer files found beside it are copied along.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import argparse
 import shutil
 import sys
 from pathlib import Path
+
+import torch
 
 from mambakit._io import atomic_path
 from mambakit.cli import DTYPES
@@ -34,12 +37,26 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def check_loads_back(model, directory: Path) -> None:
+    """Raise CheckpointError unless `directory` loads into a model with exactly `model`'s tensors."""
+    from mambakit.models import CheckpointError, MambaLMHeadModel
+
+    try:
+        back = MambaLMHeadModel.from_pretrained(directory, dtype="auto").state_dict()
+    except (ValueError, FileNotFoundError) as e:
+        raise CheckpointError(f"{directory}: written, but it does not load back: {e}") from e
+    differing = [k for k, v in model.state_dict().items() if not torch.equal(back[k], v)]
+    if differing:
+        raise CheckpointError(f"{directory}: written, but loading it back gives other tensors: {differing[:5]}")
+
+
 def run(args: argparse.Namespace) -> int:
     from mambakit.models import MambaLMHeadModel
 
     try:
         model = MambaLMHeadModel.from_pretrained(args.src, dtype=DTYPES.get(args.dtype, "auto"))
         model.save_pretrained(args.dst, format=args.to, safe_serialization=not args.bin)
+        check_loads_back(model, args.dst)
     except (ValueError, FileNotFoundError, FileExistsError) as e:  # CheckpointError is a ValueError
         print(f"mambakit convert: error: {e}", file=sys.stderr)
         return 2

@@ -8,7 +8,8 @@ model.safetensors.index.json, or pytorch_model.bin (read with weights_only=True,
   keys differ only by `backbone.embeddings.weight` (official: `backbone.embedding.weight`).
   transformers' vocab_size is the padded embedding size; its Mamba2 gated norm is the official
   one with norm_before_gate=False and group_size = d_inner / n_groups; D is per head; time_step_limit
-  is dt_limit; layer_norm_epsilon must be 1e-5 (fixed in the official model). Hybrids (attention,
+  is dt_limit (non-finite floats spelled {"__float__": "Infinity"} as transformers 5 writes them, or
+  left out when they are its default); layer_norm_epsilon must be 1e-5 (fixed in the official model). Hybrids (attention,
   MLPs), LayerNorm and other Mamba2 norms have no transformers equivalent and are refused by name.
   Init-only arguments without a transformers field (A_init_range, conv_init) are not carried over.
 
@@ -29,7 +30,8 @@ from typing import Any
 import torch
 
 from mambakit._io import atomic_path, write_json
-from mambakit.models.config import MambaConfig, mixer_defaults
+from mambakit.models.config import (MambaConfig, decode_json_floats, encode_json_floats, mixer_defaults,
+                                    validate_dt_limit)
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -107,6 +109,8 @@ def config_from_hf(hf: dict[str, Any]) -> MambaConfig:
     if model_type == "mamba2" and hf["num_heads"] * hf["head_dim"] != int(hf["expand"] * hf["hidden_size"]):
         raise ValueError(f"num_heads * head_dim ({hf['num_heads']} * {hf['head_dim']}) must equal expand * "
                          f"hidden_size ({hf['expand']} * {hf['hidden_size']})")
+    if model_type == "mamba2":
+        validate_dt_limit("time_step_limit", hf["time_step_limit"])
     if model_type == "mamba" and hf["time_step_rank"] == _auto_dt_rank(hf["hidden_size"]):
         hf["time_step_rank"] = "auto"
     layer = SSM_LAYER_OF_HF[model_type]
@@ -159,8 +163,9 @@ def config_to_hf(config: MambaConfig) -> dict[str, Any]:
         hf["time_step_rank"] = _auto_dt_rank(config.d_model) if mixer["dt_rank"] == "auto" else mixer["dt_rank"]
     else:
         hf["num_heads"] = d_inner // mixer["headdim"]
-        hf["time_step_limit"] = list(mixer["dt_limit"])
-    return hf
+        if tuple(mixer["dt_limit"]) == HF_DEFAULTS["mamba2"]["time_step_limit"]:
+            del hf["time_step_limit"]  # (0, inf) has no JSON spelling that every transformers version reads
+    return encode_json_floats(hf)
 
 
 def read_config(directory: Path) -> tuple[MambaConfig, str]:
@@ -182,7 +187,7 @@ def read_config(directory: Path) -> tuple[MambaConfig, str]:
         raise CheckpointError(f"{path}: neither an official config (d_model, n_layer, ...) nor a transformers one "
                               f"(model_type 'mamba' or 'mamba2'); got keys {sorted(raw)}")
     try:
-        return build(raw), layout
+        return build(decode_json_floats(raw)), layout
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from e
 
