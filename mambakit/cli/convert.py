@@ -5,7 +5,8 @@
 
 The source may be in either layout (detected from its config.json) and is checked in full before
 anything is written; what is written is loaded back and compared with the source, tensor by tensor.
-Tokenizer files found beside it are copied along.
+The tokenizer found beside it is written along, its special token ids in the transformers layout's
+config.json and generation_config.json.
 """
 from __future__ import annotations
 
@@ -18,11 +19,9 @@ import torch
 
 from mambakit._io import atomic_path
 from mambakit.cli import DTYPES
-from mambakit.tokenizer import BYTE_TOKENIZER_FILE, HF_TOKENIZER_FILE
 
-# Those `load_tokenizer` reads, and the Hugging Face files that travel with a tokenizer.json.
-TOKENIZER_FILES = (HF_TOKENIZER_FILE, BYTE_TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt")
+# Hugging Face files that travel with a tokenizer.json; the tokenizer itself is saved by save_pretrained.
+TOKENIZER_FILES = ("special_tokens_map.json", "vocab.json", "merges.txt")
 
 
 def register(subparsers) -> None:
@@ -62,11 +61,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     src = Path(args.src)
     copied = [name for name in TOKENIZER_FILES if (src / name).is_file()]
+    written = ["tokenizer"] if model.tokenizer is not None else []
     for name in copied:
         with atomic_path(args.dst / name) as tmp:
             shutil.copyfile(src / name, tmp)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.dst} ({args.to} layout, {n_params:,} parameters, "
           f"{str(model.backbone.embedding.weight.dtype).removeprefix('torch.')}"
-          + (f", with {', '.join(copied)}" if copied else "") + ")", file=sys.stderr)
+          + (f", with {', '.join(written + copied)}" if written + copied else "") + ")", file=sys.stderr)
     return 0

@@ -146,6 +146,7 @@ class MambaLMHeadModel(nn.Module):
         )
         self.lm_head = nn.Linear(config.d_model, vocab_size, bias=False, device=device, dtype=dtype)
         self.tie_weights()
+        self.tokenizer = None  # from_pretrained attaches the one saved beside the weights; save_pretrained writes it
 
     def tie_weights(self) -> None:
         """Share the embedding matrix with the LM head when config.tie_embeddings."""
