@@ -9,9 +9,13 @@ model.safetensors.index.json, or pytorch_model.bin (read with weights_only=True,
   transformers' vocab_size is the padded embedding size; its Mamba2 gated norm is the official
   one with norm_before_gate=False and group_size = d_inner / n_groups; D is per head; time_step_limit
   is dt_limit (non-finite floats spelled {"__float__": "Infinity"} as transformers 5 writes them, or
-  left out when they are its default); layer_norm_epsilon must be 1e-5 (fixed in the official model). Hybrids (attention,
-  MLPs), LayerNorm and other Mamba2 norms have no transformers equivalent and are refused by name.
-  Init-only arguments without a transformers field (A_init_range, conv_init) are not carried over.
+  left out when they are its default); layer_norm_epsilon must be 1e-5 (fixed in the official model).
+  Hybrids (attention, MLPs), LayerNorm and other Mamba2 norms have no transformers equivalent and are
+  refused by name. Init-only arguments without a transformers field (A_init_range, conv_init) are not
+  carried over. An export also writes generation_config.json: the tokenizer's special token ids and the
+  padding rows as suppress_tokens, from which the loader takes the real vocab_size back.
+
+A tokenizer saved beside the weights (mambakit.tokenizer) is attached to the loaded model and saved with it.
 
 Loading checks the whole state dict against the model (missing, unexpected, wrongly shaped and
 non-finite tensors, all listed in one error) before copying anything, so a failed load leaves the
@@ -31,9 +35,9 @@ from typing import Any
 import torch
 
 from mambakit._io import atomic_path, write_json
-from mambakit.tokenizer import has_tokenizer, load_tokenizer
 from mambakit.models.config import (MambaConfig, decode_json_floats, encode_json_floats, mixer_defaults,
                                     validate_dt_limit)
+from mambakit.tokenizer import has_tokenizer, load_tokenizer
 
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -371,8 +375,9 @@ def load_pretrained(cls, name: str | os.PathLike, device=None, dtype=None, stric
     """Build `cls` (MambaLMHeadModel) from a checkpoint directory or hub id, in either layout.
 
     dtype / device: those of the built model (parameters the layers keep in fp32 stay fp32);
-    the stored tensors are cast to them. A tokenizer saved beside the weights becomes `model.tokenizer`. dtype="auto" takes the stored embedding's dtype. strict=False tolerates missing keys (left as initialized)
-    and unexpected ones (ignored), with a warning; shapes must match either way.
+    the stored tensors are cast to them. dtype="auto" takes the stored embedding's dtype. strict=False
+    tolerates missing keys (left as initialized) and unexpected ones (ignored), with a warning; shapes
+    must match either way. A tokenizer saved beside the weights becomes `model.tokenizer` (else None).
     """
     directory = resolve_directory(name)
     config, layout = read_config(directory)

@@ -195,9 +195,10 @@ class MambaLMHeadModel(nn.Module):
 
         labels: (batch, seqlen) ids, usually input_ids itself: loss is then the mean cross-entropy (fp32) of
         predicting labels[:, t + 1] from position t, labels of -100 left out (transformers' causal-LM loss);
-        None without labels. Labels are range-checked like input_ids (one read-back to the host). position_ids is accepted for compatibility and unused (the SSM layers are
-        position-free and attention layers use their own rotary positions); num_last_tokens > 0 keeps only
-        the last ones. Further keywords go to the mixers (seq_idx, cu_seqlens, ...; see MixerModel.forward).
+        None without labels; they are range-checked like input_ids (one read-back to the host).
+        position_ids is accepted for compatibility and unused (the SSM layers are position-free and
+        attention layers use their own rotary positions); num_last_tokens > 0 keeps only the last ones.
+        Further keywords go to the mixers (seq_idx, cu_seqlens, ...; see MixerModel.forward).
         """
         if isinstance(num_last_tokens, bool) or not isinstance(num_last_tokens, int) or num_last_tokens < 0:
             raise ValueError(f"num_last_tokens: expected an int >= 0, got {num_last_tokens!r}")
