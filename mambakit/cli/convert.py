@@ -4,7 +4,9 @@
     mambakit convert path/to/hf-checkpoint out/official --to official --dtype bfloat16
 
 The source may be in either layout (detected from its config.json) and is checked in full before
-anything is written. Tokenizer files found beside it are copied along.
+anything is written; what is written is loaded back and compared with the source, tensor by tensor.
+The tokenizer found beside it is written along, its special token ids in the transformers layout's
+config.json and generation_config.json.
 """
 from __future__ import annotations
 
@@ -13,13 +15,13 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
+
 from mambakit._io import atomic_path
 from mambakit.cli import DTYPES
-from mambakit.tokenizer import BYTE_TOKENIZER_FILE, HF_TOKENIZER_FILE
 
-# Those `load_tokenizer` reads, and the Hugging Face files that travel with a tokenizer.json.
-TOKENIZER_FILES = (HF_TOKENIZER_FILE, BYTE_TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt")
+# Hugging Face files that travel with a tokenizer.json; the tokenizer itself is saved by save_pretrained.
+TOKENIZER_FILES = ("special_tokens_map.json", "vocab.json", "merges.txt")
 
 
 def register(subparsers) -> None:
@@ -34,22 +36,37 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def check_loads_back(model, directory: Path) -> None:
+    """Raise CheckpointError unless `directory` loads into a model with exactly `model`'s tensors."""
+    from mambakit.models import CheckpointError, MambaLMHeadModel
+
+    try:
+        back = MambaLMHeadModel.from_pretrained(directory, dtype="auto").state_dict()
+    except (ValueError, FileNotFoundError) as e:
+        raise CheckpointError(f"{directory}: written, but it does not load back: {e}") from e
+    differing = [k for k, v in model.state_dict().items() if not torch.equal(back[k], v)]
+    if differing:
+        raise CheckpointError(f"{directory}: written, but loading it back gives other tensors: {differing[:5]}")
+
+
 def run(args: argparse.Namespace) -> int:
     from mambakit.models import MambaLMHeadModel
 
     try:
         model = MambaLMHeadModel.from_pretrained(args.src, dtype=DTYPES.get(args.dtype, "auto"))
         model.save_pretrained(args.dst, format=args.to, safe_serialization=not args.bin)
+        check_loads_back(model, args.dst)
     except (ValueError, FileNotFoundError, FileExistsError) as e:  # CheckpointError is a ValueError
         print(f"mambakit convert: error: {e}", file=sys.stderr)
         return 2
     src = Path(args.src)
     copied = [name for name in TOKENIZER_FILES if (src / name).is_file()]
+    written = ["tokenizer"] if model.tokenizer is not None else []
     for name in copied:
         with atomic_path(args.dst / name) as tmp:
             shutil.copyfile(src / name, tmp)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.dst} ({args.to} layout, {n_params:,} parameters, "
           f"{str(model.backbone.embedding.weight.dtype).removeprefix('torch.')}"
-          + (f", with {', '.join(copied)}" if copied else "") + ")", file=sys.stderr)
+          + (f", with {', '.join(written + copied)}" if written + copied else "") + ")", file=sys.stderr)
     return 0

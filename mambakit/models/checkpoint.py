@@ -8,9 +8,14 @@ model.safetensors.index.json, or pytorch_model.bin (read with weights_only=True,
   keys differ only by `backbone.embeddings.weight` (official: `backbone.embedding.weight`).
   transformers' vocab_size is the padded embedding size; its Mamba2 gated norm is the official
   one with norm_before_gate=False and group_size = d_inner / n_groups; D is per head; time_step_limit
-  is dt_limit; layer_norm_epsilon must be 1e-5 (fixed in the official model). Hybrids (attention,
-  MLPs), LayerNorm and other Mamba2 norms have no transformers equivalent and are refused by name.
-  Init-only arguments without a transformers field (A_init_range, conv_init) are not carried over.
+  is dt_limit (non-finite floats spelled {"__float__": "Infinity"} as transformers 5 writes them, or
+  left out when they are its default); layer_norm_epsilon must be 1e-5 (fixed in the official model).
+  Hybrids (attention, MLPs), LayerNorm and other Mamba2 norms have no transformers equivalent and are
+  refused by name. Init-only arguments without a transformers field (A_init_range, conv_init) are not
+  carried over. An export also writes generation_config.json: the tokenizer's special token ids and the
+  padding rows as suppress_tokens, from which the loader takes the real vocab_size back.
+
+A tokenizer saved beside the weights (mambakit.tokenizer) is attached to the loaded model and saved with it.
 
 Loading checks the whole state dict against the model (missing, unexpected, wrongly shaped and
 non-finite tensors, all listed in one error) before copying anything, so a failed load leaves the
@@ -18,6 +23,7 @@ model as it was.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -29,9 +35,12 @@ from typing import Any
 import torch
 
 from mambakit._io import atomic_path, write_json
-from mambakit.models.config import MambaConfig, mixer_defaults
+from mambakit.models.config import (MambaConfig, decode_json_floats, encode_json_floats, mixer_defaults,
+                                    validate_dt_limit)
+from mambakit.tokenizer import has_tokenizer, load_tokenizer
 
 CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
 SAFETENSORS_NAME = "model.safetensors"
 BIN_NAME = "pytorch_model.bin"
 # Looked for in this order; an index names the shard files holding each tensor.
@@ -107,6 +116,8 @@ def config_from_hf(hf: dict[str, Any]) -> MambaConfig:
     if model_type == "mamba2" and hf["num_heads"] * hf["head_dim"] != int(hf["expand"] * hf["hidden_size"]):
         raise ValueError(f"num_heads * head_dim ({hf['num_heads']} * {hf['head_dim']}) must equal expand * "
                          f"hidden_size ({hf['expand']} * {hf['hidden_size']})")
+    if model_type == "mamba2":
+        validate_dt_limit("time_step_limit", hf["time_step_limit"])
     if model_type == "mamba" and hf["time_step_rank"] == _auto_dt_rank(hf["hidden_size"]):
         hf["time_step_rank"] = "auto"
     layer = SSM_LAYER_OF_HF[model_type]
@@ -159,8 +170,36 @@ def config_to_hf(config: MambaConfig) -> dict[str, Any]:
         hf["time_step_rank"] = _auto_dt_rank(config.d_model) if mixer["dt_rank"] == "auto" else mixer["dt_rank"]
     else:
         hf["num_heads"] = d_inner // mixer["headdim"]
-        hf["time_step_limit"] = list(mixer["dt_limit"])
-    return hf
+        if tuple(mixer["dt_limit"]) == HF_DEFAULTS["mamba2"]["time_step_limit"]:
+            del hf["time_step_limit"]  # (0, inf) has no JSON spelling that every transformers version reads
+    return encode_json_floats(hf)
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def padding_rows(config: MambaConfig) -> list[int]:
+    """Ids of the embedding rows past vocab_size (padding, never a token)."""
+    return list(range(config.vocab_size, config.padded_vocab_size))
+
+
+def _unpadded(config: MambaConfig, generation_config: dict[str, Any]) -> MambaConfig:
+    """`config` (read from transformers' layout, whose vocab_size is the padded one) with the real vocab_size
+    when generation_config suppresses exactly the padding rows at the end, as mambakit's export writes."""
+    suppressed = generation_config.get("suppress_tokens")
+    rows = config.padded_vocab_size
+    if not suppressed or suppressed != list(range(rows - len(suppressed), rows)) or len(suppressed) >= rows:
+        return config
+    vocab_size = rows - len(suppressed)
+    multiple = next(m for m in (8, rows) if -(-vocab_size // m) * m == rows)  # the official multiple when it fits
+    return dataclasses.replace(config, vocab_size=vocab_size, pad_vocab_size_multiple=multiple)
 
 
 def read_config(directory: Path) -> tuple[MambaConfig, str]:
@@ -168,12 +207,7 @@ def read_config(directory: Path) -> tuple[MambaConfig, str]:
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{path}: not found; a checkpoint directory needs {CONFIG_NAME}")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    raw = _read_json_object(path)
     if "d_model" in raw:
         layout, build = "official", MambaConfig.from_dict
     elif "model_type" in raw or "architectures" in raw:
@@ -182,9 +216,13 @@ def read_config(directory: Path) -> tuple[MambaConfig, str]:
         raise CheckpointError(f"{path}: neither an official config (d_model, n_layer, ...) nor a transformers one "
                               f"(model_type 'mamba' or 'mamba2'); got keys {sorted(raw)}")
     try:
-        return build(raw), layout
+        config = build(decode_json_floats(raw))
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from e
+    generation_path = directory / GENERATION_CONFIG_NAME
+    if layout == "hf" and generation_path.is_file():
+        config = _unpadded(config, _read_json_object(generation_path))
+    return config, layout
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,8 +375,9 @@ def load_pretrained(cls, name: str | os.PathLike, device=None, dtype=None, stric
     """Build `cls` (MambaLMHeadModel) from a checkpoint directory or hub id, in either layout.
 
     dtype / device: those of the built model (parameters the layers keep in fp32 stay fp32);
-    the stored tensors are cast to them. dtype="auto" takes the stored embedding's dtype. strict=False tolerates missing keys (left as initialized)
-    and unexpected ones (ignored), with a warning; shapes must match either way.
+    the stored tensors are cast to them. dtype="auto" takes the stored embedding's dtype. strict=False
+    tolerates missing keys (left as initialized) and unexpected ones (ignored), with a warning; shapes
+    must match either way. A tokenizer saved beside the weights becomes `model.tokenizer` (else None).
     """
     directory = resolve_directory(name)
     config, layout = read_config(directory)
@@ -357,11 +396,30 @@ def load_pretrained(cls, name: str | os.PathLike, device=None, dtype=None, stric
     if missing or unexpected:
         warnings.warn(f"{directory}: loaded with missing keys {_listing(missing)} and unexpected keys "
                       f"{_listing(unexpected)}", stacklevel=2)
+    model.tokenizer = load_tokenizer(directory) if has_tokenizer(directory) else None
     return model
 
 
 # ---------------------------------------------------------------------------------------------
 # saving
+
+
+def special_token_fields(tokenizer) -> dict[str, int]:
+    """The eos / bos / pad ids of `tokenizer` (None: none) as transformers config fields, pad defaulting to eos
+    (what both mambakit's and transformers' generate pad finished rows with)."""
+    ids = {f"{s}_token_id": getattr(tokenizer, f"{s}_token_id", None) for s in ("eos", "bos", "pad")}
+    if ids["pad_token_id"] is None:
+        ids["pad_token_id"] = ids["eos_token_id"]
+    return {k: v for k, v in ids.items() if v is not None}
+
+
+def hf_generation_config(model) -> dict[str, Any]:
+    """generation_config.json of an HF export: the special token ids, and the padding rows suppressed so
+    that transformers' generate, like mambakit's, never emits them."""
+    generation = special_token_fields(getattr(model, "tokenizer", None))
+    if padding_rows(model.config):
+        generation["suppress_tokens"] = padding_rows(model.config)
+    return generation
 
 
 def save_pretrained(model, directory: str | os.PathLike, format: str = "official",
@@ -370,7 +428,9 @@ def save_pretrained(model, directory: str | os.PathLike, format: str = "official
 
     format="official": MambaConfig fields and the model's own keys (loadable by mamba_ssm when
     written as .bin). format="hf": a config.json and keys that transformers' MambaForCausalLM /
-    Mamba2ForCausalLM load directly; ValueError if the config has no transformers equivalent.
+    Mamba2ForCausalLM load directly, with the eos / bos / pad ids of `model.tokenizer` in config.json
+    and generation_config.json (which also suppresses the padding rows of the vocabulary); ValueError
+    if the config has no transformers equivalent. `model.tokenizer`, if any, is saved beside the weights.
     A tied LM head is left out of safetensors files (which refuse shared tensors) and kept in .bin.
     Each file is written atomically.
     """
@@ -389,6 +449,7 @@ def save_pretrained(model, directory: str | os.PathLike, format: str = "official
     if format == "hf":
         state = _rename(state, OFFICIAL_EMBEDDING, HF_EMBEDDING)
         config["dtype"] = str(model.backbone.embedding.weight.dtype).removeprefix("torch.")
+        config.update(special_token_fields(getattr(model, "tokenizer", None)))
     with atomic_path(directory / weights_name) as tmp:
         if safe_serialization:
             from safetensors.torch import save_file
@@ -396,4 +457,8 @@ def save_pretrained(model, directory: str | os.PathLike, format: str = "official
             save_file(state, str(tmp), metadata={"format": "pt"})
         else:
             torch.save(state, tmp)
-    write_json(directory / CONFIG_NAME, config)
+    if format == "hf":
+        write_json(directory / GENERATION_CONFIG_NAME, hf_generation_config(model))
+    if getattr(model, "tokenizer", None) is not None:
+        model.tokenizer.save(directory)
+    write_json(directory / CONFIG_NAME, config)  # last: a directory with a config.json is complete

@@ -1,10 +1,10 @@
 """`MambaConfig`: the official `mamba_ssm` language-model config, validated, with JSON round trips."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 import inspect
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +12,9 @@ from typing import Any
 from mambakit._io import write_json
 
 SSM_LAYERS = ("Mamba1", "Mamba2")
+# Standard JSON has no inf / NaN; transformers (5+) writes them as {"__float__": "Infinity"}, and so do we.
+FLOAT_TAG = "__float__"
+TAGGED_FLOATS = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
 # Constructor arguments the model supplies itself, so they never belong in ssm_cfg / attn_cfg.
 _SUPPLIED_BY_MODEL = ("layer_idx", "device", "dtype", "process_group", "sequence_parallel")
 
@@ -33,6 +36,32 @@ def mixer_defaults(layer: str) -> dict[str, Any]:
     }
 
 
+def encode_json_floats(obj: Any) -> Any:
+    """`obj` (dicts, lists, tuples, scalars) with each non-finite float as {"__float__": "Infinity" | ...}."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return {FLOAT_TAG: "NaN" if math.isnan(obj) else "Infinity" if obj > 0 else "-Infinity"}
+    if isinstance(obj, dict):
+        return {k: encode_json_floats(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [encode_json_floats(v) for v in obj]
+    return obj
+
+
+def decode_json_floats(obj: Any, field: str = "") -> Any:
+    """`obj` (parsed JSON) with each {"__float__": "Infinity" | "-Infinity" | "NaN"} as its float; ValueError
+    naming the field (e.g. "time_step_limit[1]") of a "__float__" object that is not one of these."""
+    if isinstance(obj, dict) and FLOAT_TAG in obj:
+        if len(obj) != 1 or not isinstance(obj[FLOAT_TAG], str) or obj[FLOAT_TAG] not in TAGGED_FLOATS:
+            raise ValueError(f"{field or 'config'}: expected {{\"{FLOAT_TAG}\": one of {list(TAGGED_FLOATS)}}} "
+                             f"(a non-finite float), got {json.dumps(obj)}")
+        return TAGGED_FLOATS[obj[FLOAT_TAG]]
+    if isinstance(obj, dict):
+        return {k: decode_json_floats(v, f"{field}[{k!r}]" if field else k) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [decode_json_floats(v, f"{field}[{i}]") for i, v in enumerate(obj)]
+    return obj
+
+
 def _check_mixer_keys(cfg_name: str, cfg: dict, layer: str) -> None:
     accepted = mixer_defaults(layer)
     unknown = sorted(set(cfg) - set(accepted) - {"layer"})
@@ -41,6 +70,14 @@ def _check_mixer_keys(cfg_name: str, cfg: dict, layer: str) -> None:
     required = sorted(k for k, v in accepted.items() if v is inspect.Parameter.empty and k not in cfg)
     if required:
         raise ValueError(f"{cfg_name}: {layer} needs {required}, got keys {sorted(cfg)}")
+
+
+def validate_dt_limit(name: str, value: Any) -> None:
+    """Raise ValueError, naming the field `name`, unless value is a [low, high] pair of numbers."""
+    pair = isinstance(value, (list, tuple)) and len(value) == 2
+    if not pair or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value) \
+            or not value[0] <= value[1]:
+        raise ValueError(f"{name}: expected [low, high] numbers with low <= high, got {value!r}")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -95,6 +132,8 @@ class MambaConfig:
         if self.ssm_layer not in SSM_LAYERS:
             raise ValueError(f"ssm_cfg['layer']: expected one of {SSM_LAYERS}, got {self.ssm_layer!r}")
         _check_mixer_keys("ssm_cfg", self.ssm_cfg, self.ssm_layer)
+        if "dt_limit" in self.ssm_cfg:  # else a bad pair surfaces only at the first forward
+            validate_dt_limit("ssm_cfg['dt_limit']", self.ssm_cfg["dt_limit"])
         if self.attn_layer_idx:
             _check_mixer_keys("attn_cfg", self.attn_cfg, "MHA")
 
@@ -110,19 +149,21 @@ class MambaConfig:
         return (self.vocab_size + m - 1) // m * m
 
     def to_dict(self) -> dict[str, Any]:
-        """A deep copy of the fields, JSON-serializable (tuples become lists)."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """A deep copy of the fields as standard JSON values (tuples become lists, inf {"__float__": "Infinity"})."""
+        return json.loads(json.dumps(encode_json_floats(dataclasses.asdict(self)), allow_nan=False))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MambaConfig":
-        """Build from a dict of fields; unknown keys are an error (a config from another layout)."""
+        """Build from a dict of fields (as `to_dict` writes them); unknown keys are an error (a config from
+        another layout)."""
         if not isinstance(d, dict):
             raise ValueError(f"config: expected a dict of MambaConfig fields, got {type(d).__name__}")
+        d = decode_json_floats(d)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"config: unknown MambaConfig fields {unknown}; accepted: {sorted(known)}")
-        return cls(**copy.deepcopy(d))
+        return cls(**d)  # decode_json_floats built new containers: the caller's dict is not shared
 
     def to_json_file(self, path: str | os.PathLike) -> None:
         """Write the fields as JSON, atomically."""

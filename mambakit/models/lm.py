@@ -3,12 +3,14 @@ mixers, optional gated MLPs), a final norm and a (tied) LM head. Module names an
 match `mamba_ssm.models.mixer_seq_simple`, so official checkpoints load as they are."""
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from collections import namedtuple
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mambakit.layers import Block, GatedMLP
@@ -17,7 +19,9 @@ from mambakit.models.config import MambaConfig, mixer_class
 from mambakit.ops import RMSNorm
 from mambakit.ops._common import INDEX_DTYPES, check_dtype
 
-CausalLMOutput = namedtuple("CausalLMOutput", ["logits"])
+# logits first, as in mamba_ssm; loss (transformers' name) only when labels are given.
+CausalLMOutput = namedtuple("CausalLMOutput", ["logits", "loss"], defaults=[None])
+IGNORE_INDEX = -100  # labels at this value are left out of the loss (transformers' convention)
 
 INITIALIZER_KEYS = ("initializer_range", "rescale_prenorm_residual", "n_residuals_per_layer")
 
@@ -43,6 +47,25 @@ def create_block(d_model, d_intermediate, ssm_cfg=None, attn_layer_idx=None, att
                   residual_in_fp32=residual_in_fp32)
     block.layer_idx = layer_idx
     return block
+
+
+def _keyword_parameters(module: nn.Module) -> set[str]:
+    params = list(inspect.signature(module.forward).parameters.values())[1:]  # [0] is the input
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"inference_params"}
+
+
+def _check_labels(labels: torch.Tensor, input_ids: torch.Tensor, vocab_size: int) -> None:
+    if not isinstance(labels, torch.Tensor) or labels.dtype not in INDEX_DTYPES or labels.shape != input_ids.shape:
+        raise ValueError(f"labels: expected an int tensor of input_ids' shape {tuple(input_ids.shape)}, got "
+                         f"{getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}")
+    counted = labels[:, 1:] != IGNORE_INDEX  # the first position is never a target
+    lo, hi, n = torch.stack([*torch.aminmax(labels.masked_fill(labels == IGNORE_INDEX, 0)), counted.sum()]).tolist()
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"labels: expected token ids in [0, {vocab_size}) or {IGNORE_INDEX} (ignored), "
+                         f"got {lo if lo < 0 else hi}")
+    if n == 0:
+        raise ValueError(f"labels: expected at least one target past the first position that is not {IGNORE_INDEX}, "
+                         "got none (the loss would be NaN)")
 
 
 def _init_weights(module: nn.Module, n_layer: int, initializer_range: float = 0.02,
@@ -105,6 +128,8 @@ class MixerModel(nn.Module):
         # MambaLMHeadModel re-applies the init with one per layer, dropping the MLP's factor.)
         initializer_cfg.setdefault("n_residuals_per_layer", 1 if d_intermediate == 0 else 2)
         self.apply(partial(_init_weights, n_layer=n_layer, **initializer_cfg))
+        # Keywords every layer's mixer takes (seq_idx, cu_seqlens, ...): others are refused here, by name.
+        self.mixer_kwargs = frozenset.intersection(*(frozenset(_keyword_parameters(b.mixer)) for b in self.layers))
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None, **kwargs) -> dict:
         """{layer_idx: that layer's decoding states} (see the mixers' allocate_inference_cache)."""
@@ -112,7 +137,13 @@ class MixerModel(nn.Module):
                 for i, layer in enumerate(self.layers)}
 
     def forward(self, input_ids: torch.Tensor, inference_params=None, **mixer_kwargs) -> torch.Tensor:
-        """input_ids: (batch, seqlen) -> normalized hidden states (batch, seqlen, d_model)."""
+        """input_ids: (batch, seqlen) -> normalized hidden states (batch, seqlen, d_model).
+
+        mixer_kwargs: those every mixer takes (`self.mixer_kwargs`); TypeError naming any other."""
+        unknown = sorted(set(mixer_kwargs) - self.mixer_kwargs)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.forward: unknown keyword arguments {unknown}; the mixers "
+                            f"(all of them) take {sorted(self.mixer_kwargs)}")
         # Decode steps feed back sampled ids, in range by construction: skip the read-back (a GPU sync).
         decoding = inference_params is not None and inference_params.seqlen_offset > 0
         check_input_ids(input_ids, self.embedding.num_embeddings, check_values=not decoding)
@@ -146,6 +177,7 @@ class MambaLMHeadModel(nn.Module):
         )
         self.lm_head = nn.Linear(config.d_model, vocab_size, bias=False, device=device, dtype=dtype)
         self.tie_weights()
+        self.tokenizer = None  # from_pretrained attaches the one saved beside the weights; save_pretrained writes it
 
     def tie_weights(self) -> None:
         """Share the embedding matrix with the LM head when config.tie_embeddings."""
@@ -157,18 +189,32 @@ class MambaLMHeadModel(nn.Module):
         return self.backbone.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype, **kwargs)
 
     def forward(self, input_ids: torch.Tensor, position_ids=None, inference_params=None, num_last_tokens: int = 0,
-                **mixer_kwargs) -> CausalLMOutput:
-        """input_ids: (batch, seqlen) int -> CausalLMOutput(logits=(batch, seqlen or num_last_tokens, padded vocab)).
+                labels: torch.Tensor | None = None, **mixer_kwargs) -> CausalLMOutput:
+        """input_ids: (batch, seqlen) int -> CausalLMOutput(logits=(batch, seqlen or num_last_tokens, padded vocab),
+        loss).
 
+        labels: (batch, seqlen) ids, usually input_ids itself: loss is then the mean cross-entropy (fp32) of
+        predicting labels[:, t + 1] from position t, labels of -100 left out (transformers' causal-LM loss);
+        None without labels; they are range-checked like input_ids (one read-back to the host).
         position_ids is accepted for compatibility and unused (the SSM layers are position-free and
         attention layers use their own rotary positions); num_last_tokens > 0 keeps only the last ones.
+        Further keywords go to the mixers (seq_idx, cu_seqlens, ...; see MixerModel.forward).
         """
         if isinstance(num_last_tokens, bool) or not isinstance(num_last_tokens, int) or num_last_tokens < 0:
             raise ValueError(f"num_last_tokens: expected an int >= 0, got {num_last_tokens!r}")
+        if labels is not None and num_last_tokens:
+            raise ValueError(f"labels: the loss needs every position's logits, got num_last_tokens={num_last_tokens}")
         hidden_states = self.backbone(input_ids, inference_params=inference_params, **mixer_kwargs)
+        if labels is not None:  # after the backbone has checked input_ids
+            _check_labels(labels, input_ids, self.config.vocab_size)
         if num_last_tokens > 0:
             hidden_states = hidden_states[:, -num_last_tokens:]
-        return CausalLMOutput(logits=self.lm_head(hidden_states))
+        logits = self.lm_head(hidden_states)
+        if labels is None:
+            return CausalLMOutput(logits=logits)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().long(),
+                               ignore_index=IGNORE_INDEX)
+        return CausalLMOutput(logits=logits, loss=loss)
 
     def generate(self, input_ids, max_length=None, top_k=1, top_p=0.0, min_p=0.0, temperature=1.0,
                  return_dict_in_generate=False, output_scores=False, **kwargs):

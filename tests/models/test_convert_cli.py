@@ -6,20 +6,32 @@ from safetensors.torch import load_file
 
 from mambakit.cli import main
 from mambakit.models import MambaLMHeadModel
+from mambakit.tokenizer import HFTokenizer, load_tokenizer
+
+
+def word_tokenizer(vocab_size: int) -> HFTokenizer:
+    """A word-level tokenizer of `vocab_size` tokens "w0", "w1", ..., its end-of-text token w7."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return HFTokenizer.from_tokenizers(tok, eos_token_id=7)
 
 
 @pytest.mark.parametrize("kind", ["mamba1", "mamba2"])
 def test_convert_official_to_hf_to_official(kind, tmp_path, tiny):
     model = tiny.build(kind, tie_embeddings=False)
     model.save_pretrained(tmp_path / "official", safe_serialization=False)
-    (tmp_path / "official" / "tokenizer.json").write_text('{"version": "1.0"}')
+    word_tokenizer(model.config.vocab_size).save(tmp_path / "official")
 
     assert main(["convert", str(tmp_path / "official"), str(tmp_path / "hf"), "--to", "hf"]) == 0
-    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] in ("mamba", "mamba2")
-    assert (tmp_path / "hf" / "tokenizer.json").read_text() == '{"version": "1.0"}'
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert hf_config["model_type"] in ("mamba", "mamba2") and hf_config["eos_token_id"] == 7
+    assert load_tokenizer(tmp_path / "hf").encode("w3 w99 w7") == [3, 99, 7]
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "back"), "--to", "official", "--bin"]) == 0
 
     back = MambaLMHeadModel.from_pretrained(tmp_path / "back").eval()
+    assert back.config.vocab_size == model.config.vocab_size and back.tokenizer.eos_token_id == 7
     ids = tiny.random_ids(model)
     with torch.no_grad():
         assert tiny.rel_err(back(ids).logits, model(ids).logits) < 1e-6
