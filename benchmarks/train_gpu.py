@@ -1,0 +1,113 @@
+"""One training step on a GPU, side by side in one process: mambakit's Mamba-1 and Mamba-2 (eager and under
+`torch.compile`) against the official `mamba_ssm` and a same-size transformers Llama. 130M shape, bf16
+autocast, fused AdamW, next-token cross-entropy on random tokens; median step time over timed steps,
+tokens/s and peak memory.
+
+    python benchmarks/train_gpu.py --official /tmp/mamba_ssm_src/mamba_ssm-2.3.2.post1
+    python benchmarks/train_gpu.py --shapes 2048:8,8192:2,32768:1 --impls mambakit
+
+--official is the folder of the built official package (`python -m mambakit.bench.selective_scan <sdist>`).
+Rows go to benchmarks/results/train_gpu-<gpu>.json (or --out), merged with the rows already there.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from generation_gpu import VOCAB, build, mamba_config_fields  # noqa: E402  (the generation benchmark's models)
+
+from mambakit.bench.common import device_slug, format_table, save_rows  # noqa: E402
+
+COLUMNS = ["impl", "arch", "compiled", "seq_len", "batch", "tok_s", "step_ms", "peak_gb"]
+
+
+def build_for_training(impl: str, arch: str):
+    """fp32 weights (autocast computes in bf16); the official Mamba-2 with its default, fused training path."""
+    if impl == "official" and arch == "mamba2":
+        from mamba_ssm.models.config_mamba import MambaConfig as OfficialConfig
+        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel as OfficialModel
+
+        return OfficialModel(OfficialConfig(**mamba_config_fields(arch, "130m")), device="cuda")
+    return build(impl, arch, "130m", torch.float32)
+
+
+def measure(impl: str, arch: str, compiled: bool, seq_len: int, batch: int, steps: int) -> dict:
+    model = build_for_training(impl, arch).train()
+    forward = torch.compile(model) if compiled else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    ids = torch.randint(0, VOCAB, (batch, seq_len + 1), device="cuda")
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = forward(inputs).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3):  # warm-up: kernels compiled, autotuned, graphs traced
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1000)
+    ms = statistics.median(times)
+    row = dict(impl=impl, arch=arch, compiled=compiled, shape="130m", seq_len=seq_len, batch=batch,
+               tok_s=batch * seq_len / ms * 1000, step_ms=ms, peak_gb=torch.cuda.max_memory_allocated() / 1e9)
+    del model, forward, optimizer
+    torch.cuda.empty_cache()
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--impls", default="mambakit,official,llama")
+    parser.add_argument("--archs", default="mamba,mamba2")
+    parser.add_argument("--shapes", default="2048:8", help="comma-separated seq_len:batch pairs")
+    parser.add_argument("--compile", choices=["no", "yes", "both"], default="both",
+                        help="mambakit eager, compiled, or both")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--official", help="folder holding the built official mamba_ssm (put on sys.path)")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    if args.official:
+        sys.path.insert(0, args.official)
+    out = args.out or Path("benchmarks/results") / f"train_gpu-{device_slug()}.json"
+    shapes = [tuple(int(v) for v in pair.split(":")) for pair in args.shapes.split(",")]
+    compiled = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
+    rows = []
+    for seq_len, batch in shapes:
+        for impl in args.impls.split(","):
+            for arch in (["llama"] if impl == "llama" else args.archs.split(",")):
+                for comp in (compiled if impl == "mambakit" else [False]):
+                    try:
+                        row = measure(impl, arch, comp, seq_len, batch, args.steps)
+                    except torch.OutOfMemoryError:
+                        row = dict(impl=impl, arch=arch, compiled=comp, shape="130m", seq_len=seq_len, batch=batch,
+                                   oom=True)
+                        torch.cuda.empty_cache()
+                    except Exception as e:  # a failed variant is a result too (e.g. torch.compile); the others go on
+                        row = dict(impl=impl, arch=arch, compiled=comp, shape="130m", seq_len=seq_len, batch=batch,
+                                   error=f"{type(e).__name__}: {str(e)[:300]}")
+                        torch.cuda.empty_cache()
+                    print(row, flush=True)
+                    rows.append(row)
+                    save_rows(out, [row])
+    print(format_table(rows, COLUMNS))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
