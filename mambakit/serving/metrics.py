@@ -49,10 +49,14 @@ class Metrics:
             self.ttft_counts[bisect.bisect_left(TTFT_BUCKETS, seconds)] += 1
             self.ttft_sum += seconds
 
-    def set_batch(self, occupancy: int, queue_depth: int) -> None:
+    def set_occupancy(self, rows: int) -> None:
         with self._lock:
-            self.batch_occupancy, self.queue_depth = occupancy, queue_depth
-            self.batch_occupancy_max = max(self.batch_occupancy_max, occupancy)
+            self.batch_occupancy = rows
+            self.batch_occupancy_max = max(self.batch_occupancy_max, rows)
+
+    def set_queue_depth(self, jobs: int) -> None:
+        with self._lock:
+            self.queue_depth = jobs
 
     def tokens_per_second(self) -> float:
         now = time.perf_counter()

@@ -109,7 +109,7 @@ class Scheduler:
                 raise RequestError(f"the queue is full ({self.options.max_queue} waiting, --max-queue); "
                                    "retry later", status=429, type="rate_limit_error", code="queue_full")
             self.waiting.extend(jobs)
-            self.metrics.queue_depth = len(self.waiting)
+            self.metrics.set_queue_depth(len(self.waiting))
             self._wake.notify()
 
     def cancel(self, jobs: list[Job]) -> None:
@@ -161,7 +161,6 @@ class Scheduler:
             view = dataclasses.replace(self.cache, max_batch_size=n, lengths_per_sample=self.cache.lengths_per_sample[:n])
             logits = decode_step(self.model, view, self.tokens[:n])[:, : self.vocab]
             self._choose(logits, 0)
-        self.metrics.set_batch(len(self.rows), len(self.waiting))
         return True
 
     def _take_waiting(self) -> list[Job]:
@@ -176,7 +175,7 @@ class Scheduler:
                 break
             joining.append(self.waiting.popleft())
             tokens += len(job.prompt)
-        self.metrics.queue_depth = len(self.waiting)
+        self.metrics.set_queue_depth(len(self.waiting))
         return joining
 
     def _join(self, jobs: list[Job]) -> None:
@@ -195,6 +194,7 @@ class Scheduler:
         for row, prompt in zip(rows, prompts):
             self.seen[row, prompt] = True
         self.rows.extend(jobs)
+        self.metrics.set_occupancy(len(self.rows))
         self.metrics.add_prompt_tokens(sum(len(job.prompt) for job in jobs))
         self._choose(logits, start)
 
@@ -251,3 +251,4 @@ class Scheduler:
                     buffer[row] = buffer[last]
                 self.rows[row] = self.rows[last]
             self.rows.pop()
+        self.metrics.set_occupancy(len(self.rows))
