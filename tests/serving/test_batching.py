@@ -39,15 +39,17 @@ async def complete(client: httpx.AsyncClient, body: dict) -> str:
 
 
 def test_32_concurrent_clients_get_their_generate_answers(model):
-    bodies, answers = [], []
-    for i in range(32):
-        prompt = [random.randrange(256) for _ in range(random.randint(1, 40))]
-        sampling = {"temperature": 0.0} if i % 2 else {"temperature": 0.9, "top_p": 0.95}
-        body = {"prompt": prompt, "max_tokens": random.randint(1, 40), "seed": random.randrange(2**31),
-                "stream": i % 3 == 0, **sampling}
-        bodies.append(body)
-        (text,), _ = expected(model, [prompt], body["max_tokens"], seed=body["seed"], **sampling)
-        answers.append(text)
+    greedy, sampled = {"temperature": 0.0}, {"temperature": 0.9, "top_p": 0.95}
+    bodies = [{"prompt": [random.randrange(256) for _ in range(random.randint(1, 40))],
+               "max_tokens": random.randint(1, 40), "seed": random.randrange(2**31), "stream": i % 3 == 0,
+               **(greedy if i % 2 else sampled)} for i in range(32)]
+    answers = [None] * 32
+    for sampling in (greedy, sampled):
+        rows = [i for i, body in enumerate(bodies) if body["temperature"] == sampling["temperature"]]
+        texts, _ = expected(model, [bodies[i]["prompt"] for i in rows], [bodies[i]["max_tokens"] for i in rows],
+                            seed=[bodies[i]["seed"] for i in rows], **sampling)
+        for i, text in zip(rows, texts):
+            answers[i] = text
 
     async def clients(url):
         async with httpx.AsyncClient(base_url=url, timeout=60) as client:
