@@ -44,38 +44,23 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        import uvicorn
-
-        from mambakit.generation.generate import vocab_size
-        from mambakit.serving import Limits, Metrics, Scheduler, SchedulerOptions
-        from mambakit.serving.app import ServedModel, create_app
         from mambakit.serving.chat import load_chat_template
+        from mambakit.serving.server import ServerOptions, build_server
     except ImportError as e:
         print(f"mambakit serve: error: {e.name} is missing; install the serve extra: pip install 'mambakit[serve]'",
               file=sys.stderr)
         return 2
     try:
-        if not 0 <= args.port <= 65535:
-            raise ValueError(f"--port: expected an int in [0, 65535], got {args.port}")
-        if args.drain_timeout < 0:
-            raise ValueError(f"--drain-timeout: expected seconds >= 0, got {args.drain_timeout}")
-        for flag in ("max_batch", "max_queue", "max_prompt_tokens", "max_tokens", "prefill_chunk"):
-            if getattr(args, flag) < 1:
-                raise ValueError(f"--{flag.replace('_', '-')}: expected an int >= 1, got {getattr(args, flag)}")
-        options = SchedulerOptions(max_batch=args.max_batch, max_queue=args.max_queue,
-                                   max_seqlen=args.max_prompt_tokens + args.max_tokens, prefill_chunk=args.prefill_chunk)
+        options = ServerOptions(name=args.served_model_name or Path(args.model).resolve().name, host=args.host,
+                                port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
+                                max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
+                                prefill_chunk=args.prefill_chunk, drain_timeout=args.drain_timeout)
         model, tokenizer = load_model(args)
         template = load_chat_template(args.chat_template if args.chat_template is not None else args.model)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:  # bad flags, missing files, bad --device
         print(f"mambakit serve: error: {e}", file=sys.stderr)
         return 2
-    metrics = Metrics()
-    scheduler = Scheduler(model, options, tokenizer, metrics)
-    served = ServedModel(args.served_model_name or Path(args.model).resolve().name, tokenizer,
-                         Limits(vocab_size(model), args.max_prompt_tokens, args.max_tokens), template)
-    config = uvicorn.Config(create_app(scheduler, served, metrics), host=args.host, port=args.port,
-                            log_level="info", access_log=False, timeout_graceful_shutdown=args.drain_timeout)
-    server = uvicorn.Server(config)
+    server, scheduler = build_server(model, tokenizer, options, template)
     exit_on_signal = server.handle_exit
 
     def handle_exit(sig, frame):

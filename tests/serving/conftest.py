@@ -1,20 +1,13 @@
 """A real server on 127.0.0.1 (uvicorn in a thread, a random port) over a tiny random Mamba-2, and
 `expected`: what `generate` gives for the same request, to compare the server's answers with."""
-import threading
-import time
-from contextlib import contextmanager
-
 import pytest
 import torch
 
 pytest.importorskip("fastapi")
-import uvicorn  # noqa: E402
 
 from mambakit import MambaConfig, MambaLMHeadModel  # noqa: E402
 from mambakit.generation import generate  # noqa: E402
-from mambakit.generation.generate import vocab_size  # noqa: E402
-from mambakit.serving import Limits, Metrics, Scheduler, SchedulerOptions  # noqa: E402
-from mambakit.serving.app import ServedModel, create_app  # noqa: E402
+from mambakit.serving.server import ServerOptions, serve_in_background  # noqa: E402
 from mambakit.tokenizer import ByteTokenizer  # noqa: E402
 
 MODEL_NAME = "tiny"
@@ -31,30 +24,11 @@ def tiny_model() -> MambaLMHeadModel:
     return model.eval()
 
 
-@contextmanager
 def running_server(model, chat_template=None, **options):
-    """Yields (base URL, scheduler) of a server on a free port; stops it (and its scheduler) afterwards."""
-    tokenizer = ByteTokenizer()
-    metrics = Metrics()
-    scheduler = Scheduler(model, SchedulerOptions(max_seqlen=MAX_PROMPT_TOKENS + MAX_TOKENS, **options), tokenizer,
-                          metrics)
-    served = ServedModel(MODEL_NAME, tokenizer, Limits(vocab_size(model), MAX_PROMPT_TOKENS, MAX_TOKENS), chat_template)
-    server = uvicorn.Server(uvicorn.Config(create_app(scheduler, served, metrics), host="127.0.0.1", port=0,
-                                           log_level="warning", timeout_graceful_shutdown=1))
-    scheduler.start()
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}", scheduler
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        scheduler.stop()
+    """serve_in_background with the test limits: yields (base URL, scheduler)."""
+    options = ServerOptions(name=MODEL_NAME, port=0, max_prompt_tokens=MAX_PROMPT_TOKENS, max_tokens=MAX_TOKENS,
+                            drain_timeout=1, log_level="warning", **options)
+    return serve_in_background(model, ByteTokenizer(), options, chat_template)
 
 
 @pytest.fixture(scope="module")
