@@ -11,6 +11,7 @@ Needs the `serve` extra: pip install "mambakit[serve]".
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     try:
-        options = ServerOptions(name=args.served_model_name or Path(args.model).resolve().name, host=args.host,
+        options = ServerOptions(name=args.served_model_name or Path(os.path.abspath(args.model)).name, host=args.host,
                                 port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
                                 max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
                                 prefill_chunk=args.prefill_chunk, drain_timeout=args.drain_timeout)
