@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from mambakit.generation import InferenceCache, SamplingConfig, decode_step, prefill, sample
+from mambakit.generation.decoder import Decoder
 from mambakit.generation.generate import vocab_size
 from mambakit.serving.metrics import Metrics
 from mambakit.serving.protocol import RequestError
@@ -62,12 +63,15 @@ class SchedulerOptions:
     max_queue: int = 256
     max_seqlen: int = 4096
     prefill_chunk: int = 2048
+    cg: bool | None = None  # decode with CUDA graphs, one per bucket (None: on when the model is on CUDA)
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
+        for name in ("max_batch", "max_queue", "max_seqlen", "prefill_chunk"):
+            value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{f.name}: expected an int >= 1, got {value!r}")
+                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        if self.cg not in (None, True, False):
+            raise ValueError(f"cg: expected True, False or None, got {self.cg!r}")
 
 
 class Scheduler:
@@ -85,6 +89,13 @@ class Scheduler:
         self.steps = torch.zeros(rows, dtype=torch.long, device=device)
         self.seen = torch.zeros(rows, self.vocab, dtype=torch.bool, device=device)
         self.rows: list[Job] = []  # rows[i] occupies cache row i
+        # On CUDA, a captured decode step per bucket of batch sizes (powers of two and max_batch), each over
+        # the first rows of the one cache; n live rows replay the smallest bucket >= n (the rows past n are
+        # free and their outputs ignored). Captured now, while the cache holds no live row.
+        graphs = options.cg if options.cg is not None else device.type == "cuda"
+        self.buckets = sorted({min(1 << i, rows) for i in range(rows.bit_length() + 1)}) if graphs else []
+        self.decoders = {b: Decoder(model, b, options.max_seqlen, 1, self.vocab, 1, None, None, None, graph=True,
+                                    cache=self._first_rows(b)) for b in self.buckets}
         self.waiting: deque[Job] = deque()
         self.accepting = True
         self._stopping = False
@@ -157,11 +168,21 @@ class Scheduler:
             self._join(joining)
             self._leave()
         if self.rows:
-            n = len(self.rows)
-            view = dataclasses.replace(self.cache, max_batch_size=n, lengths_per_sample=self.cache.lengths_per_sample[:n])
-            logits = decode_step(self.model, view, self.tokens[:n])[:, : self.vocab]
-            self._choose(logits, 0)
+            self._choose(self._decode(len(self.rows)), 0)
         return True
+
+    def _decode(self, n: int) -> torch.Tensor:
+        """One decode step of rows 0..n-1: their next logits (n, vocab)."""
+        if not self.buckets:
+            return decode_step(self.model, self._first_rows(n), self.tokens[:n])[:, : self.vocab]
+        decoder = self.decoders[next(b for b in self.buckets if b >= n)]
+        decoder.buffers.tokens.copy_(self.tokens[: decoder.buffers.tokens.shape[0]])
+        return decoder.advance()[:n]
+
+    def _first_rows(self, n: int) -> InferenceCache:
+        """The cache's first n rows, sharing its storage (the layers read the first rows of larger states)."""
+        return dataclasses.replace(self.cache, max_batch_size=n, seqlen_offset=1,
+                                   lengths_per_sample=self.cache.lengths_per_sample[:n])
 
     def _take_waiting(self) -> list[Job]:
         """Jobs to prefill now (lock held): as many as free rows and the prefill budget allow."""
@@ -187,7 +208,6 @@ class Scheduler:
         part = InferenceCache.allocate(self.model, len(jobs), self.options.max_seqlen)
         logits = prefill(self.model, part, prompts, prefill_chunk=self.options.prefill_chunk)[:, : self.vocab]
         self.cache.write_rows(rows, part)
-        self.cache.seqlen_offset = 1  # every row is past its prefill: the mixers take their decode step
         self.seeds[start:start + len(jobs)] = torch.tensor([job.seed for job in jobs], device=device)
         self.steps[start:start + len(jobs)] = 0
         self.seen[start:start + len(jobs)] = False
@@ -206,9 +226,12 @@ class Scheduler:
         for row in range(start, end):
             groups.setdefault(self.rows[row].sampling, []).append(row)
         for config, rows in groups.items():
-            index = torch.tensor(rows, device=logits.device)
-            self.tokens[index] = sample(logits[index - start], config, self.seeds[index], self.steps[index],
-                                        self.seen[index])
+            if len(rows) == end - start:  # one group (the usual case): slices, no index tensor to upload
+                index, part = slice(start, end), logits
+            else:
+                index = torch.tensor(rows, device=logits.device)
+                part = logits[index - start]
+            self.tokens[index] = sample(part, config, self.seeds[index], self.steps[index], self.seen[index])
         self.seen[torch.arange(start, end, device=logits.device), self.tokens[start:end]] = True
         self.steps[start:end] += 1
         broken = logits.isnan().any(dim=-1)
