@@ -63,7 +63,7 @@ class SchedulerOptions:
     max_queue: int = 256
     max_seqlen: int = 4096
     prefill_chunk: int = 2048
-    cg: bool | None = None  # decode with CUDA graphs, one per bucket (None: on when the model is on CUDA)
+    cg: bool | None = None  # decode in buckets of batch sizes, CUDA graphs on CUDA (None: on when on CUDA)
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_queue", "max_seqlen", "prefill_chunk"):
@@ -89,13 +89,14 @@ class Scheduler:
         self.steps = torch.zeros(rows, dtype=torch.long, device=device)
         self.seen = torch.zeros(rows, self.vocab, dtype=torch.bool, device=device)
         self.rows: list[Job] = []  # rows[i] occupies cache row i
-        # On CUDA, a captured decode step per bucket of batch sizes (powers of two and max_batch), each over
-        # the first rows of the one cache; n live rows replay the smallest bucket >= n (the rows past n are
-        # free and their outputs ignored). Captured now, while the cache holds no live row.
-        graphs = options.cg if options.cg is not None else device.type == "cuda"
-        self.buckets = sorted({min(1 << i, rows) for i in range(rows.bit_length() + 1)}) if graphs else []
-        self.decoders = {b: Decoder(model, b, options.max_seqlen, 1, self.vocab, 1, None, None, None, graph=True,
-                                    cache=self._first_rows(b)) for b in self.buckets}
+        # With cg, a decoder per bucket of batch sizes (powers of two and max_batch), each over the first rows
+        # of the one cache, its step captured as a CUDA graph on CUDA (eager elsewhere); n live rows run the
+        # smallest bucket >= n (the rows past n are free, their outputs ignored). Captured now, while the
+        # cache holds no live row (a capture zeroes it).
+        buckets = options.cg if options.cg is not None else device.type == "cuda"
+        self.buckets = sorted({min(1 << i, rows) for i in range(rows.bit_length() + 1)}) if buckets else []
+        self.decoders = {b: Decoder(model, b, options.max_seqlen, 1, self.vocab, 1, None, None, None,
+                                    graph=device.type == "cuda", cache=self._first_rows(b)) for b in self.buckets}
         self.waiting: deque[Job] = deque()
         self.accepting = True
         self._stopping = False

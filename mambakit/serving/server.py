@@ -22,7 +22,8 @@ from mambakit.serving.scheduler import Scheduler, SchedulerOptions
 @dataclass(frozen=True)
 class ServerOptions:
     """Everything `mambakit serve` takes besides the model: the scheduler's options (its max_seqlen is
-    max_prompt_tokens + max_tokens), request limits, the address and the SIGTERM drain timeout."""
+    max_prompt_tokens + max_tokens; cg: bucketed CUDA-graph decoding, None: on CUDA), request limits,
+    the address and the SIGTERM drain timeout."""
 
     name: str = "model"
     host: str = "127.0.0.1"
@@ -33,6 +34,7 @@ class ServerOptions:
     max_tokens: int = 2048
     prefill_chunk: int = 2048
     drain_timeout: float = 30.0
+    cg: bool | None = None
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -52,7 +54,7 @@ def build_server(model: nn.Module, tokenizer, options: ServerOptions,
     metrics = Metrics()
     scheduler = Scheduler(model, SchedulerOptions(options.max_batch, options.max_queue,
                                                   options.max_prompt_tokens + options.max_tokens,
-                                                  options.prefill_chunk), tokenizer, metrics)
+                                                  options.prefill_chunk, options.cg), tokenizer, metrics)
     served = ServedModel(options.name, tokenizer,
                          Limits(vocab_size(model), options.max_prompt_tokens, options.max_tokens), chat_template)
     config = uvicorn.Config(create_app(scheduler, served, metrics), host=options.host, port=options.port,

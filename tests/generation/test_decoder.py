@@ -13,6 +13,7 @@ def first_rows(cache: InferenceCache, n: int) -> InferenceCache:
     return dataclasses.replace(cache, max_batch_size=n, seqlen_offset=1, lengths_per_sample=cache.lengths_per_sample[:n])
 
 
+@torch.no_grad()
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_forward_only_decoder_on_shared_rows_equals_decode_step(device, make_model, vocab):
     model = make_model("mamba2").to(device)

@@ -6,6 +6,7 @@ import random
 import time
 
 import httpx
+import pytest
 
 from .conftest import MAX_TOKENS, expected, running_server
 
@@ -38,7 +39,8 @@ async def complete(client: httpx.AsyncClient, body: dict) -> str:
     return "".join(pieces)
 
 
-def test_32_concurrent_clients_get_their_generate_answers(model):
+@pytest.mark.parametrize("cg", [False, True])  # True on the CPU: eager decoders of bucketed batch sizes
+def test_32_concurrent_clients_get_their_generate_answers(model, cg):
     greedy, sampled = {"temperature": 0.0}, {"temperature": 0.9, "top_p": 0.95}
     bodies = [{"prompt": [random.randrange(256) for _ in range(random.randint(1, 40))],
                "max_tokens": random.randint(1, 40), "seed": random.randrange(2**31), "stream": i % 3 == 0,
@@ -56,7 +58,8 @@ def test_32_concurrent_clients_get_their_generate_answers(model):
             return await asyncio.gather(*(complete(client, body) for body in bodies))
 
     # Fewer rows than clients: some wait in the queue and join as rows leave.
-    with running_server(model, max_batch=8) as (url, _):
+    with running_server(model, max_batch=8, cg=cg) as (url, scheduler):
+        assert scheduler.buckets == ([1, 2, 4, 8] if cg else [])
         assert asyncio.run(clients(url)) == answers
         assert metric(url, "mambakit_batch_occupancy_max") > 1
         assert metric(url, "mambakit_time_to_first_token_seconds_count") == 32
