@@ -95,8 +95,9 @@ class Scheduler:
         # cache holds no live row (a capture zeroes it).
         buckets = options.cg if options.cg is not None else device.type == "cuda"
         self.buckets = sorted({min(1 << i, rows) for i in range(rows.bit_length() + 1)}) if buckets else []
-        self.decoders = {b: Decoder(model, b, options.max_seqlen, 1, self.vocab, 1, None, None, None,
-                                    graph=device.type == "cuda", cache=self._first_rows(b)) for b in self.buckets}
+        with torch.no_grad():
+            self.decoders = {b: Decoder(model, b, options.max_seqlen, 1, self.vocab, 1, None, None, None,
+                                        graph=device.type == "cuda", cache=self._first_rows(b)) for b in self.buckets}
         self.waiting: deque[Job] = deque()
         self.accepting = True
         self._stopping = False
@@ -144,7 +145,7 @@ class Scheduler:
 
     def _run(self) -> None:
         try:
-            with torch.inference_mode():
+            with torch.no_grad():
                 while self._iterate():
                     pass
         except Exception as e:  # a model failure ends every job with an error instead of hanging them
