@@ -128,7 +128,10 @@ class Run:
         self.jobs, self.outputs = [], []
         for index, prompt in enumerate(p for p in parsed.prompts for _ in range(parsed.n)):
             def deliver(token, finish, index=index):
-                loop.call_soon_threadsafe(self.queue.put_nowait, (index, token, finish))
+                try:
+                    loop.call_soon_threadsafe(self.queue.put_nowait, (index, token, finish))
+                except RuntimeError:  # the event loop has closed (shutdown): nobody waits for this token
+                    pass
             self.jobs.append(Job(list(prompt), parsed.max_tokens, parsed.sampling, seed + index, stop_ids,
                                  parsed.stop, deliver))
             self.outputs.append(TextOutput(tokenizer, stop_ids, parsed.stop))

@@ -116,8 +116,11 @@ class Scheduler:
         """Queue the jobs of one request, all or none: 503 while shutting down, 429 when the queue is full."""
         with self._wake:
             if not self.accepting:
-                raise RequestError("the server is shutting down", status=503, type="server_error",
-                                   code="shutting_down")
+                raise RequestError("the server is shutting down (or its model failed)", status=503,
+                                   type="server_error", code="unavailable")
+            if len(jobs) > self.options.max_queue:  # could never be queued: retrying would not help
+                raise RequestError(f"n: {len(jobs)} choices (prompts x n) is more than the queue holds "
+                                   f"({self.options.max_queue}, --max-queue)", "n")
             if len(self.waiting) + len(jobs) > self.options.max_queue:
                 raise RequestError(f"the queue is full ({self.options.max_queue} waiting, --max-queue); "
                                    "retry later", status=429, type="rate_limit_error", code="queue_full")
@@ -126,10 +129,12 @@ class Scheduler:
             self._wake.notify()
 
     def cancel(self, jobs: list[Job]) -> None:
-        """The client went away: the jobs leave the queue or the batch at the next iteration."""
+        """The client went away: the jobs leave the queue now, the batch at the next iteration."""
         with self._wake:
             for job in jobs:
                 job.cancelled = True
+            self.waiting = deque(job for job in self.waiting if not job.cancelled)
+            self.metrics.set_queue_depth(len(self.waiting))
             self._wake.notify()
 
     def stop(self) -> None:
@@ -191,9 +196,6 @@ class Scheduler:
         joining, tokens = [], 0
         while self.waiting and len(self.rows) + len(joining) < self.options.max_batch:
             job = self.waiting[0]
-            if job.cancelled:
-                self.waiting.popleft()
-                continue
             if joining and tokens + len(job.prompt) > PREFILL_TOKENS_PER_ITERATION:
                 break
             joining.append(self.waiting.popleft())
