@@ -80,18 +80,13 @@ def create_app(scheduler: Scheduler, served: ServedModel, metrics: Metrics) -> F
         if served.chat_template is None:
             raise RequestError("this model's tokenizer has no chat template (tokenizer_config.json "
                                "'chat_template', or --chat-template); use /v1/completions", "messages")
-        try:
-            parsed = parse_completion(body, served.tokenizer, served.limits, served.chat_template)
-        except RequestError:
-            raise
-        except Exception as e:  # the template itself refused the messages (jinja2 TemplateError)
-            raise RequestError(f"messages: the chat template failed: {e}", "messages") from None
-        return await _answer(request, parsed, chat=True)
+        return await _answer(request, parse_completion(body, served.tokenizer, served.limits, served.chat_template),
+                             chat=True)
 
     async def _answer(request: Request, parsed: CompletionRequest, chat: bool):
         run = Run(scheduler, served, parsed)
         if parsed.stream:
-            return StreamingResponse(_sse(run, request, chat, created), media_type="text/event-stream")
+            return StreamingResponse(_sse(run, request, chat), media_type="text/event-stream")
         try:
             async for _ in run.events(request):
                 pass
@@ -190,7 +185,7 @@ def _full_response(run: Run, chat: bool) -> dict:
             "created": int(time.time()), "model": run.model_name, "choices": choices, "usage": run.usage()}
 
 
-async def _sse(run: Run, request: Request, chat: bool, created: int) -> AsyncIterator[str]:
+async def _sse(run: Run, request: Request, chat: bool) -> AsyncIterator[str]:
     """The OpenAI event stream: one chunk per piece of text, a last one per choice with its finish_reason,
     a usage chunk when asked (stream_options.include_usage), then [DONE]."""
     def chunk(choices, usage=None):

@@ -46,7 +46,11 @@ def compile_template(source: str, special_tokens: dict) -> ChatTemplate:
     template = env.from_string(source)
 
     def render(messages: list[dict]) -> str:
-        return template.render(messages=messages, add_generation_prompt=True, **special_tokens)
+        """The prompt text; ValueError when the template refuses the messages."""
+        try:
+            return template.render(messages=messages, add_generation_prompt=True, **special_tokens)
+        except TemplateError as e:
+            raise ValueError(str(e)) from None
 
     return render
 

@@ -71,7 +71,10 @@ def parse_completion(body, tokenizer, limits: Limits, chat_template=None) -> Com
         prompts = _prompts(body, tokenizer)
         max_tokens = _int(body, "max_tokens", DEFAULT_MAX_TOKENS, 1, limits.max_tokens)
     else:
-        prompts = [tokenizer.encode(chat_template(_messages(body)))]
+        try:
+            prompts = [tokenizer.encode(chat_template(_messages(body)))]
+        except ValueError as e:  # the template refused the conversation (e.g. roles out of order)
+            raise RequestError(f"messages: the chat template refused them: {e}", "messages") from None
         default = limits.max_tokens
         max_tokens = _int(body, "max_completion_tokens", None, 1, limits.max_tokens)
         max_tokens = max_tokens if max_tokens is not None else _int(body, "max_tokens", default, 1, limits.max_tokens)

@@ -6,7 +6,7 @@ import random
 import httpx
 import pytest
 
-from mambakit.serving.chat import compile_template
+from mambakit.serving.chat import load_chat_template
 from mambakit.tokenizer import ByteTokenizer
 
 from .conftest import MODEL_NAME, expected, running_server
@@ -88,12 +88,14 @@ def test_openai_client_streams_and_lists_models(server, model):
     assert "".join(chunk.choices[0].text for chunk in stream) == text
 
 
-def test_chat_completions_render_the_template(model):
-    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+def test_chat_completions_render_the_checkpoint_template(model, tmp_path):
+    template = ("{% for m in messages %}{% if m.role == 'tool' %}{{ raise_exception('no tools') }}{% endif %}"
+                "<{{ m.role }}>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "eos_token": "</s>"}))
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": random_prompt(10)}]
     prompt = "".join(f"<{m['role']}>{m['content']}\n" for m in messages) + "<assistant>"
     (text,), _ = expected(model, [ByteTokenizer().encode(prompt)], 12, seed=3, temperature=0.7)
-    with running_server(model, chat_template=compile_template(template, {})) as (url, _):
+    with running_server(model, chat_template=load_chat_template(tmp_path)) as (url, _):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
         answer = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=12, seed=3,
                                                 temperature=0.7)
@@ -103,6 +105,9 @@ def test_chat_completions_render_the_template(model):
         stream = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=12, seed=3,
                                                 temperature=0.7, stream=True)
         assert "".join(chunk.choices[0].delta.content or "" for chunk in stream) == text
+        refused = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "tool", "content": "x"}]})
+        assert refused.status_code == 400
+        assert refused.json()["error"]["param"] == "messages" and "no tools" in refused.json()["error"]["message"]
 
 
 def test_chat_without_a_template_is_a_clear_400(server):
