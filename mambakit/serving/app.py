@@ -31,6 +31,10 @@ class ServedModel:
     chat_template: ChatTemplate | None = None
 
 
+# Put in a request's token queue when its client disconnects.
+DISCONNECTED = object()
+
+
 class ClientGone(Exception):
     """The client closed the connection before its answer was complete."""
 
@@ -137,16 +141,14 @@ class Run:
     async def events(self, request: Request) -> AsyncIterator[tuple[int, str, str | None]]:
         """(choice index, new text, finish reason or None) as tokens arrive; cancels the jobs when the
         client goes away (ClientGone) or the consumer stops early."""
-        gone = asyncio.ensure_future(_disconnected(request))
+        gone = asyncio.ensure_future(_put_on_disconnect(request, self.queue))
         remaining = len(self.jobs)
         try:
             while remaining:
-                item = asyncio.ensure_future(self.queue.get())
-                await asyncio.wait({item, gone}, return_when=asyncio.FIRST_COMPLETED)
-                if not item.done():
-                    item.cancel()
+                item = await self.queue.get()
+                if item is DISCONNECTED:
                     raise ClientGone()
-                index, token, finish = item.result()
+                index, token, finish = item
                 output = self.outputs[index]
                 piece = output.push(token) if finish is None else output.finish()
                 self.texts[index] += piece
@@ -168,10 +170,12 @@ class Run:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def _disconnected(request: Request) -> None:
-    """Returns when the client disconnects (the body has been read: the next message is the disconnect)."""
+async def _put_on_disconnect(request: Request, queue: asyncio.Queue) -> None:
+    """Put DISCONNECTED in `queue` when the client disconnects (the body has been read: the next message
+    is the disconnect), so one queue carries tokens and the end of the client alike."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+    queue.put_nowait(DISCONNECTED)
 
 
 def _full_response(run: Run, chat: bool) -> dict:

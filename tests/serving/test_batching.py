@@ -98,7 +98,7 @@ def test_disconnect_cancels_the_request_and_frees_its_row(model):
         assert metric(url, "mambakit_generation_tokens_total") == tokens_at_close
         # A non-streaming client that gives up is cancelled too.
         try:
-            httpx.post(f"{url}/v1/completions", json={**body, "stream": False}, timeout=0.3)
+            httpx.post(f"{url}/v1/completions", json={**body, "stream": False}, timeout=1.0)
         except httpx.ReadTimeout:
             pass
         wait_for(lambda: metric(url, "mambakit_batch_occupancy") == 0)
@@ -113,17 +113,18 @@ def test_a_full_queue_answers_429_and_the_server_recovers(model):
     with running_server(model, max_batch=1, max_queue=2) as (url, _):
         with httpx.Client(base_url=url, timeout=30) as client:
             body = {"prompt": "abc", "max_tokens": MAX_TOKENS, "ignore_eos": True, "stream": True}
-            with client.stream("POST", "/v1/completions", json=body) as running, \
-                    client.stream("POST", "/v1/completions", json={**body, "n": 2}):
+            with client.stream("POST", "/v1/completions", json=body) as running:
                 lines = running.iter_lines()
-                next(line for line in lines if line.startswith("data: {"))
-                assert metric(url, "mambakit_queue_depth") == 2
-                refused = client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 4})
-                assert refused.status_code == 429
-                assert refused.json()["error"]["code"] == "queue_full"
-                # More choices than the queue could ever hold: not worth a retry, a 400.
-                too_many = client.post("/v1/completions", json={"prompt": ["a", "b"], "n": 2})
-                assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "n"
+                next(line for line in lines if line.startswith("data: {"))  # it holds the one row now
+                with client.stream("POST", "/v1/completions", json={**body, "n": 2}) as waiting:
+                    assert waiting.status_code == 200
+                    assert metric(url, "mambakit_queue_depth") == 2
+                    refused = client.post("/v1/completions", json={"prompt": "abc", "max_tokens": 4})
+                    assert refused.status_code == 429
+                    assert refused.json()["error"]["code"] == "queue_full"
+                    # More choices than the queue could ever hold: not worth a retry, a 400.
+                    too_many = client.post("/v1/completions", json={"prompt": ["a", "b"], "n": 2})
+                    assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "n"
         wait_for(lambda: metric(url, "mambakit_batch_occupancy") == 0 and metric(url, "mambakit_queue_depth") == 0)
         answer = httpx.post(f"{url}/v1/completions", json={"prompt": "abc", "max_tokens": 4}, timeout=30)
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] >= 1
