@@ -173,7 +173,8 @@ def main() -> None:
             figures = asyncio.run(load(url, concurrency, args.requests, body, args.max_seconds))
             rows.append({**common, "mode": "server", "concurrency": concurrency,
                          "requests_per_client": args.requests, **figures})
-    out = args.out or Path(__file__).parent / "results" / f"serve_load-{device_slug() if device.type == 'cuda' else 'cpu'}.json"
+    slug = device_slug() if device.type == "cuda" else "cpu"
+    out = args.out or Path(__file__).parent / "results" / f"serve_load-{slug}.json"
     save_rows(out, rows)
     # The speed-up over one request at a time (the target: >= 10x at 64 streams on a GPU).
     print(format_table([{**r, "speedup": r["total_tok_s"] / base["total_tok_s"]} for r in rows], COLUMNS))

@@ -185,7 +185,8 @@ def _full_response(run: Run, chat: bool) -> dict:
     else:
         choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
                    for i, (text, reason) in enumerate(zip(run.texts, run.finish_reasons))]
-    return {"id": ("chatcmpl-" if chat else "cmpl-") + run.id, "object": "chat.completion" if chat else "text_completion",
+    return {"id": ("chatcmpl-" if chat else "cmpl-") + run.id,
+            "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()), "model": run.model_name, "choices": choices, "usage": run.usage()}
 
 

@@ -80,10 +80,12 @@ class Metrics:
                 ("queue_depth", "gauge", self.queue_depth, "Jobs waiting for a batch row."),
                 ("batch_occupancy", "gauge", self.batch_occupancy, "Rows in the decode batch now."),
                 ("batch_occupancy_max", "gauge", self.batch_occupancy_max, "Most rows ever decoded together."),
-                ("tokens_per_second", "gauge", round(rate, 3), f"Generated tokens/s over the last {RATE_WINDOW_S:g} s."),
+                ("tokens_per_second", "gauge", round(rate, 3),
+                 f"Generated tokens/s over the last {RATE_WINDOW_S:g} s."),
                 ("scheduler_errors_total", "counter", sum(self.errors.values()), "Model failures in the scheduler."),
             ):
-                lines += [f"# HELP mambakit_{name} {help_}", f"# TYPE mambakit_{name} {kind}", f"mambakit_{name} {value}"]
+                lines += [f"# HELP mambakit_{name} {help_}", f"# TYPE mambakit_{name} {kind}",
+                          f"mambakit_{name} {value}"]
             lines += ["# HELP mambakit_time_to_first_token_seconds From arrival to the first generated token.",
                       "# TYPE mambakit_time_to_first_token_seconds histogram"]
             total = 0

@@ -102,7 +102,8 @@ def parse_completion(body, tokenizer, limits: Limits, chat_template=None) -> Com
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
         raise RequestError(f"stop: expected a non-empty string or a list of up to 4, got {body.get('stop')!r}", "stop")
     options = body.get("stream_options")
-    if options is not None and not (isinstance(options, dict) and isinstance(options.get("include_usage", False), bool)):
+    if options is not None and not (isinstance(options, dict)
+                                    and isinstance(options.get("include_usage", False), bool)):
         raise RequestError(f"stream_options: expected {{'include_usage': bool}}, got {options!r}", "stream_options")
     return CompletionRequest(
         prompts=tuple(tuple(p) for p in prompts), max_tokens=max_tokens, sampling=sampling,

@@ -10,7 +10,8 @@ from mambakit.generation.decoder import Decoder
 
 
 def first_rows(cache: InferenceCache, n: int) -> InferenceCache:
-    return dataclasses.replace(cache, max_batch_size=n, seqlen_offset=1, lengths_per_sample=cache.lengths_per_sample[:n])
+    return dataclasses.replace(cache, max_batch_size=n, seqlen_offset=1,
+                               lengths_per_sample=cache.lengths_per_sample[:n])
 
 
 @torch.no_grad()
