@@ -43,8 +43,8 @@ async def complete(client: httpx.AsyncClient, body: dict) -> str:
 @pytest.mark.parametrize("cg, clients", [(False, 32), (True, 12)])
 def test_32_concurrent_clients_get_their_generate_answers(model, cg, clients):
     greedy, sampled = {"temperature": 0.0}, {"temperature": 0.9, "top_p": 0.95}
-    bodies = [{"prompt": [random.randrange(256) for _ in range(random.randint(1, 40))],
-               "max_tokens": random.randint(1, 40), "seed": random.randrange(2**31), "stream": i % 3 == 0,
+    bodies = [{"prompt": [random.randrange(256) for _ in range(random.randint(1, 24))],
+               "max_tokens": random.randint(1, 24), "seed": random.randrange(2**31), "stream": i % 3 == 0,
                **(greedy if i % 2 else sampled)} for i in range(clients)]
     answers = [None] * clients
     for sampling in (greedy, sampled):

@@ -67,7 +67,7 @@ def test_sigterm_stops_accepting_drains_running_requests_and_exits_0(checkpoint)
         chunks, started = [], threading.Event()
 
         def read_stream():
-            body = {"prompt": "abc", "max_tokens": 1000, "ignore_eos": True, "stream": True,
+            body = {"prompt": "abc", "max_tokens": 2000, "ignore_eos": True, "stream": True,
                     "stream_options": {"include_usage": True}}
             with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
                 for line in response.iter_lines():
@@ -96,5 +96,5 @@ def test_sigterm_stops_accepting_drains_running_requests_and_exits_0(checkpoint)
         log = process.stdout.read().decode()
     assert chunks[-1] == "data: [DONE]", log
     events = [json.loads(line[len("data: "):]) for line in chunks if line.startswith("data: {")]
-    assert events[-1]["usage"]["completion_tokens"] == 1000
+    assert events[-1]["usage"]["completion_tokens"] == 2000
     assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1] == "length"
