@@ -172,7 +172,14 @@ class Scheduler:
             joining = self._take_waiting()
         self._leave()
         if joining:
-            self._join(joining)
+            try:
+                self._join(joining)
+            except RuntimeError as e:  # e.g. out of memory on a long prompt: those jobs fail, the batch goes on
+                self.metrics.record_error(f"prefill: {type(e).__name__}: {e}")
+                for job in joining:
+                    if not job.finished:
+                        job.finished = True  # a row it may hold leaves with _leave
+                        job.deliver(None, "error")
             self._leave()
         if self.rows:
             self._choose(self._decode(len(self.rows)), 0)

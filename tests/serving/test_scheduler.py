@@ -37,3 +37,36 @@ def test_rows_joining_and_leaving_get_their_generate_tokens(kind):
         out = generate(model, [prompts[i]], max_new_tokens=budgets[i], seed=40 + i, eos_token_id=[], top_k=0,
                        temperature=0.9, top_p=0.95, repetition_penalty=1.1)[0]
         assert job.generated == out[len(prompts[i]):]
+
+
+def test_a_failing_prefill_fails_its_jobs_and_the_batch_goes_on(monkeypatch):
+    model = tiny_model("mamba2")
+    scheduler = Scheduler(model, SchedulerOptions(max_batch=4, max_seqlen=64), ByteTokenizer(), Metrics())
+    finishes = []
+    done = threading.Semaphore(0)
+
+    def deliver(token, finish):
+        if finish:
+            finishes.append(finish)
+            done.release()
+
+    real_join = scheduler._join
+
+    def join(jobs):
+        if any(len(job.prompt) == 13 for job in jobs):
+            raise RuntimeError("out of memory (simulated)")
+        real_join(jobs)
+
+    monkeypatch.setattr(scheduler, "_join", join)
+    sampling = SamplingConfig()
+    scheduler.start()
+    try:
+        scheduler.submit([Job([1] * 13, 5, sampling, 0, frozenset(), (), deliver)])
+        assert done.acquire(timeout=60)
+        scheduler.submit([Job([2] * 4, 5, sampling, 0, frozenset(), (), deliver)])
+        assert done.acquire(timeout=60)
+        assert scheduler.accepting  # the failure did not take the scheduler down
+    finally:
+        scheduler.stop()
+    assert finishes == ["error", "length"]
+    assert list(scheduler.metrics.errors) == ["prefill: RuntimeError: out of memory (simulated)"]
