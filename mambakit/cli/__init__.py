@@ -12,13 +12,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 # Each name is a module `mambakit.cli.<name>` defining `register(subparsers)`; the parser it
 # adds sets `func` to a callable taking the parsed args and returning an exit code.
-COMMANDS = ("generate", "score", "convert", "train", "synth", "demo", "bench")
+COMMANDS = ("generate", "serve", "score", "convert", "train", "synth", "demo", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mambakit",
-        description="Mamba and Mamba-2 state space models: train, generate, convert, benchmark.",
+        description="Mamba and Mamba-2 state space models: train, generate, serve, convert, benchmark.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:

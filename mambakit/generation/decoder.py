@@ -124,17 +124,20 @@ class Decoder:
 
     `advance()` feeds `buffers.tokens`, chooses the next tokens and returns the logits they came from
     (a tensor that the next `advance()` may overwrite). With `graph=True` (CUDA) the step is captured
-    once and each `advance()` replays it.
+    once and each `advance()` replays it. With `sampling=None` the step only runs the model (the caller
+    samples, e.g. rows with different options); `cache`: decode into this one (e.g. a view of the first
+    `batch` rows of a larger cache, shared by decoders of several batch sizes) instead of a new one.
     """
 
     def __init__(self, model: nn.Module, batch: int, max_seqlen: int, steps: int, vocab: int, stop_slots: int,
-                 sampling: SamplingConfig, cache_dtype: torch.dtype | None, teacher_len: int | None, graph: bool):
+                 sampling: SamplingConfig | None, cache_dtype: torch.dtype | None, teacher_len: int | None,
+                 graph: bool, cache: InferenceCache | None = None):
         self._model = weakref.ref(model)  # kept decoders must not keep their model alive
         self.vocab, self.sampling = vocab, sampling
-        self.cache = InferenceCache.allocate(model, batch, max_seqlen, dtype=cache_dtype)
+        self.cache = cache if cache is not None else InferenceCache.allocate(model, batch, max_seqlen, dtype=cache_dtype)
         device = self.cache.lengths_per_sample.device
-        self.buffers = DecodeBuffers.allocate(batch, steps, vocab, stop_slots, device,
-                                              sampling.repetition_penalty != 1.0, teacher_len)
+        penalty = sampling is not None and sampling.repetition_penalty != 1.0
+        self.buffers = DecodeBuffers.allocate(batch, steps, vocab, stop_slots, device, penalty, teacher_len)
         self.graph = None
         self._graph_logits = None
         if graph:
@@ -142,7 +145,8 @@ class Decoder:
 
     def _eager_step(self) -> torch.Tensor:
         logits = decode_step(self._model(), self.cache, self.buffers.tokens)[:, : self.vocab]
-        self.buffers.choose(logits, self.sampling)
+        if self.sampling is not None:
+            self.buffers.choose(logits, self.sampling)
         return logits
 
     def advance(self) -> torch.Tensor:

@@ -1,0 +1,184 @@
+"""Load test of `mambakit serve`: C concurrent streaming clients on loopback, each sending requests of a
+fixed prompt length and output length, against the no-batching baseline (the same requests one at a
+time through `generate`). Random weights, saved to a temporary checkpoint that `mambakit serve` loads in a
+subprocess (so that the clients do not share the server's interpreter).
+
+    python benchmarks/serve_load.py --shape tiny --concurrency 1,4,16,64        # the CPU
+    python benchmarks/serve_load.py --shape 130m --device cuda --concurrency 1,16,64
+
+Per concurrency level: total generated tokens/s, time to first token (p50/p99) and time per output token
+after the first (p50/p99, per request). Bounded: --requests per client and --max-seconds per level.
+Rows are merged into benchmarks/results/serve_load-<device>.json and a table is printed last.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import torch
+
+from mambakit import MambaConfig, MambaLMHeadModel
+from mambakit.bench.common import device_slug, format_table, save_rows
+from mambakit.generation import generate, iterate_tokens
+from mambakit.tokenizer import ByteTokenizer
+
+SHAPES = {
+    "tiny": dict(d_model=256, n_layer=4, vocab_size=257,
+                 ssm_cfg={"layer": "Mamba2", "d_state": 64, "headdim": 32}),
+    "130m": dict(d_model=768, n_layer=24, vocab_size=50280,
+                 ssm_cfg={"layer": "Mamba2", "d_state": 128, "headdim": 64}),
+}
+COLUMNS = ["shape", "mode", "concurrency", "requests_per_client", "prompt_len", "new_tokens", "total_tok_s",
+           "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "speedup"]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def one_request(client: httpx.AsyncClient, body: dict) -> tuple[float, float, int]:
+    """(time to first token s, time per later token s, tokens) of one streamed request."""
+    start = time.perf_counter()
+    first = None
+    tokens = 0
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[len("data: "):])
+            if first is None and event["choices"]:
+                first = time.perf_counter()
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    end = time.perf_counter()
+    return first - start, (end - first) / max(tokens - 1, 1), tokens
+
+
+async def load(url: str, concurrency: int, requests: int, body: dict, max_seconds: float) -> dict:
+    """C clients, each sending up to `requests` requests one after the other, until max_seconds."""
+    results = []
+    deadline = time.perf_counter() + max_seconds
+
+    async def client_loop(client):
+        for _ in range(requests):
+            if time.perf_counter() > deadline:
+                return
+            results.append(await one_request(client, body))
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    ttft, tpot, tokens = zip(*results)
+    return {"total_tok_s": sum(tokens) / wall,
+            "ttft_p50_ms": 1e3 * percentile(ttft, 0.5), "ttft_p99_ms": 1e3 * percentile(ttft, 0.99),
+            "tpot_p50_ms": 1e3 * percentile(tpot, 0.5), "tpot_p99_ms": 1e3 * percentile(tpot, 0.99)}
+
+
+def one_at_a_time(model, prompt: list[int], new_tokens: int, requests: int) -> dict:
+    """The no-batching baseline: the same requests through `generate`, one after the other."""
+    device = next(model.parameters()).device
+    generate(model, [prompt], max_new_tokens=2, top_k=0, seed=0)  # warm-up (kernels, CUDA graphs)
+    ttft, tpot = [], []
+    torch.set_grad_enabled(False)  # iterate_tokens' steps run where it is iterated: without autograd here
+    start = time.perf_counter()
+    for seed in range(requests):
+        t0 = time.perf_counter()
+        steps = iterate_tokens(model, [torch.tensor(prompt, device=device)], max_new_tokens=new_tokens, top_k=0,
+                               seed=seed, eos_token_id=[])
+        stamps = [time.perf_counter() for _ in steps]
+        ttft.append(stamps[0] - t0)
+        tpot.append((stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1))
+    wall = time.perf_counter() - start
+    return {"total_tok_s": requests * new_tokens / wall,
+            "ttft_p50_ms": 1e3 * statistics.median(ttft), "ttft_p99_ms": 1e3 * percentile(ttft, 0.99),
+            "tpot_p50_ms": 1e3 * statistics.median(tpot), "tpot_p99_ms": 1e3 * percentile(tpot, 0.99)}
+
+
+@contextmanager
+def serve_subprocess(model, checkpoint: str, args) -> Iterator[str]:
+    """`mambakit serve` on a free port over `model` saved to `checkpoint`; yields its base URL."""
+    model.save_pretrained(checkpoint)
+    ByteTokenizer().save(checkpoint)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "mambakit", "serve", "--model", checkpoint, "--port", str(port),
+               "--device", args.device, "--dtype", str(model.lm_head.weight.dtype).removeprefix("torch."),
+               "--max-batch", str(args.max_batch), "--max-queue", "4096", "--max-tokens", str(args.new_tokens)]
+    process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start: {' '.join(command)}")
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield url
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=SHAPES, default="tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="default: bfloat16 on CUDA, float32 on the CPU")
+    parser.add_argument("--concurrency", default="1,4,16,64", help="comma-separated client counts")
+    parser.add_argument("--requests", type=int, default=4, help="requests per client")
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--max-batch", type=int, default=64)
+    parser.add_argument("--max-seconds", type=float, default=60.0, help="per concurrency level")
+    parser.add_argument("--baseline-requests", type=int, default=4)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = MambaLMHeadModel(MambaConfig(**SHAPES[args.shape]), device=device, dtype=dtype).eval()
+    prompt = torch.randint(0, min(256, model.config.vocab_size), (args.prompt_len,)).tolist()
+    common = {"shape": args.shape, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+              "dtype": str(dtype).removeprefix("torch."), "max_batch": args.max_batch}
+    base = {**common, "mode": "generate one at a time", "concurrency": 1, "requests_per_client": args.baseline_requests,
+            **one_at_a_time(model, prompt, args.new_tokens, args.baseline_requests)}
+    rows = [base]
+    body = {"prompt": prompt, "max_tokens": args.new_tokens, "ignore_eos": True, "temperature": 1.0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with tempfile.TemporaryDirectory() as checkpoint, serve_subprocess(model, checkpoint, args) as url:
+        asyncio.run(load(url, 1, 1, body, args.max_seconds))  # warm-up
+        for concurrency in (int(c) for c in args.concurrency.split(",")):
+            figures = asyncio.run(load(url, concurrency, args.requests, body, args.max_seconds))
+            rows.append({**common, "mode": "server", "concurrency": concurrency,
+                         "requests_per_client": args.requests, **figures})
+    slug = device_slug() if device.type == "cuda" else "cpu"
+    out = args.out or Path(__file__).parent / "results" / f"serve_load-{slug}.json"
+    save_rows(out, rows)
+    # The speed-up over one request at a time (the issue's target: >= 10x at 64 streams on a GPU).
+    print(format_table([{**r, "speedup": r["total_tok_s"] / base["total_tok_s"]} for r in rows], COLUMNS))
+
+
+if __name__ == "__main__":
+    main()

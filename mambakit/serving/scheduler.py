@@ -1,0 +1,288 @@
+"""Continuous batching: one thread owns the model and a decode batch of at most `max_batch` rows.
+
+Every iteration, rows that finished or were cancelled leave (the last row moves into the hole, so the
+live rows are always cache rows 0..n-1 and a step costs n rows), waiting jobs are prefilled (a bounded
+number of prompt tokens per iteration, so running streams keep moving) and join, and one decode step
+advances every row. An SSM row's state has a fixed size, so joining and leaving is a copy of a few
+tensors, with no paged memory.
+
+A row samples with its own `SamplingConfig`, seed and step counter through `generation.sampling.sample`,
+so its tokens are exactly those `generate` gives for the same prompt and seed, whatever else is in the batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from mambakit.generation import InferenceCache, SamplingConfig, decode_step, prefill, sample
+from mambakit.generation.decoder import Decoder
+from mambakit.generation.generate import vocab_size
+from mambakit.serving.metrics import Metrics
+from mambakit.serving.protocol import RequestError
+
+# Prompt tokens prefilled per iteration at most (one prompt at least): bounds the stall of running streams.
+PREFILL_TOKENS_PER_ITERATION = 4096
+
+
+@dataclass
+class Job:
+    """One choice of one request: its prompt, budget, sampling and where its tokens go.
+
+    deliver(token, finish) is called on the scheduler thread: once per generated token (finish None),
+    then once with token None and finish "stop" (stop token or string), "length" (max_tokens) or "error".
+    """
+
+    prompt: list[int]
+    max_tokens: int
+    sampling: SamplingConfig
+    seed: int
+    stop_ids: frozenset[int]
+    stop_strings: tuple[str, ...]
+    deliver: Callable[[int | None, str | None], None]
+    submitted: float = field(default_factory=time.perf_counter)
+    generated: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    finished: bool = False
+
+
+@dataclass(frozen=True)
+class SchedulerOptions:
+    """max_batch: rows decoded together; max_queue: jobs waiting beyond them (more: 429);
+    max_seqlen: prompt + new tokens of one row (sizes attention KV caches); prefill_chunk: see `prefill`."""
+
+    max_batch: int = 64
+    max_queue: int = 256
+    max_seqlen: int = 4096
+    prefill_chunk: int = 2048
+    cg: bool | None = None  # decode in buckets of batch sizes, CUDA graphs on CUDA (None: on when on CUDA)
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_queue", "max_seqlen", "prefill_chunk"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        if self.cg not in (None, True, False):
+            raise ValueError(f"cg: expected True, False or None, got {self.cg!r}")
+
+
+class Scheduler:
+    """Owns `model` on its own thread (`start()` / `stop()`); `submit` and `cancel` are thread-safe."""
+
+    def __init__(self, model: nn.Module, options: SchedulerOptions, tokenizer, metrics: Metrics):
+        self.model, self.options, self.tokenizer, self.metrics = model, options, tokenizer, metrics
+        self.vocab = vocab_size(model)
+        self.cache = InferenceCache.allocate(model, options.max_batch, options.max_seqlen)
+        device = self.cache.lengths_per_sample.device
+        rows = options.max_batch
+        # Per cache row: the token to feed next, its seed, tokens generated so far, tokens seen (repetition penalty).
+        self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
+        self.seeds = torch.zeros(rows, dtype=torch.long, device=device)
+        self.steps = torch.zeros(rows, dtype=torch.long, device=device)
+        self.seen = torch.zeros(rows, self.vocab, dtype=torch.bool, device=device)
+        self.rows: list[Job] = []  # rows[i] occupies cache row i
+        # With cg, a decoder per bucket of batch sizes (powers of two and max_batch), each over the first rows
+        # of the one cache, its step captured as a CUDA graph on CUDA (eager elsewhere); n live rows run the
+        # smallest bucket >= n (the rows past n are free, their outputs ignored). Captured now, while the
+        # cache holds no live row (a capture zeroes it).
+        buckets = options.cg if options.cg is not None else device.type == "cuda"
+        self.buckets = sorted({min(1 << i, rows) for i in range(rows.bit_length() + 1)}) if buckets else []
+        with torch.no_grad():
+            self.decoders = {b: Decoder(model, b, options.max_seqlen, 1, self.vocab, 1, None, None, None,
+                                        graph=device.type == "cuda", cache=self._first_rows(b)) for b in self.buckets}
+        self.waiting: deque[Job] = deque()
+        self.accepting = True
+        self._stopping = False
+        self._wake = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="mambakit-scheduler", daemon=True)
+
+    # --- the HTTP side --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def random_seed(self) -> int:
+        return random.randrange(2**62)
+
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue the jobs of one request, all or none: 503 while shutting down, 429 when the queue is full."""
+        with self._wake:
+            if not self.accepting:
+                raise RequestError("the server is shutting down (or its model failed)", status=503,
+                                   type="server_error", code="unavailable")
+            if len(jobs) > self.options.max_queue:  # could never be queued: retrying would not help
+                raise RequestError(f"n: {len(jobs)} choices (prompts x n) is more than the queue holds "
+                                   f"({self.options.max_queue}, --max-queue)", "n")
+            if len(self.waiting) + len(jobs) > self.options.max_queue:
+                raise RequestError(f"the queue is full ({self.options.max_queue} waiting, --max-queue); "
+                                   "retry later", status=429, type="rate_limit_error", code="queue_full")
+            self.waiting.extend(jobs)
+            self.metrics.set_queue_depth(len(self.waiting))
+            self._wake.notify()
+
+    def cancel(self, jobs: list[Job]) -> None:
+        """The client went away: the jobs leave the queue now, the batch at the next iteration."""
+        with self._wake:
+            for job in jobs:
+                job.cancelled = True
+            self.waiting = deque(job for job in self.waiting if not job.cancelled)
+            self.metrics.set_queue_depth(len(self.waiting))
+            self._wake.notify()
+
+    def stop(self) -> None:
+        """Refuse new jobs, end the loop after its iteration; jobs still there end with "error"."""
+        with self._wake:
+            self.accepting = False
+            self._stopping = True
+            self._wake.notify()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    # --- the model side (scheduler thread only) -------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            with torch.no_grad():
+                while self._iterate():
+                    pass
+        except Exception as e:  # a model failure ends every job with an error instead of hanging them
+            self.metrics.record_error(f"{type(e).__name__}: {e}")
+            traceback.print_exc()
+        with self._wake:
+            self.accepting = False  # /health now answers 503; new requests too
+        for job in [*self.rows, *self.waiting]:
+            if not job.finished:
+                job.deliver(None, "error")
+        self.rows, self.waiting = [], deque()
+
+    def _iterate(self) -> bool:
+        with self._wake:
+            while not self.rows and not self.waiting and not self._stopping:
+                self._wake.wait()
+            if self._stopping:
+                return False
+            joining = self._take_waiting()
+        self._leave()
+        if joining:
+            try:
+                self._join(joining)
+            except RuntimeError as e:  # e.g. out of memory on a long prompt: those jobs fail, the batch goes on
+                self.metrics.record_error(f"prefill: {type(e).__name__}: {e}")
+                for job in joining:
+                    if not job.finished:
+                        job.finished = True  # a row it may hold leaves with _leave
+                        job.deliver(None, "error")
+            self._leave()
+        if self.rows:
+            self._choose(self._decode(len(self.rows)), 0)
+        return True
+
+    def _decode(self, n: int) -> torch.Tensor:
+        """One decode step of rows 0..n-1: their next logits (n, vocab)."""
+        if not self.buckets:
+            return decode_step(self.model, self._first_rows(n), self.tokens[:n])[:, : self.vocab]
+        decoder = self.decoders[next(b for b in self.buckets if b >= n)]
+        decoder.buffers.tokens.copy_(self.tokens[: decoder.buffers.tokens.shape[0]])
+        return decoder.advance()[:n]
+
+    def _first_rows(self, n: int) -> InferenceCache:
+        """The cache's first n rows, sharing its storage (the layers read the first rows of larger states)."""
+        return dataclasses.replace(self.cache, max_batch_size=n, seqlen_offset=1,
+                                   lengths_per_sample=self.cache.lengths_per_sample[:n])
+
+    def _take_waiting(self) -> list[Job]:
+        """Jobs to prefill now (lock held): as many as free rows and the prefill budget allow."""
+        joining, tokens = [], 0
+        while self.waiting and len(self.rows) + len(joining) < self.options.max_batch:
+            job = self.waiting[0]
+            if joining and tokens + len(job.prompt) > PREFILL_TOKENS_PER_ITERATION:
+                break
+            joining.append(self.waiting.popleft())
+            tokens += len(job.prompt)
+        self.metrics.set_queue_depth(len(self.waiting))
+        return joining
+
+    def _join(self, jobs: list[Job]) -> None:
+        """Prefill `jobs` into the rows after the live ones and choose their first tokens."""
+        start = len(self.rows)
+        rows = list(range(start, start + len(jobs)))
+        device = self.tokens.device
+        prompts = [torch.tensor(job.prompt, dtype=torch.long, device=device) for job in jobs]
+        part = InferenceCache.allocate(self.model, len(jobs), self.options.max_seqlen)
+        logits = prefill(self.model, part, prompts, prefill_chunk=self.options.prefill_chunk)[:, : self.vocab]
+        self.cache.write_rows(rows, part)
+        self.seeds[start:start + len(jobs)] = torch.tensor([job.seed for job in jobs], device=device)
+        self.steps[start:start + len(jobs)] = 0
+        self.seen[start:start + len(jobs)] = False
+        for row, prompt in zip(rows, prompts):
+            self.seen[row, prompt] = True
+        self.rows.extend(jobs)
+        self.metrics.set_occupancy(len(self.rows))
+        self.metrics.add_prompt_tokens(sum(len(job.prompt) for job in jobs))
+        self._choose(logits, start)
+
+    def _choose(self, logits: torch.Tensor, start: int) -> None:
+        """Sample the next token of rows start..start+len(logits)-1, each group of rows sharing a
+        SamplingConfig in one call, then hand the tokens to their jobs (the step's one host sync)."""
+        end = start + logits.shape[0]
+        groups: dict[SamplingConfig, list[int]] = {}
+        for row in range(start, end):
+            groups.setdefault(self.rows[row].sampling, []).append(row)
+        for config, rows in groups.items():
+            if len(rows) == end - start:  # one group (the usual case): slices, no index tensor to upload
+                index, part = slice(start, end), logits
+            else:
+                index = torch.tensor(rows, device=logits.device)
+                part = logits[index - start]
+            self.tokens[index] = sample(part, config, self.seeds[index], self.steps[index], self.seen[index])
+        self.seen[torch.arange(start, end, device=logits.device), self.tokens[start:end]] = True
+        self.steps[start:end] += 1
+        broken = logits.isnan().any(dim=-1)
+        chosen = torch.where(broken, -1, self.tokens[start:end]).tolist()
+        now = time.perf_counter()
+        for job, token in zip(self.rows[start:end], chosen):
+            if job.cancelled:
+                continue
+            if token < 0:  # NaN logits: no token is passed off as a result
+                job.finished = True
+                job.deliver(None, "error")
+                continue
+            if not job.generated:
+                self.metrics.observe_first_token(now - job.submitted)
+            job.generated.append(token)
+            job.deliver(token, None)
+            reason = self._finish_reason(job, token)
+            if reason is not None:
+                job.finished = True
+                job.deliver(None, reason)
+        self.metrics.add_generated_tokens(len(chosen), now)
+
+    def _finish_reason(self, job: Job, token: int) -> str | None:
+        if token in job.stop_ids:
+            return "stop"
+        # generate()'s rule: the generated text holds a stop string.
+        if job.stop_strings and any(s in self.tokenizer.decode(job.generated) for s in job.stop_strings):
+            return "stop"
+        return "length" if len(job.generated) >= job.max_tokens else None
+
+    def _leave(self) -> None:
+        """Drop finished and cancelled rows; the last live row moves into each hole."""
+        for row in reversed(range(len(self.rows))):
+            if not (self.rows[row].finished or self.rows[row].cancelled):
+                continue
+            last = len(self.rows) - 1
+            if row != last:
+                self.cache.write_rows([row], self.cache.select([last]))
+                for buffer in (self.tokens, self.seeds, self.steps, self.seen):
+                    buffer[row] = buffer[last]
+                self.rows[row] = self.rows[last]
+            self.rows.pop()
+        self.metrics.set_occupancy(len(self.rows))

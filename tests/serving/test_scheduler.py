@@ -1,0 +1,72 @@
+"""The scheduler without HTTP, on every model kind: rows that join and leave a running batch get exactly
+what `generate` gives each prompt alone (hybrids too: attention rows keep their own lengths)."""
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from mambakit.generation import SamplingConfig, generate
+from mambakit.serving import Job, Metrics, Scheduler, SchedulerOptions
+from mambakit.tokenizer import ByteTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "generation"))
+from conftest import tiny_model  # noqa: E402  (the generation tests' tiny models of each kind)
+
+
+@pytest.mark.parametrize("kind", ["mamba1", "hybrid"])
+def test_rows_joining_and_leaving_get_their_generate_tokens(kind):
+    model = tiny_model(kind)
+    sampling = SamplingConfig(temperature=0.9, top_k=0, top_p=0.95, repetition_penalty=1.1)
+    prompts = [torch.randint(0, 256, (n,)).tolist() for n in (3, 17, 1, 9, 12, 5)]
+    budgets = [6, 25, 1, 14, 9, 20]
+    scheduler = Scheduler(model, SchedulerOptions(max_batch=3, max_seqlen=64), ByteTokenizer(), Metrics())
+    done = threading.Semaphore(0)
+    jobs = [Job(p, k, sampling, 40 + i, frozenset(), (), lambda token, finish: finish and done.release())
+            for i, (p, k) in enumerate(zip(prompts, budgets))]
+    scheduler.start()
+    try:
+        scheduler.submit(jobs[:4])  # three rows run, one waits; the rest arrive while they decode
+        scheduler.submit(jobs[4:])
+        for _ in jobs:
+            assert done.acquire(timeout=60)
+    finally:
+        scheduler.stop()
+    for i, job in enumerate(jobs):
+        out = generate(model, [prompts[i]], max_new_tokens=budgets[i], seed=40 + i, eos_token_id=[], top_k=0,
+                       temperature=0.9, top_p=0.95, repetition_penalty=1.1)[0]
+        assert job.generated == out[len(prompts[i]):]
+
+
+def test_a_failing_prefill_fails_its_jobs_and_the_batch_goes_on(monkeypatch):
+    model = tiny_model("mamba2")
+    scheduler = Scheduler(model, SchedulerOptions(max_batch=4, max_seqlen=64), ByteTokenizer(), Metrics())
+    finishes = []
+    done = threading.Semaphore(0)
+
+    def deliver(token, finish):
+        if finish:
+            finishes.append(finish)
+            done.release()
+
+    real_join = scheduler._join
+
+    def join(jobs):
+        if any(len(job.prompt) == 13 for job in jobs):
+            raise RuntimeError("out of memory (simulated)")
+        real_join(jobs)
+
+    monkeypatch.setattr(scheduler, "_join", join)
+    sampling = SamplingConfig()
+    scheduler.start()
+    try:
+        scheduler.submit([Job([1] * 13, 5, sampling, 0, frozenset(), (), deliver)])
+        assert done.acquire(timeout=60)
+        scheduler.submit([Job([2] * 4, 5, sampling, 0, frozenset(), (), deliver)])
+        assert done.acquire(timeout=60)
+        assert scheduler.accepting  # the failure did not take the scheduler down
+    finally:
+        scheduler.stop()
+    assert finishes == ["error", "length"]
+    assert list(scheduler.metrics.errors) == ["prefill: RuntimeError: out of memory (simulated)"]
