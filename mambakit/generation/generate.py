@@ -120,7 +120,6 @@ def generate(
     return GenerationOutput(sequences, num_new, tuple(scores) if output_scores else None)
 
 
-@torch.no_grad()
 def iterate_tokens(model: nn.Module, prompts: list[torch.Tensor], **options) -> Iterator[Step]:
     """Yield one `Step` per generated position until every row has stopped.
 
@@ -128,6 +127,7 @@ def iterate_tokens(model: nn.Module, prompts: list[torch.Tensor], **options) -> 
     return decode_steps(model, prompts, GenerationOptions(**options))
 
 
+@torch.no_grad()  # on a generator function: every resumption runs without autograd, not only its creation
 def decode_steps(model: nn.Module, prompts: list[torch.Tensor], options: GenerationOptions) -> Iterator[Step]:
     """Prefill the prompts, then decode (with CUDA graphs on CUDA unless options.cg is False); see `iterate_tokens`."""
     device = prompts[0].device

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mambakit.generation import generate
+from mambakit.generation import generate, iterate_tokens
 
 KINDS = ["mamba1", "mamba2", "hybrid"]
 
@@ -231,3 +231,15 @@ def test_bf16_decoding_tracks_the_parallel_forward(kind, make_model, vocab):
         parallel = model(out.sequences).logits[:, 8:-1, :vocab].float()
     scores = torch.stack(out.scores, dim=1)
     assert float((scores - parallel).norm() / parallel.norm()) < 1e-2
+
+
+def test_iterated_steps_run_without_autograd(make_model, vocab):
+    """The token iterator's steps run under no_grad (a decorator on the function that returns the generator
+    would cover only its creation)."""
+    model = make_model("mamba2")
+    grad_modes = []
+    model.lm_head.register_forward_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
+    prompts = [torch.randint(0, vocab, (5,))]
+    for _ in iterate_tokens(model, prompts, max_new_tokens=4, cg=False):
+        pass
+    assert len(grad_modes) >= 2 and not any(grad_modes)
