@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def _import_ops():
-    """Importing the Triton paths registers their custom ops."""
+    """Importing the Triton paths registers their custom ops (the CPU scan's come with mambakit.ops)."""
     from mambakit.ops.conv1d import triton_conv, triton_step as conv_step  # noqa: F401
     from mambakit.ops.norm import triton_norm  # noqa: F401
     from mambakit.ops.selective_scan import triton_scan, triton_step as scan_step  # noqa: F401
@@ -116,6 +116,23 @@ def scan_bwd_samples():
                         seq_idx, ckpt, softplus, h0 is not None))
 
 
+def cpu_scan_fwd_samples():
+    """The CPU path's recurrence, time-major: delta, delta_u (L, batch, dim), B, C (L, batch, G, N)."""
+    A = -torch.rand(SD, N).add(0.5).requires_grad_()
+    yield torch.rand(SL, B, SD).requires_grad_(), param(SL, B, SD), A, param(SL, B, 1, N), param(SL, B, 2, N), \
+        torch.zeros(B, SD, N), None
+    keep = torch.ones(SL, B)
+    keep[5, 0] = 0.0  # a new sequence starts there
+    yield torch.rand(SL, B, SD).requires_grad_(), param(SL, B, SD), A, param(SL, B, 2, N), param(SL, B, 1, N), \
+        param(B, SD, N), keep
+
+
+def cpu_scan_bwd_samples():
+    for delta, delta_u, A, Bm, Cm, h0, keep in cpu_scan_fwd_samples():
+        states = op("selective_scan_cpu_fwd")(delta, delta_u, A, Bm, Cm, h0, keep)[2]
+        yield detached((transposed(SL, B, SD), torch.randn(B, SD, N), delta, delta_u, A, Bm, Cm, h0, keep, states))
+
+
 def scan_update_samples():
     R = 3
     x, z, dt = (t.squeeze(1) for t in columns(B, 1, SD, SD, R))
@@ -173,6 +190,8 @@ SAMPLES = {
     "selective_scan_fwd": scan_fwd_samples,
     "selective_scan_bwd": scan_bwd_samples,
     "selective_state_update": scan_update_samples,
+    "selective_scan_cpu_fwd": cpu_scan_fwd_samples,
+    "selective_scan_cpu_bwd": cpu_scan_bwd_samples,
     "ssd_fwd": ssd_fwd_samples,
     "ssd_bwd": ssd_bwd_samples,
     "ssd_state_update": ssd_update_samples,
