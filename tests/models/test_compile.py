@@ -94,3 +94,59 @@ def test_input_ids_check_does_not_sync_on_cuda():
         check_input_ids(ids, 100)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+# ------------------------------------------------------------------ the trainer: loss path and --compile
+@pytest.mark.parametrize("kind", ["mamba1", "mamba2"])
+def test_trainer_fused_loss_equals_the_logits_loss(kind, tiny):
+    """The single-process trainer's loss (backbone + chunked linear cross-entropy) == the model's logits path."""
+    from mambakit.data import Batch
+    from mambakit.training.trainer import lm_loss
+
+    model = tiny.build(kind).train()
+    ids = tiny.random_ids(model, batch=3, seqlen=17)
+    batch = Batch(ids[:, :-1], ids[:, 1:])
+    results = []
+    for fused in (True, False):
+        model.zero_grad(set_to_none=True)
+        loss = lm_loss(model, batch, fused)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss, grads), (want_loss, want_grads) = results
+    assert rel_err(loss, want_loss) < 1e-5
+    assert max(rel_err(g, w) for g, w in zip(grads, want_grads)) < 1e-5
+
+
+def test_compile_with_fsdp_is_refused():
+    from mambakit.training import TrainConfig
+
+    with pytest.raises(ValueError, match="compile"):
+        TrainConfig(compile=True, fsdp=True)
+
+
+def test_compile_flag_reaches_the_config():
+    from mambakit.cli import build_parser
+    from mambakit.cli.train import given_options
+
+    args = build_parser().parse_args(["train", "--out", "run", "--compile"])
+    assert given_options(args)["compile"] is True
+    assert "compile" not in given_options(build_parser().parse_args(["train", "--out", "run"]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["mamba", "mamba2"])
+def test_compiled_trainer_steps_match_eager_cuda(arch, tmp_path):
+    """`mambakit train --compile`: the same first steps (bf16 autocast) as the eager trainer."""
+    from mambakit.training import TrainConfig, Trainer
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text(" ".join(str(i % 97) for i in range(20000)))
+    losses = {}
+    for compiled in (False, True):
+        config = TrainConfig(data=[str(tmp_path / "corpus")], arch=arch, d_model=256, n_layer=2, seq_len=512,
+                             batch_size=2, max_tokens=2 * 512 * 3, device="cuda", compile=compiled,
+                             eval_interval=100, save_interval=100, val_fraction=0.1)
+        trainer = Trainer(config, tmp_path / f"run-{compiled}", quiet=True)
+        losses[compiled] = torch.stack([trainer.train_step()[0] for _ in range(3)])
+    assert torch.isfinite(losses[True]).all()
+    assert rel_err(losses[True], losses[False]) < 2e-2
