@@ -144,21 +144,21 @@ def scan_update_samples():
 
 
 # --- SSD: x, z (batch, L, nheads, headdim), B, C (batch, L, ngroups, N), dt (batch, L, nheads): views of
-# in_proj's output (z, dt) and of the conv output (x, B, C) ---
-NH, P, G, NS, Q = 4, 8, 2, 16, 16
+# in_proj's output (z, dt) and of the conv output (x, B, C); 1.5 chunks (the interpreter is slow) ---
+NH, P, G, NS, Q, QL = 2, 8, 1, 16, 16, 24
 
 
 def ssd_fwd_samples():
-    z, xBC, dt = columns(B, L, NH * P, NH * P + 2 * G * NS, NH, grad=True)
+    z, xBC, dt = columns(B, QL, NH * P, NH * P + 2 * G * NS, NH, grad=True)
     x, Bm, Cm = xBC.split([NH * P, G * NS, G * NS], dim=-1)
     x, z = x.unflatten(-1, (NH, P)), z.unflatten(-1, (NH, P))
     Bm, Cm = Bm.unflatten(-1, (G, NS)), Cm.unflatten(-1, (G, NS))
     A = -torch.rand(NH).add(0.5).requires_grad_()
     yield x, dt, A, Bm, Cm, Q, param(NH), z, param(NH), True, 0.0, float("inf"), None, None, None, False, True
-    seq_idx = torch.tensor([[0] * 20 + [1] * 20], dtype=torch.int32)
-    cu_seqlens = torch.tensor([0, 20, 40], dtype=torch.int32)
-    yield transposed(1, L, NH, P, grad=True), torch.rand(1, L, NH, requires_grad=True), A, \
-        torch.randn(1, L, G, NS, requires_grad=True), torch.randn(1, L, G, NS, requires_grad=True), Q, \
+    seq_idx = torch.tensor([[0] * 10 + [1] * 14], dtype=torch.int32)
+    cu_seqlens = torch.tensor([0, 10, 24], dtype=torch.int32)
+    yield transposed(1, QL, NH, P, grad=True), torch.rand(1, QL, NH, requires_grad=True), A, \
+        torch.randn(1, QL, G, NS, requires_grad=True), torch.randn(1, QL, G, NS, requires_grad=True), Q, \
         param(NH, P), None, None, False, 0.0, float("inf"), torch.randn(1, NH, P, NS, requires_grad=True), \
         seq_idx, cu_seqlens, True, True
 
