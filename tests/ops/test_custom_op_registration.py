@@ -27,8 +27,7 @@ def _import_ops():
 def columns(batch, length, *widths, grad=False):
     """Slices along the last dim of one contiguous (batch, length, sum(widths)) tensor, as `in_proj(x).split`."""
     whole = torch.randn(batch, length, sum(widths))
-    parts = [p.detach().requires_grad_(grad) for p in whole.split(list(widths), dim=-1)]
-    return parts
+    return [p.detach().requires_grad_(grad) for p in whole.split(list(widths), dim=-1)]
 
 
 def transposed(*shape, grad=False):
@@ -36,8 +35,8 @@ def transposed(*shape, grad=False):
     return torch.randn(*shape[:-2], shape[-1], shape[-2]).transpose(-1, -2).requires_grad_(grad)
 
 
-def param(*shape, grad=True):
-    return torch.randn(*shape).requires_grad_(grad)
+def param(*shape):
+    return torch.randn(*shape, requires_grad=True)
 
 
 def detached(args):
