@@ -135,10 +135,11 @@ def test_compile_flag_reaches_the_config():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ["mamba", "mamba2"])
-def test_compiled_trainer_steps_match_eager_cuda(arch, tmp_path):
+def test_compiled_trainer_steps_match_eager_cuda(arch, tmp_path, monkeypatch):
     """`mambakit train --compile`: the same first steps (bf16 autocast) as the eager trainer."""
     from mambakit.training import TrainConfig, Trainer
 
+    monkeypatch.setenv("MAMBAKIT_CACHE", str(tmp_path / "cache"))  # token files stay in the test's folder
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "a.txt").write_text(" ".join(str(i % 97) for i in range(20000)))
     losses = {}
