@@ -61,9 +61,9 @@ def conv_fwd_samples():
 
 
 def conv_bwd_samples():
-    for x, weight, bias, init, seq_idx, silu in conv_fwd_samples():
-        for dout in (torch.randn(B, D, L), transposed(B, D, L)):
-            yield detached((dout, x, weight, bias, init, seq_idx, silu))
+    douts = (transposed(B, D, L), torch.randn(B, D, L), torch.randn(B, D, L))
+    for dout, (x, weight, bias, init, seq_idx, silu) in zip(douts, conv_fwd_samples()):
+        yield detached((dout, x, weight, bias, init, seq_idx, silu))
 
 
 def conv_update_samples():
@@ -72,24 +72,25 @@ def conv_update_samples():
     yield transposed(B, D), torch.randn(B, D, W), torch.randn(D, W), None, False
 
 
-# --- RMS norms: rows of x (..., hidden); z and the residual as the layers pass them ---
-H = 32
+# --- RMS norms: rows of x (..., hidden); z and the residual as the layers pass them; a program per
+# row (group), hence few rows ---
+H, NL = 32, 6
 
 
 def norm_fwd_samples():
-    x, z = columns(B, L, H, H, grad=True)
+    x, z = columns(B, NL, H, H, grad=True)
     yield x, None, z, param(H), 1e-5, H // 2, False, False, torch.float32  # gated, grouped (Mamba-2)
-    yield transposed(B, L, H, grad=True), None, transposed(B, L, H, grad=True), param(H), 1e-5, H, True, False, \
+    yield transposed(B, NL, H, grad=True), None, transposed(B, NL, H, grad=True), param(H), 1e-5, H, True, False, \
         torch.float32
-    yield transposed(B, L, H, grad=True), torch.randn(B, L, H, requires_grad=True), None, param(H), 1e-6, H, False, \
+    yield transposed(B, NL, H, grad=True), torch.randn(B, NL, H, requires_grad=True), None, param(H), 1e-6, H, False, \
         True, torch.float32  # fused add + norm, prenorm
 
 
 def norm_bwd_samples():
     for x, residual, z, weight, eps, group_size, gate_first, store_res, res_dtype in norm_fwd_samples():
         rstd = op("rms_norm_fwd")(x, residual, z, weight, eps, group_size, gate_first, store_res, res_dtype)[2]
-        dres = transposed(B, L, H) if store_res else None
-        yield detached((transposed(B, L, H), dres, x, residual, z, weight, rstd, group_size, gate_first))
+        dres = transposed(B, NL, H) if store_res else None
+        yield detached((transposed(B, NL, H), dres, x, residual, z, weight, rstd, group_size, gate_first))
 
 
 # --- selective scan: u, delta, z (batch, dim, L) with unit stride along L (the wrapper ensures it); the
