@@ -66,6 +66,8 @@ OPTIONS = [
     ("--device", "device", dict(help="cuda, cuda:1 or cpu (default: cuda when available)")),
     ("--bf16", "bf16", dict(action=argparse.BooleanOptionalAction, help="bf16 autocast on CUDA (on)")),
     ("--fsdp", "fsdp", dict(action=argparse.BooleanOptionalAction, help="shard the model over processes (FSDP2)")),
+    ("--compile", "compile", dict(action=argparse.BooleanOptionalAction,
+                                  help="torch.compile the model for the train step (off; not with --fsdp)")),
     ("--log-interval", "log_interval", dict(type=int, help="steps between metrics lines (10)")),
     ("--eval-interval", "eval_interval", dict(type=int, help="steps between validations (500)")),
     ("--eval-sequences", "eval_sequences", dict(type=int, help="validation sequences per evaluation (256)")),

@@ -58,6 +58,8 @@ def _check_labels(labels: torch.Tensor, input_ids: torch.Tensor, vocab_size: int
     if not isinstance(labels, torch.Tensor) or labels.dtype not in INDEX_DTYPES or labels.shape != input_ids.shape:
         raise ValueError(f"labels: expected an int tensor of input_ids' shape {tuple(input_ids.shape)}, got "
                          f"{getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}")
+    if labels.device.type != "cpu" or torch.compiler.is_compiling():
+        return  # values are read back on the CPU only, as check_input_ids does (no host sync per step)
     counted = labels[:, 1:] != IGNORE_INDEX  # the first position is never a target
     lo, hi, n = torch.stack([*torch.aminmax(labels.masked_fill(labels == IGNORE_INDEX, 0)), counted.sum()]).tolist()
     if lo < 0 or hi >= vocab_size:
@@ -88,14 +90,20 @@ def _init_weights(module: nn.Module, n_layer: int, initializer_range: float = 0.
 
 
 def check_input_ids(input_ids: torch.Tensor, vocab_size: int, check_values: bool = True) -> None:
-    """input_ids: (batch, seqlen) int32/int64 with values in [0, vocab_size) (read back only if check_values)."""
+    """input_ids: (batch, seqlen) int32/int64 with values in [0, vocab_size).
+
+    Shape and dtype are always checked. The values are read back only for CPU tensors in eager mode
+    (and only if check_values): on CUDA the read-back would be a host sync every forward, one per
+    micro-batch in training, and under torch.compile a graph break; there an out-of-range id is
+    reported by the embedding's own bounds check (IndexError on CPU, a device-side assert on CUDA).
+    """
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids: expected a torch.Tensor of token ids, got {type(input_ids).__name__}")
     check_dtype("input_ids", input_ids, INDEX_DTYPES)
     if input_ids.dim() != 2 or input_ids.numel() == 0:
         raise ValueError(f"input_ids: expected shape (batch, seqlen) with seqlen >= 1, got {tuple(input_ids.shape)}")
-    if not check_values or (input_ids.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return  # a CUDA graph cannot read values back
+    if not check_values or input_ids.device.type != "cpu" or torch.compiler.is_compiling():
+        return
     lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()
     if lo < 0 or hi >= vocab_size:
         bad = lo if lo < 0 else hi
@@ -144,7 +152,7 @@ class MixerModel(nn.Module):
         if unknown:
             raise TypeError(f"{type(self).__name__}.forward: unknown keyword arguments {unknown}; the mixers "
                             f"(all of them) take {sorted(self.mixer_kwargs)}")
-        # Decode steps feed back sampled ids, in range by construction: skip the read-back (a GPU sync).
+        # Decode steps feed back sampled ids, in range by construction: skip the read-back.
         decoding = inference_params is not None and inference_params.seqlen_offset > 0
         check_input_ids(input_ids, self.embedding.num_embeddings, check_values=not decoding)
         hidden_states, residual = self.embedding(input_ids), None

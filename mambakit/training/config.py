@@ -69,6 +69,7 @@ class TrainConfig:
     device: str | None = None  # None: cuda when available, else cpu
     bf16: bool = True  # bf16 autocast on CUDA (CPU runs fp32)
     fsdp: bool = False  # shard parameters and optimizer state (FSDP2) instead of replicating (DDP)
+    compile: bool = False  # torch.compile the model's backbone for the train step (not with fsdp)
     log_interval: int = 10
     eval_interval: int = 500
     eval_sequences: int = 256
@@ -84,6 +85,9 @@ class TrainConfig:
         if self.use_seq_idx and self.arch not in ("mamba", "mamba2"):
             raise ValueError(f"use_seq_idx: document boundaries reset SSM states only (arch mamba or mamba2), "
                              f"got arch {self.arch!r}")
+        if self.compile and self.fsdp:
+            raise ValueError("compile: not supported with fsdp (FSDP2's per-block hooks inside one compiled "
+                             "backbone are untested); got compile=True and fsdp=True")
         if self.arch == "hybrid" and not self.attn_layer_idx:
             raise ValueError("attn_layer_idx: the hybrid arch needs attention layer indices, got none")
         for name in ("seq_len", "d_model", "n_layer", "batch_size", "log_interval", "eval_interval", "save_interval"):

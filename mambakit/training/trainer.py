@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from mambakit.data import (Batch, PackedDataset, build_token_file, corpus_files, rank_sample_offset,
                            train_bpe_tokenizer)
+from mambakit.ops import linear_cross_entropy
 from mambakit.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from mambakit.training import checkpoint as ckpt
 from mambakit.training.config import TrainConfig
@@ -30,9 +31,14 @@ from mambakit.training.metrics import PLOT_FILE, MetricsLog, bits_per_byte, plot
 from mambakit.training.optim import CosineSchedule, build_optimizer
 
 
-def lm_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """Mean next-token cross-entropy (nats) of `batch`, computed in fp32."""
+def lm_loss(model: torch.nn.Module, batch: Batch, fused: bool = False) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats) of `batch`, computed in fp32. fused (a bare MambaLMHeadModel):
+    backbone, then the chunked linear + cross-entropy (no fp32 logits of the whole batch); else the
+    model's own forward, which DDP and FSDP need for their hooks."""
     kwargs = {} if batch.seq_idx is None else {"seq_idx": batch.seq_idx}
+    if fused:
+        hidden = model.backbone(batch.input_ids, **kwargs)
+        return linear_cross_entropy(hidden.flatten(0, 1), model.lm_head.weight, batch.targets.flatten())
     logits = model(batch.input_ids, **kwargs).logits
     return F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten())
 
@@ -109,7 +115,10 @@ class Trainer:
         self.model = MambaLMHeadModel(self.model_config, device=self.device)
         if _resume_from is not None and not config.fsdp:
             self._load_weights(_resume_from)
+        if config.compile:
+            self.model.backbone.compile()  # in place: same module and state-dict keys, compiled forward
         self.wrapped = wrap_model(self.model, self.dist, config.fsdp)
+        self.fused_loss = not self.dist.enabled  # DDP and FSDP need the model's own forward
         if _resume_from is not None and config.fsdp:
             self._load_weights(_resume_from)
         self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay, config.betas)
@@ -204,7 +213,7 @@ class Trainer:
             batch = self.dataset.train_batch(start, self.micro_batch).to(self.device)
             with self._gradient_sync(micro == self.grad_accum - 1):
                 with self._autocast():
-                    loss = lm_loss(self.wrapped, batch)
+                    loss = lm_loss(self.wrapped, batch, self.fused_loss)
                 (loss / self.grad_accum).backward()
             total += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -227,7 +236,7 @@ class Trainer:
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss * tokens, tokens, bytes
         for batch in self.dataset.val_batches(self.micro_batch, limit, d.rank, d.world_size):
             with self._autocast():
-                loss = lm_loss(model, batch.to(self.device))
+                loss = lm_loss(model, batch.to(self.device), self.fused_loss)
             n = batch.targets.numel()
             sums += torch.tensor([float(loss) * n, n, text_bytes(self.tokenizer, batch.targets)],
                                  dtype=torch.float64, device=self.device)

@@ -182,9 +182,10 @@ _conv_bwd_op = torch.library.custom_op("mambakit::causal_conv1d_bwd", _conv_bwd,
 
 @_conv_bwd_op.register_fake
 def _(dout, x, weight, bias, initial_states, seq_idx, silu):
+    # Contiguous like the real gradients (empty_like would copy a transposed x's strides: issue 13).
     absent = x.new_empty(0)
-    return (torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias) if bias is not None else absent,
-            torch.empty_like(initial_states) if initial_states is not None else x.new_empty(0))
+    return (x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape) if bias is not None
+            else absent, initial_states.new_empty(initial_states.shape) if initial_states is not None else x.new_empty(0))
 
 
 def _conv_setup_context(ctx, inputs, output):

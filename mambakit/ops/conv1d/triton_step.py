@@ -43,7 +43,7 @@ def _conv_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[T
     """The kernel launch (in place on conv_state); registered as a custom op so that torch.compile keeps it whole."""
     batch, dim = x.shape
     width = weight.shape[1]
-    out = torch.empty_like(x)
+    out = x.new_empty(x.shape)  # contiguous: the kernel writes it with unit stride along dim
     _conv_update_kernel[(batch, triton.cdiv(dim, BLOCK_D))](
         x, conv_state, weight, bias if bias is not None else weight, out, dim, *x.stride(),
         *conv_state.stride(), out.stride(0), W=width, W_P2=triton.next_power_of_2(width), BLOCK_D=BLOCK_D,
@@ -58,7 +58,7 @@ _conv_update_op = torch.library.custom_op("mambakit::causal_conv1d_update", _con
 
 @_conv_update_op.register_fake
 def _(x, conv_state, weight, bias, silu):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):

@@ -114,7 +114,7 @@ def _norm_fwd(x: Tensor, residual: Optional[Tensor], z: Optional[Tensor], weight
     x2, r2, z2 = _rows(x, hidden), _rows(residual, hidden), _rows(z, hidden)
     groups = hidden // group_size
     rows = x2.shape[0] * groups
-    out = torch.empty_like(x2)
+    out = torch.empty(x2.shape, device=x.device, dtype=x.dtype)
     res_out = torch.empty(x2.shape, device=x.device, dtype=res_dtype) if store_res else out
     rstd = torch.empty(rows, device=x.device, dtype=torch.float32)
     _norm_fwd_kernel[(rows,)](
@@ -133,7 +133,8 @@ _norm_fwd_op = torch.library.custom_op("mambakit::rms_norm_fwd", _norm_fwd, muta
 @_norm_fwd_op.register_fake
 def _(x, residual, z, weight, eps, group_size, gate_first, store_res, res_dtype):
     rows = x.numel() // group_size
-    return (torch.empty_like(x), x.new_empty(x.shape if store_res else (0,), dtype=res_dtype),
+    # Contiguous like the real outputs, whatever x's strides.
+    return (x.new_empty(x.shape), x.new_empty(x.shape if store_res else (0,), dtype=res_dtype),
             x.new_empty(rows, dtype=torch.float32))
 
 
@@ -148,7 +149,7 @@ def _norm_bwd(dout: Tensor, dres_out: Optional[Tensor], x: Tensor, residual: Opt
     dout = _rows(dout, hidden)
     dres_out = _rows(dres_out, hidden)
     ds = torch.empty(x2.shape, device=x.device, dtype=torch.float32 if r2 is not None else x.dtype)
-    dz = torch.empty_like(z2) if z2 is not None else None
+    dz = torch.empty(z2.shape, device=x.device, dtype=z.dtype) if z2 is not None else None
     dw = torch.zeros(hidden, device=x.device, dtype=torch.float32)
     programs = min(rows, groups * max(1, 4 * _sm_count(x.device) // groups))  # a multiple of groups
     _norm_bwd_kernel[(programs,)](
@@ -170,8 +171,9 @@ _norm_bwd_op = torch.library.custom_op("mambakit::rms_norm_bwd", _norm_bwd, muta
 
 @_norm_bwd_op.register_fake
 def _(dout, dres_out, x, residual, z, weight, rstd, group_size, gate_first):
-    return (torch.empty_like(x), torch.empty_like(residual) if residual is not None else x.new_empty(0),
-            torch.empty_like(z) if z is not None else x.new_empty(0), torch.empty_like(weight))
+    # Contiguous like the real gradients, whatever the inputs' strides.
+    return (x.new_empty(x.shape), residual.new_empty(x.shape) if residual is not None else x.new_empty(0),
+            z.new_empty(x.shape) if z is not None else x.new_empty(0), weight.new_empty(weight.shape))
 
 
 def _norm_setup_context(ctx, inputs, output):

@@ -5,8 +5,6 @@ without `backend`, already checked here, and returns what the public function re
 """
 from __future__ import annotations
 
-import importlib
-
 import torch
 
 from .._common import FLOAT_DTYPES, INDEX_DTYPES, check_dtype, check_same_device, check_shape, dispatch
@@ -15,11 +13,18 @@ from .reference import DEFAULT_DT_LIMIT, check_dt_limit
 
 __all__ = ["ssd", "mamba_chunk_scan_combined", "ssd_state_update"]
 
-# Loaders, so that Triton is imported only when its path is chosen.
-_IMPLS = {"reference": lambda: reference.ssd,
-          "triton": lambda: importlib.import_module(".triton_ssd", __name__).ssd}
-_STEP_IMPLS = {"reference": lambda: step.ssd_state_update,
-               "triton": lambda: importlib.import_module(".triton_step", __name__).ssd_state_update}
+
+
+def _triton_paths():
+    """The Triton paths, imported only once chosen (an import statement: torch.compile traces it, while
+    importlib.import_module breaks the graph)."""
+    from mambakit.ops.ssd import triton_ssd, triton_step
+
+    return triton_ssd, triton_step
+
+
+_IMPLS = {"reference": lambda: reference.ssd, "triton": lambda: _triton_paths()[0].ssd}
+_STEP_IMPLS = {"reference": lambda: step.ssd_state_update, "triton": lambda: _triton_paths()[1].ssd_state_update}
 
 
 def ssd(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplus=False,

@@ -222,8 +222,9 @@ def _(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max, in
     f32 = dict(device=x.device, dtype=torch.float32)
     nseq = cu_seqlens.shape[0] - 1 if return_varlen_states else 0
     varlen = x.new_empty(nseq, H, P, N, dtype=torch.float32) if return_varlen_states else x.new_empty(0, dtype=torch.float32)
-    y = torch.empty_like(x) if (z is not None and store_y) else x.new_empty(0, dtype=torch.float32)
-    return (torch.empty_like(x), x.new_empty(batch, H, P, N, **f32), varlen, y,
+    # Contiguous like the real outputs (the forward copies strided inputs first).
+    y = x.new_empty(x.shape) if (z is not None and store_y) else x.new_empty(0, dtype=torch.float32)
+    return (x.new_empty(x.shape), x.new_empty(batch, H, P, N, **f32), varlen, y,
             x.new_empty(batch, H, nchunks, Q, **f32), x.new_empty(batch, H, nchunks, Q, **f32),
             x.new_empty(batch, nchunks, H, P, N, **f32), x.new_empty(batch, G, nchunks, Q, Q, **f32))
 
@@ -243,8 +244,8 @@ _ssd_bwd_op = torch.library.custom_op("mambakit::ssd_bwd", _ssd_bwd, mutates_arg
 @_ssd_bwd_op.register_fake
 def _(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, dt_max, initial_states,
       seq_idx, y, cs, dtp, states, cb):
-    def like(t):
-        return torch.empty_like(t) if t is not None else x.new_empty(0, dtype=torch.float32)
+    def like(t):  # contiguous like the real gradients, whatever the inputs' strides
+        return t.new_empty(t.shape) if t is not None else x.new_empty(0, dtype=torch.float32)
 
     return (like(x), like(dt), like(A), like(B), like(C), like(D), like(z), like(dt_bias), like(initial_states))
 

@@ -5,9 +5,14 @@ and never synchronizes with the host, so the launch can be captured in a CUDA gr
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+
+from mambakit.ops._common import custom_op_if_compiling
 
 from .reference import DEFAULT_DT_LIMIT
 
@@ -57,6 +62,35 @@ def _ssd_step(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_
     tl.store(out_ptr + (b * H + h) * P + rows, y, mask=mrow)
 
 
+def _ssd_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                z: Optional[Tensor], dt_bias: Optional[Tensor], dt_softplus: bool, dt_min: float, dt_max: float,
+                A_is_log: bool) -> Tensor:
+    """The kernel launch (in place on state); a custom op so that torch.compile keeps it whole.
+    A holds A_log when A_is_log; dt_min > 0 or dt_max < inf clamps dt."""
+    batch, H, P, N = state.shape
+    G = B.shape[1]
+    none = state.new_empty(0)
+    has_limit = (dt_min, dt_max) != DEFAULT_DT_LIMIT
+    out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    _ssd_step[(batch, H, triton.cdiv(P, BLOCK_P))](
+        state, x, dt, A.contiguous(), B, C, D.contiguous() if D is not None else none,
+        z if z is not None else none, dt_bias.contiguous() if dt_bias is not None else none, out, H, G, P, N,
+        dt_min if has_limit else 0.0, min(dt_max, 3.0e38) if has_limit else 0.0,
+        *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *(z.stride() if z is not None else (0, 0, 0)),
+        HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2, HAS_Z=z is not None,
+        HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit, A_IS_LOG=A_is_log,
+        BP=BLOCK_P, BN=max(16, triton.next_power_of_2(N)), num_warps=4)
+    return out
+
+
+_ssd_update_op = torch.library.custom_op("mambakit::ssd_state_update", _ssd_update, mutates_args=("state",))
+
+
+@_ssd_update_op.register_fake
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_min, dt_max, A_is_log):
+    return torch.empty(x.shape, device=x.device, dtype=x.dtype)
+
+
 def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
                      dt_limit=DEFAULT_DT_LIMIT, A_log=None):
     """One decode step; arguments checked by `mambakit.ops.ssd.ssd_state_update`.
@@ -67,17 +101,6 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
     """
     if state.dtype != torch.float32:
         raise TypeError(f"state: the triton step keeps the state in float32, got {state.dtype}")
-    batch, H, P, N = state.shape
-    G = B.shape[1]
-    none = state.new_empty(0)
-    has_limit = tuple(dt_limit) != DEFAULT_DT_LIMIT
-    out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-    _ssd_step[(batch, H, triton.cdiv(P, BLOCK_P))](
-        state, x, dt, (A if A_log is None else A_log).contiguous(), B, C, D.contiguous() if D is not None else none,
-        z if z is not None else none, dt_bias.contiguous() if dt_bias is not None else none, out, H, G, P, N,
-        float(dt_limit[0]) if has_limit else 0.0, min(float(dt_limit[1]), 3.0e38) if has_limit else 0.0,
-        *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *(z.stride() if z is not None else (0, 0, 0)),
-        HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2, HAS_Z=z is not None,
-        HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit, A_IS_LOG=A_log is not None,
-        BP=BLOCK_P, BN=max(16, triton.next_power_of_2(N)), num_warps=4)
-    return out
+    update = custom_op_if_compiling(_ssd_update_op, _ssd_update)
+    return update(state, x, dt, A if A_log is None else A_log, B, C, D, z, dt_bias, bool(dt_softplus),
+                  float(dt_limit[0]), float(dt_limit[1]), A_log is not None)
