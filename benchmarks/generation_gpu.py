@@ -3,7 +3,7 @@ and a same-size transformers Llama. The Mamba paper's protocol: random weights, 
 tokens, fp16, throughput = batch x 128 / wall time of `generate`; decode ms per token at batch 1; peak
 memory; and prefill tokens/s at long lengths (batch 1, bf16, forward to the last logits).
 
-    python benchmarks/generation_gpu.py --archs mamba,mamba2 --batches 1,16,64,128 --impls mambakit,official,llama
+    python benchmarks/generation_gpu.py --archs mamba,mamba2 --batches 1,16,64,128 --impls mambakit,official,transformers
     python benchmarks/generation_gpu.py --prefill-lens 32768,131072,524288 --batches ''
 
 The official package is imported from the path given by --official (a built sdist, see
@@ -13,6 +13,7 @@ The official package is imported from the path given by --official (a built sdis
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import time
@@ -122,7 +123,7 @@ PREFILL_COLUMNS = ["impl", "arch", "prefill_len", "prefill_tok_s", "peak_gb"]
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archs", default="mamba,mamba2")
-    parser.add_argument("--impls", default="mambakit,official,llama")
+    parser.add_argument("--impls", default="mambakit,official,transformers")
     parser.add_argument("--shapes", default="130m")
     parser.add_argument("--batches", default="1,16,64,128")
     parser.add_argument("--prompt", type=int, default=2048)
@@ -147,9 +148,11 @@ def main(argv=None) -> int:
     if args.check:
         for arch in archs:
             record(check_against_official(arch))
+        gc.collect()  # the check's models must not count in the peak memory measured next
+        torch.cuda.empty_cache()
     for shape in args.shapes.split(","):
         for impl in impls:
-            for arch in (["llama"] if impl == "llama" else archs):
+            for arch in (["llama"] if impl == "transformers" else archs):
                 model = build(impl, arch, shape, torch.float16)
                 for batch in [int(b) for b in args.batches.split(",") if b]:
                     try:
@@ -159,7 +162,7 @@ def main(argv=None) -> int:
                     record(row)
                 del model
                 torch.cuda.empty_cache()
-    for impl in [i for i in impls if i != "llama"]:
+    for impl in [i for i in impls if i != "transformers"]:
         for arch in archs:
             model = build(impl, arch, "130m", torch.bfloat16)
             for length in [int(n) for n in args.prefill_lens.split(",") if n]:

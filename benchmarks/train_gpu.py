@@ -73,7 +73,7 @@ def measure(impl: str, arch: str, compiled: bool, seq_len: int, batch: int, step
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--impls", default="mambakit,official,llama")
+    parser.add_argument("--impls", default="mambakit,official,transformers")
     parser.add_argument("--archs", default="mamba,mamba2")
     parser.add_argument("--shapes", default="2048:8", help="comma-separated seq_len:batch pairs")
     parser.add_argument("--compile", choices=["no", "yes", "both"], default="both",
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     rows = []
     for seq_len, batch in shapes:
         for impl in args.impls.split(","):
-            for arch in (["llama"] if impl == "llama" else args.archs.split(",")):
+            for arch in (["llama"] if impl == "transformers" else args.archs.split(",")):
                 for comp in (compiled if impl == "mambakit" else [False]):
                     try:
                         row = measure(impl, arch, comp, seq_len, batch, args.steps)
