@@ -61,7 +61,7 @@ OPTIONS = [
     ("--min-lr-ratio", "min_lr_ratio", dict(type=float, help="cosine floor as a fraction of --lr (0.1)")),
     ("--warmup-fraction", "warmup_fraction", dict(type=float, help="share of steps warming up (0.02)")),
     ("--weight-decay", "weight_decay", dict(type=float, help="AdamW weight decay on matrices (0.1)")),
-    ("--grad-clip", "grad_clip", dict(type=float, help="gradient norm clip (1.0)")),
+    ("--grad-clip", "grad_clip", dict(type=float, help="gradient norm clip, 0: none (1.0)")),
     ("--seed", "seed", dict(type=int, help="initialization and data order (0)")),
     ("--device", "device", dict(help="cuda, cuda:1 or cpu (default: cuda when available)")),
     ("--bf16", "bf16", dict(action=argparse.BooleanOptionalAction, help="bf16 autocast on CUDA (on)")),
@@ -70,7 +70,7 @@ OPTIONS = [
     ("--eval-interval", "eval_interval", dict(type=int, help="steps between validations (500)")),
     ("--eval-sequences", "eval_sequences", dict(type=int, help="validation sequences per evaluation (256)")),
     ("--save-interval", "save_interval", dict(type=int, help="steps between checkpoints (1000)")),
-    ("--keep-last", "keep_last", dict(type=int, help="checkpoints kept (3)")),
+    ("--keep-last", "keep_last", dict(type=int, help="newest checkpoints kept, 0: all (3)")),
     ("--max-time", "max_time", dict(type=float, metavar="SECONDS", help="stop and save after this long")),
 ]
 

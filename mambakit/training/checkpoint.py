@@ -66,7 +66,10 @@ def set_rng_state(state: dict) -> None:
 
 def write_checkpoint(run_dir: str | os.PathLike, step: int, write_files, keep_last: int | None = None) -> Path:
     """Create checkpoint `step` of `run_dir` atomically: `write_files(folder)` fills a temporary folder,
-    which is then renamed into place; `latest` is pointed at it and all but the `keep_last` newest go."""
+    which is then renamed into place; `latest` is pointed at it and all but the `keep_last` newest go
+    (0 or None: all are kept)."""
+    if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0):
+        raise ValueError(f"keep_last: expected an int >= 0 (0 keeps all), got {keep_last!r}")
     run_dir = Path(run_dir)
     final = checkpoint_dir(run_dir, step)
     tmp = run_dir / f".{final.name}.tmp"

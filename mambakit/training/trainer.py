@@ -207,7 +207,8 @@ class Trainer:
                     loss = lm_loss(self.wrapped, batch)
                 (loss / self.grad_accum).backward()
             total += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        # grad_clip 0 is no clipping; the norm is still computed for the log.
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor over the shards
             grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
