@@ -15,7 +15,18 @@ from mambakit.training.config import ARCHS, TrainConfig, parse_count
 
 def int_list(text: str) -> list[int]:
     """'1,3' -> [1, 3]."""
-    return [int(x) for x in text.split(",") if x.strip()]
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,3, got {text!r}") from None
+
+
+def count(text: str) -> int:
+    """parse_count for argparse."""
+    try:
+        return parse_count(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def json_object(text: str) -> dict:
@@ -56,7 +67,7 @@ OPTIONS = [
     ("--batch-size", "batch_size", dict(type=int, help="global batch: sequences per optimizer step (16)")),
     ("--micro-batch-size", "micro_batch_size", dict(type=int, help="sequences per process and forward "
                                                                   "(default: batch size / processes)")),
-    ("--max-tokens", "max_tokens", dict(type=parse_count, help="training tokens, e.g. 200M (default 200M)")),
+    ("--max-tokens", "max_tokens", dict(type=count, help="training tokens, e.g. 200M (default 200M)")),
     ("--lr", "lr", dict(type=float, help="peak learning rate (6e-4)")),
     ("--min-lr-ratio", "min_lr_ratio", dict(type=float, help="cosine floor as a fraction of --lr (0.1)")),
     ("--warmup-fraction", "warmup_fraction", dict(type=float, help="share of steps warming up (0.02)")),
@@ -71,7 +82,11 @@ OPTIONS = [
     ("--eval-sequences", "eval_sequences", dict(type=int, help="validation sequences per evaluation (256)")),
     ("--save-interval", "save_interval", dict(type=int, help="steps between checkpoints (1000)")),
     ("--keep-last", "keep_last", dict(type=int, help="newest checkpoints kept, 0: all (3)")),
-    ("--max-time", "max_time", dict(type=float, metavar="SECONDS", help="stop and save after this long")),
+    ("--max-time", "max_time", dict(type=float, metavar="SECONDS",
+                                    help="stop and save after this long (this invocation; --resume does not inherit it)")),
+    ("--nonfinite-patience", "nonfinite_patience", dict(type=int, metavar="STEPS",
+                                                        help="stop, without saving, once the loss has been NaN or "
+                                                             "infinite this many steps in a row (1)")),
 ]
 
 
@@ -108,10 +123,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = trainer.fit()
     finally:
-        trainer.dist.teardown()
+        trainer.close()
     if trainer.dist.is_main:
         summary = f"step {result.get('step', trainer.step)}"
         if "val_bpb" in result:
             summary += f", validation loss {result['val_loss']:.4f}, {result['val_bpb']:.4f} bits per byte"
         print(f"{summary}; checkpoint {result['checkpoint']} ({result['stopped']})")
-    return 0
+    # Ctrl-C saved a checkpoint but is still an interruption (130); SIGTERM is a scheduler's request to stop (0).
+    return 130 if result["stopped"] == "SIGINT" else 0

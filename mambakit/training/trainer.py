@@ -26,6 +26,7 @@ from mambakit.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from mambakit.training import checkpoint as ckpt
 from mambakit.training.config import TrainConfig
 from mambakit.training.distributed import Dist, wrap_model
+from mambakit.training.lock import RunLock
 from mambakit.training.metrics import PLOT_FILE, MetricsLog, bits_per_byte, plot_losses
 from mambakit.training.optim import CosineSchedule, build_optimizer
 
@@ -42,6 +43,22 @@ def text_bytes(tokenizer: Tokenizer, targets: torch.Tensor) -> int:
     if isinstance(tokenizer, ByteTokenizer):
         return int((targets < 256).sum())
     return sum(len(tokenizer.decode(row.tolist()).encode("utf-8")) for row in targets)
+
+
+# Fields that fix what a run is (its data and order, its model): a resumed run keeps them.
+RUN_DEFINING = ("data", "include", "exclude", "tokenizer", "train_tokenizer", "seq_len", "val_fraction", "use_seq_idx",
+                "seed", "batch_size", "arch", "d_model", "n_layer", "d_state", "headdim", "expand", "ssm_options",
+                "attn_layer_idx", "attn_heads", "d_intermediate")
+
+
+class TrainingDiverged(FloatingPointError):
+    """Training stopped because the loss or the weights became NaN or infinite."""
+
+
+def _all_finite(state: dict) -> bool:
+    """Whether every floating-point tensor of a state dict is finite (one host sync)."""
+    flags = [t.isfinite().all() for t in state.values() if torch.is_tensor(t) and t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 class StopRequested:
@@ -74,12 +91,15 @@ class LossWindow:
         self.device = device
         self._reset()
 
+        self.nonfinite_streak = torch.zeros((), dtype=torch.int64, device=device)  # consecutive non-finite losses
+
     def _reset(self) -> None:
         self.loss_sum, self.steps, self.start = torch.zeros((), device=self.device), 0, time.perf_counter()
 
     def add(self, loss: torch.Tensor) -> None:
         self.loss_sum += loss
         self.steps += 1
+        self.nonfinite_streak = torch.where(loss.isfinite(), 0, self.nonfinite_streak + 1)
 
     def take(self) -> tuple[int, float, torch.Tensor]:
         """(steps, seconds, mean loss) since the last take; starts a new window."""
@@ -92,11 +112,32 @@ class Trainer:
     """Builds the data, model, optimizer and schedule of `config` and trains into `run_dir`."""
 
     def __init__(self, config: TrainConfig, run_dir: str | Path, quiet: bool = False, _resume_from: Path | None = None):
-        from mambakit import MambaLMHeadModel
-
         self.config, self.run_dir, self.quiet = config, Path(run_dir), quiet
         self.dist = Dist.setup(config.device)
         self.device = self.dist.device
+        self.lock = RunLock(self.run_dir)
+        self._lock_run_dir()
+        try:
+            self._build(_resume_from)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _lock_run_dir(self) -> None:
+        """Hold the run folder's lock (rank 0) for as long as this trainer trains; every rank fails if it is taken."""
+        taken = None
+        if self.dist.is_main:
+            try:
+                self.lock.acquire()
+            except FileExistsError as err:
+                taken = err
+        if self.dist.any(taken is not None):
+            raise taken or FileExistsError(f"out: {self.run_dir} is in use by another run (see rank 0)")
+
+    def _build(self, _resume_from: Path | None) -> None:
+        from mambakit import MambaLMHeadModel
+
+        config = self.config
         if _resume_from is None and ckpt.latest_checkpoint(self.run_dir) is not None:
             raise FileExistsError(f"out: {self.run_dir} already holds checkpoints; resume it (--resume) "
                                   "or choose another folder")
@@ -129,12 +170,18 @@ class Trainer:
     def resume(cls, run_dir: str | Path, quiet: bool = False, **overrides) -> "Trainer":
         """The trainer of `run_dir` at its latest checkpoint; `overrides` change config fields
         (e.g. max_tokens to train further, device, eval_interval)."""
-        latest = ckpt.latest_checkpoint(run_dir)
-        if latest is None:
-            raise FileNotFoundError(f"resume: no complete checkpoint in {run_dir}")
-        config = TrainConfig.load(latest)
-        config = TrainConfig.from_dict({**config.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
-        return cls(config, run_dir, quiet=quiet, _resume_from=latest)
+        if not Path(run_dir).is_dir():
+            raise FileNotFoundError(f"resume: no run folder {run_dir}")
+        latest = ckpt.resumable_checkpoint(run_dir, warn=tqdm.write)
+        saved = TrainConfig.load(latest).to_dict()
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        changed = {k: v for k, v in overrides.items() if k in RUN_DEFINING and v != saved[k]}
+        if changed:
+            name = next(iter(changed))
+            raise ValueError(f"{name}: the run in {run_dir} was trained with {saved[name]!r} and resumes with it, got "
+                             f"{changed[name]!r}; start a new run (--out) to change {', '.join(changed)}")
+        saved["max_time"] = None  # a time limit is the invocation's own, not the run's
+        return cls(TrainConfig.from_dict({**saved, **overrides}), run_dir, quiet=quiet, _resume_from=latest)
 
     # ---------------------------------------------------------------------------------------------
     # setup
@@ -240,7 +287,19 @@ class Trainer:
 
     def fit(self) -> dict:
         """Train to max_tokens (or until max_time, SIGINT or SIGTERM), evaluating, logging and saving as
-        configured. Returns the last metrics (with `stopped`: "done", "time" or the signal's name)."""
+        configured. Returns the last metrics (with `stopped`: "done", "time" or the signal's name).
+        Raises TrainingDiverged, without saving, when the loss stays non-finite for nonfinite_patience steps."""
+        try:
+            return self._fit()
+        finally:
+            self.lock.release()
+
+    def close(self) -> None:
+        """Release the run folder and leave the process group (when this trainer joined it)."""
+        self.lock.release()
+        self.dist.teardown()
+
+    def _fit(self) -> dict:
         cfg, total = self.config, self.config.total_steps()
         self._say(f"model: {self.model_config.n_layer} layers ({cfg.arch}), d_model {cfg.d_model}, "
                   f"{sum(p.numel() for p in self.model.parameters()):,} parameters; {total} steps of "
@@ -260,6 +319,7 @@ class Trainer:
                 bar.update(1)
                 if self.step % cfg.log_interval == 0 or self.step == total:
                     self._log_training(grad_norm, bar)
+                    self._check_finite_loss(bar)
                 if self.step % cfg.eval_interval == 0 or self.step == total:
                     self._eval_and_log()
                 stopped = self._stop_reason(stop, time.perf_counter() - fit_start)
@@ -274,6 +334,20 @@ class Trainer:
             self.save()
         return {**self._last, "step": self.step, "tokens": self.step * cfg.tokens_per_step(),
                 "stopped": stopped or "done", "checkpoint": str(ckpt.checkpoint_dir(self.run_dir, self.step))}
+
+    def _check_finite_loss(self, bar) -> None:
+        """Raise TrainingDiverged once the loss has been non-finite for nonfinite_patience consecutive steps
+        (read at log lines, which synchronize anyway)."""
+        streak = int(self._window.nonfinite_streak)
+        if self.dist.any(streak >= self.config.nonfinite_patience):
+            bar.close()
+            self._diverged(f"NaN or infinite for {streak} step{'s' * (streak > 1)} in a row")
+
+    def _diverged(self, what: str):
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        kept = f"the last finite checkpoint is {latest}" if latest else "no checkpoint was saved"
+        raise TrainingDiverged(f"loss: {what} by step {self.step} (lr {self.config.lr:g}); stopped without "
+                               f"saving; {kept} (a lower --lr or --grad-clip may help)")
 
     def _stop_reason(self, stop: StopRequested, seconds: float) -> str | None:
         """The signal's name or "time" when any rank must stop now, else None (agreed by all ranks)."""
@@ -319,8 +393,11 @@ class Trainer:
         return model_state, optim_state
 
     def save(self) -> Path:
-        """Write checkpoint `self.step` (all ranks call this; rank 0 writes)."""
+        """Write checkpoint `self.step` (all ranks call this; rank 0 writes); a model with a non-finite
+        weight is never written (TrainingDiverged)."""
         model_state, optim_state = self._full_state()
+        if self.dist.any(not _all_finite(model_state)):
+            self._diverged("the weights became NaN or infinite")
         folder = ckpt.checkpoint_dir(self.run_dir, self.step)
         if self.dist.is_main:
             state = {"step": self.step, "samples": self.step * self.config.batch_size, "elapsed": self.elapsed,
