@@ -18,6 +18,7 @@ from mambakit._io import write_json
 
 ARCHS = ("mamba", "mamba2", "hybrid", "transformer")
 CONFIG_FILE = "train_config.json"
+DEVICE_PATTERN = r"cpu|cuda(:\d+)?"  # the devices training runs on
 _SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
 
 
@@ -125,7 +126,7 @@ class TrainConfig:
         if self.arch in ("hybrid", "transformer") and (self.d_model % heads or (self.d_model // heads) % 2):
             raise ValueError(f"attn_heads: d_model {self.d_model} must split into {heads} heads of an even size "
                              f"(rotary embeddings), got a head size of {self.d_model / heads:g}")
-        if self.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+        if self.device is not None and not re.fullmatch(DEVICE_PATTERN, self.device):
             raise ValueError(f"device: expected cpu, cuda or cuda:N, got {self.device!r}")
 
     def attention_heads(self) -> int:

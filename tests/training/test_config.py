@@ -1,7 +1,9 @@
 """TrainConfig refuses settings that would train something other than what was asked, naming the field."""
 import pytest
+import torch
 
 from mambakit.training import TrainConfig
+from mambakit.training.distributed import check_device
 
 
 @pytest.mark.parametrize("fields, name", [
@@ -37,3 +39,22 @@ def test_zero_means_off_where_documented():
     assert config.grad_clip == 0 and config.keep_last == 0
     assert TrainConfig(arch="transformer", d_model=30, attn_heads=5).model_config(256).attn_cfg["head_dim"] == 6
     assert TrainConfig(arch="mamba", d_model=33).model_config(vocab_size=256).d_model == 33  # no attention: any width
+
+
+# quoted ids: a bare id "gpu" would count as the gpu marker in conftest.py and skip the case
+@pytest.mark.parametrize("name", ["gpu", "tpu", "mps", "cuda:-1", "cuda:0,1", ""], ids=lambda name: f"{name!r}")
+def test_device_names_are_checked(name):
+    with pytest.raises(ValueError, match=r"^device: expected cpu, cuda or cuda:N"):
+        check_device(name)
+
+
+def test_a_missing_gpu_is_named():
+    assert check_device("cpu") == torch.device("cpu")
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        assert check_device(f"cuda:{n - 1}").index == n - 1
+        with pytest.raises(ValueError, match=f"there are {n} GPUs"):
+            check_device(f"cuda:{n}")
+    else:
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            check_device("cuda")
