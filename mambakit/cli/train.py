@@ -43,8 +43,13 @@ def json_object(text: str) -> dict:
 # (flag, TrainConfig field, argparse keywords); every default is None so that a resumed run knows
 # which options were given (and override the checkpoint's) and a fresh run takes TrainConfig's defaults.
 OPTIONS = [
-    ("--data", "data", dict(nargs="+", metavar="PATH", help="text files or folders (default: the embedded corpus, "
-                                                            "the Python standard library's source)")),
+    ("--data", "data", dict(nargs="+", metavar="PATH", help="text files or folders; a folder's files are chosen by "
+                                                            "content, UTF-8 text (default: the embedded corpus, the "
+                                                            "Python standard library's source)")),
+    ("--include", "include", dict(nargs="+", metavar="GLOB", help="take only the files of --data folders matching "
+                                                                  "one of these, e.g. '*.py' 'docs/*.md' (default: "
+                                                                  "every UTF-8 text file that is not hidden)")),
+    ("--exclude", "exclude", dict(nargs="+", metavar="GLOB", help="drop the files of --data folders matching these")),
     ("--tokenizer", "tokenizer", dict(metavar="FILE", help="a Hugging Face tokenizer.json (default: bytes)")),
     ("--train-tokenizer", "train_tokenizer", dict(type=int, metavar="VOCAB",
                                                   help="train a BPE of VOCAB tokens on the corpus")),

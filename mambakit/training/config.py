@@ -55,6 +55,8 @@ class TrainConfig:
 
     # data
     data: list = field(default_factory=lambda: ["default"])
+    include: list = field(default_factory=list)  # globs a file in a data folder must match (one of); [] takes all
+    exclude: list = field(default_factory=list)  # globs that drop a file of a data folder
     tokenizer: str | None = None  # tokenizer.json (file or folder); None: bytes
     train_tokenizer: int = 0  # > 0: train a BPE of this vocabulary size on the corpus
     seq_len: int = 1024
@@ -97,6 +99,7 @@ class TrainConfig:
     def __post_init__(self):
         self.max_tokens = parse_count(self.max_tokens)
         self.betas, self.data, self.attn_layer_idx = tuple(self.betas), list(self.data), list(self.attn_layer_idx)
+        self.include, self.exclude = list(self.include), list(self.exclude)
         if self.arch not in ARCHS:
             raise ValueError(f"arch: expected one of {ARCHS}, got {self.arch!r}")
         if self.use_seq_idx and self.arch not in ("mamba", "mamba2"):

@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mambakit.data import (Batch, PackedDataset, build_token_file, corpus_files, rank_sample_offset,
-                           train_bpe_tokenizer)
+from mambakit.data import Batch, PackedDataset, build_token_file, rank_sample_offset, select_corpus, train_bpe_tokenizer
 from mambakit.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from mambakit.training import checkpoint as ckpt
 from mambakit.training.config import TrainConfig
@@ -142,6 +141,7 @@ class Trainer:
             raise FileExistsError(f"out: {self.run_dir} already holds checkpoints; resume it (--resume) "
                                   "or choose another folder")
         self.micro_batch, self.grad_accum = self._batch_split()
+        self.corpus = select_corpus(config.data, config.include, config.exclude)
         self.tokenizer = load_tokenizer(_resume_from) if _resume_from else self._prepare_tokenizer()
         self.dataset = self._prepare_dataset()
 
@@ -202,12 +202,12 @@ class Trainer:
         if self.dist.is_main:
             self._say(f"training a {cfg.train_tokenizer}-token BPE tokenizer on the corpus")
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            train_bpe_tokenizer(corpus_files(cfg.data), cfg.train_tokenizer).save(self.run_dir)
+            train_bpe_tokenizer(self.corpus.files, cfg.train_tokenizer).save(self.run_dir)
         self.dist.barrier()
         return load_tokenizer(self.run_dir)
 
     def _prepare_dataset(self) -> PackedDataset:
-        files = corpus_files(self.config.data)
+        files = self.corpus.files
         if self.dist.is_main:  # one process tokenizes; the others open its memory-mapped file
             bar = tqdm(total=len(files), desc="tokenizing", unit="file", disable=self.quiet, leave=False)
             build_token_file(files, self.tokenizer, progress=lambda done, total: bar.update(1))
@@ -216,7 +216,7 @@ class Trainer:
         tokens = build_token_file(files, self.tokenizer)
         dataset = PackedDataset(tokens, self.config.seq_len, self.config.val_fraction, self.config.seed,
                                 with_seq_idx=self.config.use_seq_idx)
-        self._say(f"data: {len(files)} files, {dataset}")
+        self._say(f"data: {self.corpus.describe()}, {dataset}")
         return dataset
 
     def _say(self, text: str) -> None:
