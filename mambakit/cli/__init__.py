@@ -67,9 +67,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def one_line(err: BaseException) -> str:
-    """The message of `err` on one line (an OSError with its path, as `open` would say it)."""
-    if isinstance(err, OSError) and err.strerror and err.filename is not None:
-        text = f"{err.strerror}: {err.filename}"
+    """The message of `err` on one line (an OSError as its text and path, as `open` would say it)."""
+    if isinstance(err, OSError) and err.strerror:  # without the "[Errno N]" of str(err)
+        text = err.strerror + (f": {err.filename}" if err.filename is not None else "")
     else:
         text = str(err) or type(err).__name__
     return " ".join(text.split())

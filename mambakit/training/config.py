@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mambakit._io import write_json
+from mambakit.data.tokenizer_training import MIN_VOCAB
 
 ARCHS = ("mamba", "mamba2", "hybrid", "transformer")
 CONFIG_FILE = "train_config.json"
@@ -116,6 +117,9 @@ class TrainConfig:
                 raise ValueError(f"{name}: expected a number in [{low}, {high}], got {value}")
         if not self.lr > 0 or self.lr == float("inf"):
             raise ValueError(f"lr: expected a positive finite learning rate, got {self.lr}")
+        if 0 < self.train_tokenizer < MIN_VOCAB:
+            raise ValueError(f"train_tokenizer: expected 0 (bytes) or a vocabulary >= {MIN_VOCAB} (the 256 bytes, "
+                             f"the end-of-document token and a merge), got {self.train_tokenizer}")
         if self.max_time is not None and not self.max_time > 0:
             raise ValueError(f"max_time: expected a positive number of seconds, got {self.max_time}")
         if self.max_tokens < self.tokens_per_step():

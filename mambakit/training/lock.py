@@ -29,7 +29,12 @@ class RunLock:
     def acquire(self) -> "RunLock":
         if self._fd is not None or fcntl is None:
             return self
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise NotADirectoryError(f"out: {self.run_dir} is a file, expected a run folder")
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OSError(err.errno, f"out: cannot create the run folder {self.run_dir} ({err.strerror})") from None
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

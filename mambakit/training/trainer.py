@@ -198,7 +198,12 @@ class Trainer:
     def _prepare_tokenizer(self) -> Tokenizer:
         cfg = self.config
         if cfg.train_tokenizer <= 0:
-            return load_tokenizer(cfg.tokenizer)
+            try:
+                return load_tokenizer(cfg.tokenizer)
+            except (ValueError, OSError):
+                raise
+            except Exception as err:  # the tokenizers library raises a bare Exception for a file it cannot parse
+                raise ValueError(f"tokenizer: {cfg.tokenizer} is not a Hugging Face tokenizer.json ({err})") from None
         if self.dist.is_main:
             self._say(f"training a {cfg.train_tokenizer}-token BPE tokenizer on the corpus")
             self.run_dir.mkdir(parents=True, exist_ok=True)
