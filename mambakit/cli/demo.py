@@ -74,6 +74,10 @@ def run(args: argparse.Namespace) -> int:
     from mambakit.training import TrainConfig, Trainer
 
     start = time.perf_counter()
+    if args.new_tokens < 1:  # checked now: the generation comes after minutes of training
+        raise ValueError(f"new-tokens: expected an int >= 1, got {args.new_tokens}")
+    if not args.prompt:
+        raise ValueError("prompt: expected some text to continue, got ''")
     config = TrainConfig(**{**DEMO_CONFIG, **given_options(args)})
     out = choose_out(args.out)
     with RunLock(out):  # taken before anything in `out` is touched, so a running train keeps its folder

@@ -139,7 +139,8 @@ def check_args(args: argparse.Namespace):
     for length in sorted({args.train_len, *lengths}):  # the task refuses lengths it cannot fill
         task.sample(1, length, generator)
     for arch in archs:  # the model options, as build_model will pass them
-        TrainConfig(arch=arch, d_model=args.d_model, n_layer=args.n_layer, **model_options(args))
+        TrainConfig(arch=arch, d_model=args.d_model, n_layer=args.n_layer, **model_options(args)).model_config(
+            task.vocab_size)
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
