@@ -159,7 +159,7 @@ def test_a_bad_command_line_is_one_line_and_changes_nothing(line, status, fragme
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith("mambakit") and fragment in err, err
     assert snapshot(places["root"]) == before  # a refused command wrote, moved or deleted nothing
-    assert not (tmp_path / "new" / "train_config.json").exists()
+    assert not (tmp_path / "new").exists() and not (tmp_path / "runs").exists()  # no folder left behind
 
 
 def test_a_diverging_run_stops_with_exit_1_and_saves_nothing_non_finite(places, tmp_path, capsys):

@@ -25,6 +25,7 @@ class RunLock:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_FILE
         self._fd: int | None = None
+        self._created = False  # whether acquire() created run_dir (so that discard() may remove it)
 
     def acquire(self) -> "RunLock":
         if self._fd is not None or fcntl is None:
@@ -32,6 +33,7 @@ class RunLock:
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise NotADirectoryError(f"out: {self.run_dir} is a file, expected a run folder")
         try:
+            self._created = not self.run_dir.exists()
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise OSError(err.errno, f"out: cannot create the run folder {self.run_dir} ({err.strerror})") from None
@@ -59,8 +61,20 @@ class RunLock:
         os.close(self._fd)
         self._fd = None
 
+    def discard(self) -> None:
+        """Release, and remove run_dir when acquire() created it and nothing but the lock file was written
+        (a command that failed before doing anything leaves no folder behind)."""
+        held = self._fd is not None
+        self.release()
+        if held and self._created and [p.name for p in self.run_dir.iterdir()] == [LOCK_FILE]:
+            self.path.unlink()
+            self.run_dir.rmdir()
+
     def __enter__(self) -> "RunLock":
         return self.acquire()
 
-    def __exit__(self, *exc) -> None:
-        self.release()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.release()
+        else:
+            self.discard()

@@ -119,7 +119,7 @@ class Trainer:
         try:
             self._build(_resume_from)
         except BaseException:
-            self.lock.release()
+            self.lock.discard()
             raise
 
     def _lock_run_dir(self) -> None:
