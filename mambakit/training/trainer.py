@@ -15,6 +15,7 @@ import math
 import signal
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +55,11 @@ class TrainingDiverged(FloatingPointError):
     """Training stopped because the loss or the weights became NaN or infinite."""
 
 
+def _plain(field: str, value):
+    """`value` of a TrainConfig field as compared on resume (data paths as Path spells them: 'corpus/' is 'corpus')."""
+    return [str(Path(p)) for p in value] if field == "data" else value
+
+
 def _all_finite(state: dict) -> bool:
     """Whether every floating-point tensor of a state dict is finite (one host sync)."""
     flags = [t.isfinite().all() for t in state.values() if torch.is_tensor(t) and t.is_floating_point()]
@@ -88,9 +94,8 @@ class LossWindow:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self._reset()
-
         self.nonfinite_streak = torch.zeros((), dtype=torch.int64, device=device)  # consecutive non-finite losses
+        self._reset()
 
     def _reset(self) -> None:
         self.loss_sum, self.steps, self.start = torch.zeros((), device=self.device), 0, time.perf_counter()
@@ -175,7 +180,7 @@ class Trainer:
         latest = ckpt.resumable_checkpoint(run_dir, warn=tqdm.write)
         saved = TrainConfig.load(latest).to_dict()
         overrides = {k: v for k, v in overrides.items() if v is not None}
-        changed = {k: v for k, v in overrides.items() if k in RUN_DEFINING and v != saved[k]}
+        changed = {k: v for k, v in overrides.items() if k in RUN_DEFINING and _plain(k, v) != _plain(k, saved[k])}
         if changed:
             name = next(iter(changed))
             raise ValueError(f"{name}: the run in {run_dir} was trained with {saved[name]!r} and resumes with it, got "
@@ -348,7 +353,7 @@ class Trainer:
             bar.close()
             self._diverged(f"NaN or infinite for {streak} step{'s' * (streak > 1)} in a row")
 
-    def _diverged(self, what: str):
+    def _diverged(self, what: str) -> NoReturn:
         latest = ckpt.latest_checkpoint(self.run_dir)
         kept = f"the last finite checkpoint is {latest}" if latest else "no checkpoint was saved"
         raise TrainingDiverged(f"loss: {what} by step {self.step} (lr {self.config.lr:g}); stopped without "

@@ -145,7 +145,8 @@ def test_resume_refuses_changes_to_what_defines_the_run(corpus, tmp_path):
     for field, value in [("seq_len", 64), ("data", [str(tmp_path)]), ("d_model", 64)]:
         with pytest.raises(ValueError, match=rf"^{field}: the run in .* was trained with"):
             Trainer.resume(run, quiet=True, **{field: value})
-    resumed = Trainer.resume(run, quiet=True, max_tokens=4 * 32 * 3, seq_len=32, eval_interval=7)
+    same_data = [str(p) + "/" for p in tiny_config(corpus).data]  # spelt differently, the same folder
+    resumed = Trainer.resume(run, quiet=True, max_tokens=4 * 32 * 3, seq_len=32, eval_interval=7, data=same_data)
     assert resumed.config.max_tokens == 4 * 32 * 3 and resumed.config.eval_interval == 7
     assert resumed.config.max_time is None  # the earlier invocation's time limit is not this one's
     resumed.close()
