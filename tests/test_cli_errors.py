@@ -108,6 +108,15 @@ CASES = [
     ("synth induction-heads --eval-chunk -5", 2, "--eval-chunk"),
     ("synth induction-heads --out {file}", 2, "out"),
     ("synth induction-heads --out /proc/mambakit-synth", 2, "out"),
+    # the loading commands, through the same handler
+    ("generate --model {run}/latest --prompt ab --stop ''", 2, "stop_strings"),
+    ("generate --model {run}/latest --prompt ab --seed -1", 2, "seed"),
+    ("generate --model {run}/latest --prompt ab --max-new-tokens -1", 2, "--max-new-tokens"),
+    ("generate --model {run}/latest --prompt-file {empty}", 2, "Is a directory"),
+    ("generate --model {missing} --prompt ab", 2, "no such checkpoint"),
+    ("score --model {missing} --text-file {file}", 2, "no such checkpoint"),
+    ("score --model {run}/latest --text-file {missing}", 2, "No such file"),
+    ("convert {missing} {new} --to hf", 2, "no such checkpoint"),
     # the command itself
     ("", 2, "COMMAND"),
     ("nosuch", 2, "nosuch"),
