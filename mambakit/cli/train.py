@@ -4,6 +4,9 @@
         --batch-size 16 --max-tokens 200M --out runs/m2
     mambakit train --resume runs/m2                        # continues exactly where it stopped
     torchrun --nproc-per-node 8 -m mambakit train ...      # the same run on 8 GPUs
+
+Exit status: 0 trained (or stopped by --max-time or SIGTERM, saved), 1 the loss became NaN or infinite
+(nothing non-finite saved), 2 bad input (one line on stderr), 130 Ctrl-C (saved first).
 """
 from __future__ import annotations
 
@@ -91,7 +94,8 @@ OPTIONS = [
                                     help="stop and save after this long (this invocation; --resume does not inherit it)")),
     ("--nonfinite-patience", "nonfinite_patience", dict(type=int, metavar="STEPS",
                                                         help="stop, without saving, once the loss has been NaN or "
-                                                             "infinite this many steps in a row (1)")),
+                                                             "infinite this many steps in a row, read at log "
+                                                             "lines (1)")),
 ]
 
 
