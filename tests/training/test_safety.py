@@ -150,3 +150,21 @@ def test_resume_refuses_changes_to_what_defines_the_run(corpus, tmp_path):
     assert resumed.config.max_tokens == 4 * 32 * 3 and resumed.config.eval_interval == 7
     assert resumed.config.max_time is None  # the earlier invocation's time limit is not this one's
     resumed.close()
+
+
+def test_demo_overwrite_never_touches_a_folder_another_process_trains_into(tmp_path, capsys):
+    from mambakit.cli import main
+
+    run = tmp_path / "busy"
+    (run / "checkpoint-00000010").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 10}\n')
+    owner = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run)], stdout=subprocess.PIPE,
+                             env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert owner.stdout.readline() == b"held\n"
+        assert main(["demo", "--out", str(run), "--overwrite"]) == 2
+    finally:
+        owner.kill()
+        owner.wait()
+    assert f"process {owner.pid} " in capsys.readouterr().err
+    assert (run / "checkpoint-00000010").is_dir() and (run / "metrics.jsonl").read_text() == '{"step": 10}\n'
