@@ -58,10 +58,8 @@ def prepare_out(out: Path, overwrite: bool) -> None:
     if present and not overwrite:
         raise FileExistsError(f"out: {out} is not empty ({', '.join(present[:4])}{', ...' * (len(present) > 4)}); "
                               "pass --overwrite to replace the run in it, or choose another --out")
-    for name in present:
+    for name in (n for n in present if n.startswith(RUN_FILES)):
         path = out / name
-        if not name.startswith(RUN_FILES):
-            continue
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         else:
