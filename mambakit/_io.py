@@ -1,6 +1,7 @@
 """Atomic file writes: a reader sees the old file or the new one, never half of either."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -9,18 +10,50 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def default_file_mode() -> int:
+    """The mode `open()` gives a new file under the current umask (mkstemp's 0600 would survive the rename)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def is_out_of_space(err: BaseException) -> bool:
+    """Whether `err`, or an error it was raised from, is a full disk (ENOSPC, also as a library's message)."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "no space left on device" in str(err).lower():
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+@contextmanager
+def out_of_space_names(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raise a full-disk error inside the block as OSError(ENOSPC) naming `path`."""
+    try:
+        yield
+    except Exception as err:
+        if is_out_of_space(err):
+            raise OSError(errno.ENOSPC, "no space left on device while writing", str(path)) from err
+        raise
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is fsynced and renamed over `path`."""
+    """Yield a temporary path beside `path`; on success it is fsynced and renamed over `path` with the
+    mode a new file would get. A full disk is reported as OSError(ENOSPC) naming `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        with out_of_space_names(path):
+            yield tmp
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

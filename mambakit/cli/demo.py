@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from mambakit.cli.train import add_train_options, given_options
+from mambakit.training.lock import LOCK_FILE, RunLock
 
 # A model and budget that train to readable Python-ish text on two CPU cores within the time limit.
 DEMO_CONFIG = dict(
@@ -17,14 +18,19 @@ DEMO_CONFIG = dict(
     eval_interval=100, eval_sequences=64, save_interval=100, keep_last=1, max_time=180.0, device="cpu",
 )
 DEFAULT_PROMPT = "import os\n\n\ndef read_config(path):\n"
-# What a demo run folder may hold; anything else means the folder is not ours to replace.
-RUN_FILES = ("checkpoint-", ".checkpoint-", "latest", ".latest", "metrics.jsonl", "loss.png", "train_config.json")
+DEFAULT_OUT = Path("runs/demo")
+# What a run folder holds; --overwrite removes these and nothing else.
+RUN_FILES = ("checkpoint-", ".checkpoint-", "latest", ".latest", "metrics.jsonl", ".metrics.jsonl", "loss.png",
+             ".loss.png", "train_config.json", ".train_config.json", "tokenizer.json")
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="train a small model on the CPU and generate with it",
                                    description=__doc__)
-    parser.add_argument("--out", default="runs/demo", help="run folder, replaced on each demo (runs/demo)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"run folder (default {DEFAULT_OUT}, or {DEFAULT_OUT}-2, -3, ... when that one is taken)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run already in --out (its checkpoints, metrics and plot; other files stay)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="text to continue")
     parser.add_argument("--new-tokens", type=int, default=300, help="tokens to generate (300)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -32,13 +38,32 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _clear_previous_demo(out: Path) -> None:
-    if not out.exists():
-        return
-    foreign = [p.name for p in out.iterdir() if not p.name.startswith(RUN_FILES)]
-    if foreign:
-        raise FileExistsError(f"out: {out} holds files that are not a demo run's ({foreign[:5]}); choose another --out")
-    shutil.rmtree(out)
+def choose_out(out: Path | None) -> Path:
+    """`out`, or the first of runs/demo, runs/demo-2, ... that is free (missing or empty)."""
+    if out is not None:
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(f"out: {out} is a file, expected a folder for the run")
+        return out
+    candidate, n = DEFAULT_OUT, 1
+    while candidate.exists() and (not candidate.is_dir() or any(candidate.iterdir())):
+        n += 1
+        candidate = DEFAULT_OUT.with_name(f"{DEFAULT_OUT.name}-{n}")
+    return candidate
+
+
+def prepare_out(out: Path, overwrite: bool) -> None:
+    """Make `out` ready for a new run: refuse one holding anything unless `overwrite`, which removes the
+    run files (RUN_FILES) it holds and keeps every other file."""
+    present = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) if out.is_dir() else []
+    if present and not overwrite:
+        raise FileExistsError(f"out: {out} is not empty ({', '.join(present[:4])}{', ...' * (len(present) > 4)}); "
+                              "pass --overwrite to replace the run in it, or choose another --out")
+    for name in (n for n in present if n.startswith(RUN_FILES)):
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,13 +72,22 @@ def run(args: argparse.Namespace) -> int:
     from mambakit.training import TrainConfig, Trainer
 
     start = time.perf_counter()
+    if args.new_tokens < 1:  # checked now: the generation comes after minutes of training
+        raise ValueError(f"new-tokens: expected an int >= 1, got {args.new_tokens}")
+    if not args.prompt:
+        raise ValueError("prompt: expected some text to continue, got ''")
     config = TrainConfig(**{**DEMO_CONFIG, **given_options(args)})
-    out = Path(args.out)
-    _clear_previous_demo(out)
-    print(f"mambakit demo: a {config.n_layer}-layer {config.arch} (d_model {config.d_model}) learns Python source "
-          f"byte by byte for up to {config.max_time:.0f} s on the {config.device or 'default device'}")
-    trainer = Trainer(config, out, quiet=args.quiet)
-    result = trainer.fit()
+    out = choose_out(args.out)
+    with RunLock(out):  # taken before anything in `out` is touched, so a running train keeps its folder
+        prepare_out(out, args.overwrite)
+        print(f"mambakit demo: a {config.n_layer}-layer {config.arch} (d_model {config.d_model}) learns Python "
+              f"source byte by byte for up to {config.max_time:.0f} s on the {config.device or 'default device'}; "
+              f"run folder {out}")
+        trainer = Trainer(config, out, quiet=args.quiet)
+        try:
+            result = trainer.fit()
+        finally:
+            trainer.close()
 
     if "val_bpb" in result:  # absent when --val-fraction 0 holds nothing out
         print(f"\nvalidation: {result['val_bpb']:.3f} bits per byte (loss {result['val_loss']:.3f} nats per token, "

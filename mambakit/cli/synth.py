@@ -7,6 +7,7 @@ like the Mamba paper's tables; saves <out>/<task>.json and <task>.png.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from mambakit.tasks import TASKS
 def parse_lengths(text: str) -> list[int]:
     """'64,...,1024' -> [64, 128, 256, 512, 1024] (doubling across '...'); '256,4096' -> [256, 4096]."""
     parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts or any(p != "..." and not (p.isdigit() and int(p) > 0) for p in parts):
+        raise ValueError(f"eval-lens: expected positive lengths such as 64,...,1024 or 256,4096, got {text!r}")
     lengths: list[int] = []
     for i, part in enumerate(parts):
         if part != "...":
@@ -55,7 +58,7 @@ def register(subparsers) -> None:
     parser.add_argument("--attn-layer-idx", type=int_list, default=None, metavar="I,J", help="hybrid: attention layers")
     parser.add_argument("--vocab", type=int, default=None, help="task vocabulary (the task's default)")
     parser.add_argument("--train-len", type=int, default=256)
-    parser.add_argument("--eval-lens", type=parse_lengths, default=None, help="e.g. 64,...,1048576 (train length)")
+    parser.add_argument("--eval-lens", type=lengths_arg, default=None, help="e.g. 64,...,1048576 (train length)")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -91,9 +94,61 @@ def build_model(args: argparse.Namespace, task, arch: str, device):
     """The `arch` model of a `synth` run, sized by its options, for `task`'s vocabulary."""
     from mambakit.tasks.train import task_model
 
-    extra = {k: getattr(args, k) for k in ("d_state", "headdim", "ssm_options", "attn_heads", "attn_layer_idx")
-             if getattr(args, k) is not None}
-    return task_model(arch, task.vocab_size, args.d_model, args.n_layer, device=device, **extra)
+    return task_model(arch, task.vocab_size, args.d_model, args.n_layer, device=device, **model_options(args))
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    """The TrainConfig model fields a synth command line sets."""
+    return {k: getattr(args, k) for k in ("d_state", "headdim", "ssm_options", "attn_heads", "attn_layer_idx")
+            if getattr(args, k) is not None}
+
+
+def lengths_arg(text: str) -> list[int]:
+    """parse_lengths for argparse."""
+    try:
+        return parse_lengths(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("eval-lens: ")) from None
+
+
+def check_args(args: argparse.Namespace):
+    """(task, device, evaluation lengths) of a synth run, every argument checked before any training:
+    a typo found after an hour of training would throw the run away."""
+    import torch
+
+    from mambakit.training import ARCHS, TrainConfig
+    from mambakit.training.distributed import check_device
+
+    for name in ("d_model", "n_layer", "train_len", "steps", "batch_size", "eval_samples", "max_attention_len"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"{name.replace('_', '-')}: expected an int >= 1, got {getattr(args, name)}")
+    for name, ok, expected in (("lr", args.lr > 0, "> 0"), ("warmup_steps", args.warmup_steps >= 0, ">= 0"),
+                               ("min_lr_ratio", 0 <= args.min_lr_ratio <= 1, "in [0, 1]"),
+                               ("grad_clip", args.grad_clip is None or args.grad_clip > 0, "> 0"),
+                               ("max_time", args.max_time is None or args.max_time > 0, "> 0")):
+        if not ok:
+            raise ValueError(f"{name.replace('_', '-')}: expected a number {expected}, got {getattr(args, name)}")
+    archs = args.arch.split(",")
+    unknown = [a for a in archs if a not in ARCHS]
+    if unknown:
+        raise ValueError(f"arch: expected comma-separated names from {ARCHS}, got {unknown}")
+    device = check_device(args.device)
+    task = TASKS[args.task]() if args.vocab is None else TASKS[args.task](vocab_size=args.vocab)
+    lengths = args.eval_lens or [args.train_len]
+    generator = torch.Generator().manual_seed(0)
+    for length in sorted({args.train_len, *lengths}):  # the task refuses lengths it cannot fill
+        task.sample(1, length, generator)
+    for arch in archs:  # the model options, as build_model will pass them
+        TrainConfig(arch=arch, d_model=args.d_model, n_layer=args.n_layer, **model_options(args)).model_config(
+            task.vocab_size)
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(err.errno, f"out: cannot create the results folder ({err.strerror})", str(out)) from None
+    if not os.access(out, os.W_OK):
+        raise PermissionError(f"out: cannot write into {out}")
+    return task, device, lengths
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,9 +156,7 @@ def run(args: argparse.Namespace) -> int:
 
     from mambakit.tasks.train import accuracy, train_task
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    task = TASKS[args.task]() if args.vocab is None else TASKS[args.task](vocab_size=args.vocab)
-    lengths = args.eval_lens or [args.train_len]
+    task, device, lengths = check_args(args)
     rows = []
     for arch in args.arch.split(","):
         torch.manual_seed(args.seed)

@@ -4,6 +4,9 @@
         --batch-size 16 --max-tokens 200M --out runs/m2
     mambakit train --resume runs/m2                        # continues exactly where it stopped
     torchrun --nproc-per-node 8 -m mambakit train ...      # the same run on 8 GPUs
+
+Exit status: 0 trained (or stopped by --max-time or SIGTERM, saved), 1 the loss became NaN or infinite
+(nothing non-finite saved), 2 bad input (one line on stderr), 130 Ctrl-C (saved first).
 """
 from __future__ import annotations
 
@@ -15,7 +18,18 @@ from mambakit.training.config import ARCHS, TrainConfig, parse_count
 
 def int_list(text: str) -> list[int]:
     """'1,3' -> [1, 3]."""
-    return [int(x) for x in text.split(",") if x.strip()]
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 1,3, got {text!r}") from None
+
+
+def count(text: str) -> int:
+    """parse_count for argparse."""
+    try:
+        return parse_count(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def json_object(text: str) -> dict:
@@ -32,8 +46,13 @@ def json_object(text: str) -> dict:
 # (flag, TrainConfig field, argparse keywords); every default is None so that a resumed run knows
 # which options were given (and override the checkpoint's) and a fresh run takes TrainConfig's defaults.
 OPTIONS = [
-    ("--data", "data", dict(nargs="+", metavar="PATH", help="text files or folders (default: the embedded corpus, "
-                                                            "the Python standard library's source)")),
+    ("--data", "data", dict(nargs="+", metavar="PATH", help="text files or folders; a folder's files are chosen by "
+                                                            "content, UTF-8 text (default: the embedded corpus, the "
+                                                            "Python standard library's source)")),
+    ("--include", "include", dict(nargs="+", metavar="GLOB", help="take only the files of --data folders matching "
+                                                                  "one of these, e.g. '*.py' 'docs/*.md' (default: "
+                                                                  "every UTF-8 text file that is not hidden)")),
+    ("--exclude", "exclude", dict(nargs="+", metavar="GLOB", help="drop the files of --data folders matching these")),
     ("--tokenizer", "tokenizer", dict(metavar="FILE", help="a Hugging Face tokenizer.json (default: bytes)")),
     ("--train-tokenizer", "train_tokenizer", dict(type=int, metavar="VOCAB",
                                                   help="train a BPE of VOCAB tokens on the corpus")),
@@ -56,12 +75,12 @@ OPTIONS = [
     ("--batch-size", "batch_size", dict(type=int, help="global batch: sequences per optimizer step (16)")),
     ("--micro-batch-size", "micro_batch_size", dict(type=int, help="sequences per process and forward "
                                                                   "(default: batch size / processes)")),
-    ("--max-tokens", "max_tokens", dict(type=parse_count, help="training tokens, e.g. 200M (default 200M)")),
+    ("--max-tokens", "max_tokens", dict(type=count, help="training tokens, e.g. 200M (default 200M)")),
     ("--lr", "lr", dict(type=float, help="peak learning rate (6e-4)")),
     ("--min-lr-ratio", "min_lr_ratio", dict(type=float, help="cosine floor as a fraction of --lr (0.1)")),
     ("--warmup-fraction", "warmup_fraction", dict(type=float, help="share of steps warming up (0.02)")),
     ("--weight-decay", "weight_decay", dict(type=float, help="AdamW weight decay on matrices (0.1)")),
-    ("--grad-clip", "grad_clip", dict(type=float, help="gradient norm clip (1.0)")),
+    ("--grad-clip", "grad_clip", dict(type=float, help="gradient norm clip, 0: none (1.0)")),
     ("--seed", "seed", dict(type=int, help="initialization and data order (0)")),
     ("--device", "device", dict(help="cuda, cuda:1 or cpu (default: cuda when available)")),
     ("--bf16", "bf16", dict(action=argparse.BooleanOptionalAction, help="bf16 autocast on CUDA (on)")),
@@ -72,8 +91,13 @@ OPTIONS = [
     ("--eval-interval", "eval_interval", dict(type=int, help="steps between validations (500)")),
     ("--eval-sequences", "eval_sequences", dict(type=int, help="validation sequences per evaluation (256)")),
     ("--save-interval", "save_interval", dict(type=int, help="steps between checkpoints (1000)")),
-    ("--keep-last", "keep_last", dict(type=int, help="checkpoints kept (3)")),
-    ("--max-time", "max_time", dict(type=float, metavar="SECONDS", help="stop and save after this long")),
+    ("--keep-last", "keep_last", dict(type=int, help="newest checkpoints kept, 0: all (3)")),
+    ("--max-time", "max_time", dict(type=float, metavar="SECONDS",
+                                    help="stop and save after this long (this invocation; --resume does not inherit it)")),
+    ("--nonfinite-patience", "nonfinite_patience", dict(type=int, metavar="STEPS",
+                                                        help="stop, without saving, once the loss has been NaN or "
+                                                             "infinite this many steps in a row, read at log "
+                                                             "lines (1)")),
 ]
 
 
@@ -110,10 +134,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = trainer.fit()
     finally:
-        trainer.dist.teardown()
+        trainer.close()
     if trainer.dist.is_main:
         summary = f"step {result.get('step', trainer.step)}"
         if "val_bpb" in result:
             summary += f", validation loss {result['val_loss']:.4f}, {result['val_bpb']:.4f} bits per byte"
         print(f"{summary}; checkpoint {result['checkpoint']} ({result['stopped']})")
-    return 0
+    # Ctrl-C saved a checkpoint but is still an interruption (130); SIGTERM is a scheduler's request to stop (0).
+    return 130 if result["stopped"] == "SIGINT" else 0

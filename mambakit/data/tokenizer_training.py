@@ -8,14 +8,15 @@ from mambakit.data.corpus import read_pieces
 from mambakit.tokenizer import HFTokenizer
 
 EOS_TOKEN = "<|endoftext|>"
+MIN_VOCAB = 256 + 2  # the 256 bytes, the end-of-document token and at least one merge
 
 
 def train_bpe_tokenizer(files: Sequence[Path], vocab_size: int) -> HFTokenizer:
     """A byte-level BPE of `vocab_size` tokens (end-of-document token included) trained on `files`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    if vocab_size < 257 + 1:
-        raise ValueError(f"vocab_size: expected > 257 (the 256 bytes and {EOS_TOKEN}), got {vocab_size}")
+    if vocab_size < MIN_VOCAB:
+        raise ValueError(f"vocab_size: expected >= {MIN_VOCAB} (the 256 bytes, {EOS_TOKEN} and a merge), got {vocab_size}")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

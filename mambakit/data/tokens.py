@@ -98,7 +98,11 @@ def build_token_file(
     out = Path(out_dir) if out_dir is not None else cache_root() / corpus_key(files, tokenizer)
     if (out / META_FILE).is_file():
         return TokenFile.open(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(err.errno, f"token cache: cannot create {out} ({err.strerror}); set MAMBAKIT_CACHE to a "
+                                 "writable folder") from None
     dtype = token_dtype(tokenizer.vocab_size)
     eos = tokenizer.eos_token_id
     doc_starts, num_tokens = [], 0

@@ -17,6 +17,14 @@ def _random_positions(batch: int, span: int, count: int, generator: torch.Genera
     return torch.rand(batch, span, generator=generator).argsort(dim=1)[:, :count].sort(dim=1).values
 
 
+def _check_sizes(task, **minimums: int) -> None:
+    """Refuse a task field below its minimum (None, where allowed, is the default), naming it."""
+    for name, low in minimums.items():
+        value = getattr(task, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise ValueError(f"{task.name}: {name} expected an int >= {low}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class SelectiveCopying:
     """Mamba Table 1. A context of noise tokens (0) with `num_copy` data tokens (1 .. vocab-2) at random
@@ -26,6 +34,9 @@ class SelectiveCopying:
     vocab_size: int = 16
     num_copy: int = 16
     name = "selective-copying"
+
+    def __post_init__(self):
+        _check_sizes(self, vocab_size=4, num_copy=1)  # noise, a marker and two data tokens at least
 
     def sample(self, batch: int, seq_len: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         context = seq_len - self.num_copy
@@ -49,6 +60,9 @@ class InductionHeads:
     vocab_size: int = 16
     name = "induction-heads"
 
+    def __post_init__(self):
+        _check_sizes(self, vocab_size=3)  # the trigger and two tokens to tell apart
+
     def sample(self, batch: int, seq_len: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         if seq_len < 4:
             raise ValueError(f"induction heads: seq_len expected >= 4, got {seq_len}")
@@ -71,6 +85,9 @@ class AssociativeRecall:
     vocab_size: int = 8192
     num_pairs: int | None = None
     name = "mqar"
+
+    def __post_init__(self):
+        _check_sizes(self, vocab_size=4, num_pairs=1)  # noise, one key and one value at least
 
     def sample(self, batch: int, seq_len: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         pairs = self.num_pairs or seq_len // 4

@@ -12,15 +12,19 @@ values and loads with `torch.load(..., weights_only=True)`.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
 
-from mambakit._io import atomic_path
+from mambakit._io import atomic_path, out_of_space_names
+from mambakit.models.checkpoint import CONFIG_NAME, SAFETENSORS_NAME
+from mambakit.training.config import CONFIG_FILE
 
 PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.pt"
@@ -48,6 +52,43 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_problem(folder: str | os.PathLike) -> str | None:
+    """Why the checkpoint `folder` cannot be resumed from (a file missing, truncated or unreadable), or None.
+    Reads only headers and small files, so it is cheap even for large checkpoints."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    for name in (CONFIG_NAME, CONFIG_FILE):
+        try:
+            json.loads((folder / name).read_text())
+        except (OSError, ValueError) as err:
+            return f"{name}: {err}"
+    try:  # torch.save writes a zip archive whose directory is at the end: a truncated one has none
+        with zipfile.ZipFile(folder / STATE_FILE) as archive:
+            archive.namelist()
+    except (OSError, zipfile.BadZipFile) as err:
+        return f"{STATE_FILE}: {err}"
+    try:  # safetensors checks that the header's offsets cover the file
+        with safe_open(str(folder / SAFETENSORS_NAME), "pt") as weights:
+            weights.keys()
+    except Exception as err:  # SafetensorError has no public base class to name here
+        return f"{SAFETENSORS_NAME}: {err}"
+    return None
+
+
+def resumable_checkpoint(run_dir: str | os.PathLike, warn=print) -> Path:
+    """The newest checkpoint of `run_dir` whose files are complete; `warn(text)` hears of each newer one skipped."""
+    skipped = []
+    for folder in reversed(list_checkpoints(run_dir)):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        skipped.append(f"{folder.name} ({problem})")
+        warn(f"resume: skipping the incomplete {folder.name}: {problem}")
+    detail = f"; incomplete: {', '.join(skipped)}" if skipped else ""
+    raise FileNotFoundError(f"resume: no complete checkpoint in {run_dir}{detail}")
+
+
 def rng_state() -> dict:
     """Every random generator a training step may draw from (Python, torch CPU, each CUDA device)."""
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
@@ -66,14 +107,22 @@ def set_rng_state(state: dict) -> None:
 
 def write_checkpoint(run_dir: str | os.PathLike, step: int, write_files, keep_last: int | None = None) -> Path:
     """Create checkpoint `step` of `run_dir` atomically: `write_files(folder)` fills a temporary folder,
-    which is then renamed into place; `latest` is pointed at it and all but the `keep_last` newest go."""
+    which is then renamed into place; `latest` is pointed at it and all but the `keep_last` newest go
+    (0 or None: all are kept)."""
+    if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0):
+        raise ValueError(f"keep_last: expected an int >= 0 (0 keeps all), got {keep_last!r}")
     run_dir = Path(run_dir)
     final = checkpoint_dir(run_dir, step)
     tmp = run_dir / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write_files(tmp)
-    _fsync_dir(tmp)
+    try:
+        with out_of_space_names(final):
+            write_files(tmp)
+            _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # give a full disk its space back; earlier checkpoints stay
+        raise
     if final.exists():  # the same step written again (e.g. an interrupted run saved it already)
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -87,8 +136,8 @@ def write_checkpoint(run_dir: str | os.PathLike, step: int, write_files, keep_la
 
 def save_trainer_state(folder: Path, state: dict) -> None:
     """Write `state` (tensors and plain Python values only) to folder/trainer_state.pt."""
-    with atomic_path(folder / STATE_FILE) as tmp:
-        torch.save(state, tmp)
+    with atomic_path(folder / STATE_FILE) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)  # through a Python file, so that a full disk is an OSError (ENOSPC), not a C++ message
 
 
 def load_trainer_state(folder: str | os.PathLike) -> dict:

@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mambakit._io import write_json
+from mambakit.data.tokenizer_training import MIN_VOCAB
 
 ARCHS = ("mamba", "mamba2", "hybrid", "transformer")
 CONFIG_FILE = "train_config.json"
+DEVICE_PATTERN = r"cpu|cuda(:\d+)?"  # the devices training runs on
 _SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
 
 
@@ -31,6 +33,22 @@ def parse_count(text: str | int) -> int:
     return int(float(match.group(1)) * _SUFFIXES[match.group(2).lower()])
 
 
+# Lower bounds of the integer fields (a field whose default is None may be None: the default).
+_LOWER_BOUNDS = {
+    "seq_len": 1, "d_model": 1, "n_layer": 1, "batch_size": 1, "log_interval": 1, "eval_interval": 1,
+    "save_interval": 1, "d_state": 1, "headdim": 1, "expand": 1, "attn_heads": 1, "d_intermediate": 0,
+    "micro_batch_size": 1, "eval_sequences": 0, "train_tokenizer": 0, "keep_last": 0, "nonfinite_patience": 1,
+}
+# Closed ranges of the real-valued fields.
+_RANGES = {"val_fraction": (0.0, 0.5), "min_lr_ratio": (0.0, 1.0), "warmup_fraction": (0.0, 1.0),
+           "weight_decay": (0.0, float("inf")), "grad_clip": (0.0, float("inf"))}
+
+
+def _check_at_least(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+
+
 @dataclass
 class TrainConfig:
     """A training run. `batch_size` is the global batch (sequences per optimizer step, over all ranks
@@ -38,6 +56,8 @@ class TrainConfig:
 
     # data
     data: list = field(default_factory=lambda: ["default"])
+    include: list = field(default_factory=list)  # globs a file in a data folder must match (one of); [] takes all
+    exclude: list = field(default_factory=list)  # globs that drop a file of a data folder
     tokenizer: str | None = None  # tokenizer.json (file or folder); None: bytes
     train_tokenizer: int = 0  # > 0: train a BPE of this vocabulary size on the corpus
     seq_len: int = 1024
@@ -63,7 +83,7 @@ class TrainConfig:
     warmup_fraction: float = 0.02
     weight_decay: float = 0.1
     betas: tuple = (0.9, 0.95)
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max gradient norm; 0: no clipping
     # run
     seed: int = 0
     device: str | None = None  # None: cuda when available, else cpu
@@ -74,12 +94,14 @@ class TrainConfig:
     eval_interval: int = 500
     eval_sequences: int = 256
     save_interval: int = 1000
-    keep_last: int = 3
-    max_time: float | None = None  # seconds of this invocation; then stop and save
+    keep_last: int = 3  # newest checkpoints kept; 0: keep all
+    max_time: float | None = None  # seconds of this invocation (not inherited on resume); then stop and save
+    nonfinite_patience: int = 1  # consecutive steps of non-finite loss (checked at log lines) before stopping
 
     def __post_init__(self):
         self.max_tokens = parse_count(self.max_tokens)
         self.betas, self.data, self.attn_layer_idx = tuple(self.betas), list(self.data), list(self.attn_layer_idx)
+        self.include, self.exclude = list(self.include), list(self.exclude)
         if self.arch not in ARCHS:
             raise ValueError(f"arch: expected one of {ARCHS}, got {self.arch!r}")
         if self.use_seq_idx and self.arch not in ("mamba", "mamba2"):
@@ -90,9 +112,37 @@ class TrainConfig:
                              "backbone are untested); got compile=True and fsdp=True")
         if self.arch == "hybrid" and not self.attn_layer_idx:
             raise ValueError("attn_layer_idx: the hybrid arch needs attention layer indices, got none")
-        for name in ("seq_len", "d_model", "n_layer", "batch_size", "log_interval", "eval_interval", "save_interval"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected >= 1, got {getattr(self, name)}")
+        for f in dataclasses.fields(self):
+            if f.name in _LOWER_BOUNDS and not (f.default is None and getattr(self, f.name) is None):
+                _check_at_least(f.name, getattr(self, f.name), _LOWER_BOUNDS[f.name])
+        for name, (low, high) in _RANGES.items():
+            value = getattr(self, name)
+            if not low <= value <= high:
+                raise ValueError(f"{name}: expected a number in [{low}, {high}], got {value}")
+        if not self.lr > 0 or self.lr == float("inf"):
+            raise ValueError(f"lr: expected a positive finite learning rate, got {self.lr}")
+        if 0 < self.train_tokenizer < MIN_VOCAB:
+            raise ValueError(f"train_tokenizer: expected 0 (bytes) or a vocabulary >= {MIN_VOCAB} (the 256 bytes, "
+                             f"the end-of-document token and a merge), got {self.train_tokenizer}")
+        if self.max_time is not None and not self.max_time > 0:
+            raise ValueError(f"max_time: expected a positive number of seconds, got {self.max_time}")
+        if self.max_tokens < self.tokens_per_step():
+            raise ValueError(f"max_tokens: expected at least one step's tokens (batch_size x seq_len = "
+                             f"{self.tokens_per_step()}), got {self.max_tokens}")
+        bad_layers = [i for i in self.attn_layer_idx if not 0 <= i < self.n_layer]
+        if bad_layers:
+            raise ValueError(f"attn_layer_idx: expected indices in [0, {self.n_layer - 1}] (n_layer {self.n_layer}), "
+                             f"got {bad_layers}")
+        heads = self.attention_heads()
+        if self.arch in ("hybrid", "transformer") and (self.d_model % heads or (self.d_model // heads) % 2):
+            raise ValueError(f"attn_heads: d_model {self.d_model} must split into {heads} heads of an even size "
+                             f"(rotary embeddings), got a head size of {self.d_model / heads:g}")
+        if self.device is not None and not re.fullmatch(DEVICE_PATTERN, self.device):
+            raise ValueError(f"device: expected cpu, cuda or cuda:N, got {self.device!r}")
+
+    def attention_heads(self) -> int:
+        """Attention heads of the attention layers (attn_heads, else one per 64 channels)."""
+        return self.attn_heads or max(1, self.d_model // 64)
 
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len
@@ -104,7 +154,7 @@ class TrainConfig:
         """The `MambaConfig` of this run's model for a `vocab_size` tokenizer."""
         from mambakit import MambaConfig
 
-        heads = self.attn_heads or max(1, self.d_model // 64)
+        heads = self.attention_heads()
         attn_cfg = {"num_heads": heads, "head_dim": self.d_model // heads, "rotary_emb_dim": self.d_model // heads,
                     "causal": True, "qkv_proj_bias": False, "out_proj_bias": False}
         ssm_cfg = {"layer": "Mamba1" if self.arch == "mamba" else "Mamba2", "expand": self.expand, **self.ssm_options}

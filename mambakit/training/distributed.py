@@ -3,11 +3,30 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from mambakit.training.config import DEVICE_PATTERN
+
+
+def check_device(name: str | None) -> torch.device:
+    """The device `name` names (cpu, cuda or cuda:N; None: cuda when available, else cpu), refused with a
+    ValueError when it is misspelt or this machine lacks it."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(DEVICE_PATTERN, str(name)):
+        raise ValueError(f"device: expected cpu, cuda or cuda:N, got {name!r}")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {name} asked for, but this PyTorch sees no CUDA GPU (CUDA build "
+                         f"{torch.version.cuda or 'none'}); use --device cpu")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device: {name} asked for, but there are {torch.cuda.device_count()} GPUs (cuda:0 ...)")
+    return device
 
 
 @dataclass
@@ -32,7 +51,7 @@ class Dist:
     def setup(cls, device: str | None = None) -> "Dist":
         """Join the process group torchrun describes in the environment (or one already initialised);
         a plain `python` run is a world of one. NCCL on CUDA, gloo on CPU."""
-        want_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        want_cuda = check_device(device).type == "cuda"
         owns = False
         if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             dist.init_process_group("nccl" if want_cuda else "gloo")

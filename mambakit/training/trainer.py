@@ -15,18 +15,19 @@ import math
 import signal
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mambakit.data import (Batch, PackedDataset, build_token_file, corpus_files, rank_sample_offset,
-                           train_bpe_tokenizer)
+from mambakit.data import Batch, PackedDataset, build_token_file, rank_sample_offset, select_corpus, train_bpe_tokenizer
 from mambakit.ops import linear_cross_entropy
 from mambakit.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from mambakit.training import checkpoint as ckpt
 from mambakit.training.config import TrainConfig
 from mambakit.training.distributed import Dist, wrap_model
+from mambakit.training.lock import RunLock
 from mambakit.training.metrics import PLOT_FILE, MetricsLog, bits_per_byte, plot_losses
 from mambakit.training.optim import CosineSchedule, build_optimizer
 
@@ -48,6 +49,27 @@ def text_bytes(tokenizer: Tokenizer, targets: torch.Tensor) -> int:
     if isinstance(tokenizer, ByteTokenizer):
         return int((targets < 256).sum())
     return sum(len(tokenizer.decode(row.tolist()).encode("utf-8")) for row in targets)
+
+
+# Fields that fix what a run is (its data and order, its model): a resumed run keeps them.
+RUN_DEFINING = ("data", "include", "exclude", "tokenizer", "train_tokenizer", "seq_len", "val_fraction", "use_seq_idx",
+                "seed", "batch_size", "arch", "d_model", "n_layer", "d_state", "headdim", "expand", "ssm_options",
+                "attn_layer_idx", "attn_heads", "d_intermediate")
+
+
+class TrainingDiverged(FloatingPointError):
+    """Training stopped because the loss or the weights became NaN or infinite."""
+
+
+def _plain(field: str, value):
+    """`value` of a TrainConfig field as compared on resume (data paths as Path spells them: 'corpus/' is 'corpus')."""
+    return [str(Path(p)) for p in value] if field == "data" else value
+
+
+def _all_finite(state: dict) -> bool:
+    """Whether every floating-point tensor of a state dict is finite (one host sync)."""
+    flags = [t.isfinite().all() for t in state.values() if torch.is_tensor(t) and t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 class StopRequested:
@@ -78,6 +100,7 @@ class LossWindow:
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.nonfinite_streak = torch.zeros((), dtype=torch.int64, device=device)  # consecutive non-finite losses
         self._reset()
 
     def _reset(self) -> None:
@@ -86,6 +109,7 @@ class LossWindow:
     def add(self, loss: torch.Tensor) -> None:
         self.loss_sum += loss
         self.steps += 1
+        self.nonfinite_streak = torch.where(loss.isfinite(), 0, self.nonfinite_streak + 1)
 
     def take(self) -> tuple[int, float, torch.Tensor]:
         """(steps, seconds, mean loss) since the last take; starts a new window."""
@@ -98,15 +122,37 @@ class Trainer:
     """Builds the data, model, optimizer and schedule of `config` and trains into `run_dir`."""
 
     def __init__(self, config: TrainConfig, run_dir: str | Path, quiet: bool = False, _resume_from: Path | None = None):
-        from mambakit import MambaLMHeadModel
-
         self.config, self.run_dir, self.quiet = config, Path(run_dir), quiet
         self.dist = Dist.setup(config.device)
         self.device = self.dist.device
+        self.lock = RunLock(self.run_dir)
+        self._lock_run_dir()
+        try:
+            self._build(_resume_from)
+        except BaseException:
+            self.lock.discard()
+            raise
+
+    def _lock_run_dir(self) -> None:
+        """Hold the run folder's lock (rank 0) for as long as this trainer trains; every rank fails if it is taken."""
+        taken = None
+        if self.dist.is_main:
+            try:
+                self.lock.acquire()
+            except FileExistsError as err:
+                taken = err
+        if self.dist.any(taken is not None):
+            raise taken or FileExistsError(f"out: {self.run_dir} is in use by another run (see rank 0)")
+
+    def _build(self, _resume_from: Path | None) -> None:
+        from mambakit import MambaLMHeadModel
+
+        config = self.config
         if _resume_from is None and ckpt.latest_checkpoint(self.run_dir) is not None:
             raise FileExistsError(f"out: {self.run_dir} already holds checkpoints; resume it (--resume) "
                                   "or choose another folder")
         self.micro_batch, self.grad_accum = self._batch_split()
+        self.corpus = select_corpus(config.data, config.include, config.exclude)
         self.tokenizer = load_tokenizer(_resume_from) if _resume_from else self._prepare_tokenizer()
         self.dataset = self._prepare_dataset()
 
@@ -138,12 +184,18 @@ class Trainer:
     def resume(cls, run_dir: str | Path, quiet: bool = False, **overrides) -> "Trainer":
         """The trainer of `run_dir` at its latest checkpoint; `overrides` change config fields
         (e.g. max_tokens to train further, device, eval_interval)."""
-        latest = ckpt.latest_checkpoint(run_dir)
-        if latest is None:
-            raise FileNotFoundError(f"resume: no complete checkpoint in {run_dir}")
-        config = TrainConfig.load(latest)
-        config = TrainConfig.from_dict({**config.to_dict(), **{k: v for k, v in overrides.items() if v is not None}})
-        return cls(config, run_dir, quiet=quiet, _resume_from=latest)
+        if not Path(run_dir).is_dir():
+            raise FileNotFoundError(f"resume: no run folder {run_dir}")
+        latest = ckpt.resumable_checkpoint(run_dir, warn=tqdm.write)
+        saved = TrainConfig.load(latest).to_dict()
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        changed = {k: v for k, v in overrides.items() if k in RUN_DEFINING and _plain(k, v) != _plain(k, saved[k])}
+        if changed:
+            name = next(iter(changed))
+            raise ValueError(f"{name}: the run in {run_dir} was trained with {saved[name]!r} and resumes with it, got "
+                             f"{changed[name]!r}; start a new run (--out) to change {', '.join(changed)}")
+        saved["max_time"] = None  # a time limit is the invocation's own, not the run's
+        return cls(TrainConfig.from_dict({**saved, **overrides}), run_dir, quiet=quiet, _resume_from=latest)
 
     # ---------------------------------------------------------------------------------------------
     # setup
@@ -160,16 +212,21 @@ class Trainer:
     def _prepare_tokenizer(self) -> Tokenizer:
         cfg = self.config
         if cfg.train_tokenizer <= 0:
-            return load_tokenizer(cfg.tokenizer)
+            try:
+                return load_tokenizer(cfg.tokenizer)
+            except (ValueError, OSError):
+                raise
+            except Exception as err:  # the tokenizers library raises a bare Exception for a file it cannot parse
+                raise ValueError(f"tokenizer: {cfg.tokenizer} is not a Hugging Face tokenizer.json ({err})") from None
         if self.dist.is_main:
             self._say(f"training a {cfg.train_tokenizer}-token BPE tokenizer on the corpus")
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            train_bpe_tokenizer(corpus_files(cfg.data), cfg.train_tokenizer).save(self.run_dir)
+            train_bpe_tokenizer(self.corpus.files, cfg.train_tokenizer).save(self.run_dir)
         self.dist.barrier()
         return load_tokenizer(self.run_dir)
 
     def _prepare_dataset(self) -> PackedDataset:
-        files = corpus_files(self.config.data)
+        files = self.corpus.files
         if self.dist.is_main:  # one process tokenizes; the others open its memory-mapped file
             bar = tqdm(total=len(files), desc="tokenizing", unit="file", disable=self.quiet, leave=False)
             build_token_file(files, self.tokenizer, progress=lambda done, total: bar.update(1))
@@ -178,7 +235,7 @@ class Trainer:
         tokens = build_token_file(files, self.tokenizer)
         dataset = PackedDataset(tokens, self.config.seq_len, self.config.val_fraction, self.config.seed,
                                 with_seq_idx=self.config.use_seq_idx)
-        self._say(f"data: {len(files)} files, {dataset}")
+        self._say(f"data: {self.corpus.describe()}, {dataset}")
         return dataset
 
     def _say(self, text: str) -> None:
@@ -216,7 +273,8 @@ class Trainer:
                     loss = lm_loss(self.wrapped, batch, self.fused_loss)
                 (loss / self.grad_accum).backward()
             total += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        # grad_clip 0 is no clipping; the norm is still computed for the log.
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor over the shards
             grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
@@ -248,7 +306,19 @@ class Trainer:
 
     def fit(self) -> dict:
         """Train to max_tokens (or until max_time, SIGINT or SIGTERM), evaluating, logging and saving as
-        configured. Returns the last metrics (with `stopped`: "done", "time" or the signal's name)."""
+        configured. Returns the last metrics (with `stopped`: "done", "time" or the signal's name).
+        Raises TrainingDiverged, without saving, when the loss stays non-finite for nonfinite_patience steps."""
+        try:
+            return self._fit()
+        finally:
+            self.lock.release()
+
+    def close(self) -> None:
+        """Release the run folder and leave the process group (when this trainer joined it)."""
+        self.lock.release()
+        self.dist.teardown()
+
+    def _fit(self) -> dict:
         cfg, total = self.config, self.config.total_steps()
         self._say(f"model: {self.model_config.n_layer} layers ({cfg.arch}), d_model {cfg.d_model}, "
                   f"{sum(p.numel() for p in self.model.parameters()):,} parameters; {total} steps of "
@@ -268,6 +338,7 @@ class Trainer:
                 bar.update(1)
                 if self.step % cfg.log_interval == 0 or self.step == total:
                     self._log_training(grad_norm, bar)
+                    self._check_finite_loss(bar)
                 if self.step % cfg.eval_interval == 0 or self.step == total:
                     self._eval_and_log()
                 stopped = self._stop_reason(stop, time.perf_counter() - fit_start)
@@ -282,6 +353,20 @@ class Trainer:
             self.save()
         return {**self._last, "step": self.step, "tokens": self.step * cfg.tokens_per_step(),
                 "stopped": stopped or "done", "checkpoint": str(ckpt.checkpoint_dir(self.run_dir, self.step))}
+
+    def _check_finite_loss(self, bar) -> None:
+        """Raise TrainingDiverged once the loss has been non-finite for nonfinite_patience consecutive steps
+        (read at log lines, which synchronize anyway)."""
+        streak = int(self._window.nonfinite_streak)
+        if self.dist.any(streak >= self.config.nonfinite_patience):
+            bar.close()
+            self._diverged(f"NaN or infinite for {streak} step{'s' * (streak > 1)} in a row")
+
+    def _diverged(self, what: str) -> NoReturn:
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        kept = f"the last finite checkpoint is {latest}" if latest else "no checkpoint was saved"
+        raise TrainingDiverged(f"loss: {what} by step {self.step} (lr {self.config.lr:g}); stopped without "
+                               f"saving; {kept} (a lower --lr or --grad-clip may help)")
 
     def _stop_reason(self, stop: StopRequested, seconds: float) -> str | None:
         """The signal's name or "time" when any rank must stop now, else None (agreed by all ranks)."""
@@ -327,8 +412,11 @@ class Trainer:
         return model_state, optim_state
 
     def save(self) -> Path:
-        """Write checkpoint `self.step` (all ranks call this; rank 0 writes)."""
+        """Write checkpoint `self.step` (all ranks call this; rank 0 writes); a model with a non-finite
+        weight is never written (TrainingDiverged)."""
         model_state, optim_state = self._full_state()
+        if self.dist.any(not _all_finite(model_state)):
+            self._diverged("the weights became NaN or infinite")
         folder = ckpt.checkpoint_dir(self.run_dir, self.step)
         if self.dist.is_main:
             state = {"step": self.step, "samples": self.step * self.config.batch_size, "elapsed": self.elapsed,

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from mambakit.data import PackedDataset, TokenFile, build_token_file, corpus_files, rank_sample_offset, read_pieces
+from mambakit.data import (PackedDataset, TokenFile, build_token_file, corpus_files, rank_sample_offset, read_pieces,
+                           select_corpus)
 from mambakit.data.tokenizer_training import train_bpe_tokenizer
 from mambakit.tokenizer import ByteTokenizer
 
@@ -37,6 +38,31 @@ def test_corpus_files_finds_text_recursively_in_stable_order(corpus):
     assert files == corpus_files([folder])
     with pytest.raises(FileNotFoundError, match="data"):
         corpus_files([folder / "missing"])
+
+
+def test_folder_files_are_chosen_by_content_not_name(tmp_path, fresh_seed):
+    rng = random.Random(fresh_seed)
+    folder = tmp_path / "mixed"
+    (folder / ".git").mkdir(parents=True)
+    text = {name: random_text(rng, 50) for name in ("a.pm", "b.rs", "Makefile", "c.go", "d.java", "e.txt")}
+    for name, body in text.items():
+        (folder / name).write_text(body, encoding="utf-8")
+    (folder / "random.txt").write_bytes(bytes(rng.randrange(256) for _ in range(4096)) + b"\0")
+    (folder / "latin1.txt").write_bytes(random_text(rng, 50).encode("utf-8").replace("ü".encode(), b"\xfc") + b"\xe9")
+    (folder / "nul.md").write_bytes(b"text\0more")
+    (folder / ".git" / "config").write_text("[core]\n")
+    corpus = select_corpus([folder])
+    assert sorted(f.name for f in corpus.files) == sorted(text)
+    assert {k: sorted(f.name for f in v) for k, v in corpus.skipped.items()} == {
+        "binary": ["nul.md", "random.txt"], "not UTF-8": ["latin1.txt"], "hidden": ["config"]}
+    assert corpus.describe().startswith(f"{len(text)} files (skipped 4: ")
+
+    picked = select_corpus([folder], include=["*.rs", "*.go"], exclude=["c.*"])
+    assert [f.name for f in picked.files] == ["b.rs"] and [f.name for f in picked.skipped["excluded"]] == ["c.go"]
+    with pytest.raises(ValueError, match=r"data: .*latin1.txt is not UTF-8"):
+        select_corpus([folder / "latin1.txt"])  # a file named directly is never skipped silently
+    with pytest.raises(ValueError, match=r"^data: no text files .*skipped 10: 2 binary, 1 hidden, 1 not UTF-8, 6 not"):
+        select_corpus([folder], include=["random.txt", "nul.md", "latin1.txt", ".git/*"])
 
 
 def test_default_corpus_is_real_text():

@@ -43,3 +43,20 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
     expected = (torch.rand(4), random.random())
     ckpt.set_rng_state(torch.load(tmp_path / ckpt.STATE_FILE, weights_only=True)["rng"])
     assert torch.equal(torch.rand(4), expected[0]) and random.random() == expected[1]
+
+
+@pytest.mark.parametrize("keep_last", [0, None])
+def test_keep_last_zero_keeps_every_checkpoint(tmp_path, keep_last):
+    steps = random.sample(range(1, 100), 4)
+    for step in sorted(steps):
+        ckpt.write_checkpoint(tmp_path, step, write_marker(step), keep_last=keep_last)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [ckpt.checkpoint_dir(tmp_path, s).name
+                                                                 for s in sorted(steps)]
+
+
+@pytest.mark.parametrize("keep_last", [-1, -3, 1.5, True])
+def test_keep_last_refuses_values_that_would_delete_new_checkpoints(tmp_path, keep_last):
+    ckpt.write_checkpoint(tmp_path, 1, write_marker(1))
+    with pytest.raises(ValueError, match="keep_last"):
+        ckpt.write_checkpoint(tmp_path, 2, write_marker(2), keep_last=keep_last)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-00000001"]

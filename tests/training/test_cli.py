@@ -1,8 +1,10 @@
 """Command-line parsing of train / synth / demo (no training here)."""
+from pathlib import Path
+
 import pytest
 
 from mambakit.cli import build_parser
-from mambakit.cli.demo import _clear_previous_demo
+from mambakit.cli.demo import choose_out, prepare_out
 from mambakit.cli.synth import build_model, format_table, parse_lengths
 from mambakit.cli.train import given_options
 from mambakit.tasks import InductionHeads
@@ -56,17 +58,30 @@ def test_counts_and_bad_values():
         parse_lengths("...,64")
 
 
-def test_demo_replaces_only_its_own_run_folder(tmp_path):
-    run = tmp_path / "demo"
+def test_demo_never_replaces_a_folder_unless_told_and_then_only_run_files(tmp_path):
+    run = tmp_path / "run"
     (run / "checkpoint-00000010").mkdir(parents=True)
-    (run / "metrics.jsonl").write_text("")
-    _clear_previous_demo(run)
-    assert not run.exists()
-    (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "thesis.tex").write_text("keep me")
-    with pytest.raises(FileExistsError, match="thesis.tex"):
-        _clear_previous_demo(tmp_path / "mine")
-    assert (tmp_path / "mine" / "thesis.tex").exists()
+    (run / "metrics.jsonl").write_text("{}\n")
+    (run / "thesis.tex").write_text("keep me")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        prepare_out(run, overwrite=False)
+    assert (run / "checkpoint-00000010").is_dir() and (run / "metrics.jsonl").exists()
+    prepare_out(run, overwrite=True)
+    assert sorted(p.name for p in run.iterdir()) == ["thesis.tex"]
+    prepare_out(tmp_path / "new", overwrite=False)  # a missing or empty folder needs no permission
+    with pytest.raises(NotADirectoryError, match="out"):
+        choose_out(run / "thesis.tex")
+
+
+def test_demo_default_folder_moves_on_when_taken(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert choose_out(None) == Path("runs/demo")
+    Path("runs/demo").mkdir(parents=True)
+    assert choose_out(None) == Path("runs/demo")  # empty: free
+    (Path("runs/demo") / "metrics.jsonl").write_text("")
+    Path("runs/demo-2").mkdir()
+    (Path("runs/demo-2") / "x").write_text("")
+    assert choose_out(None) == Path("runs/demo-3")
 
 
 def test_synth_eval_chunk_option():
