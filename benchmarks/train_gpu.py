@@ -1,7 +1,8 @@
 """One training step on a GPU, side by side in one process: mambakit's Mamba-1 and Mamba-2 (eager and under
 `torch.compile`) against the official `mamba_ssm` and a same-size transformers Llama. 130M shape, bf16
-autocast, fused AdamW, next-token cross-entropy on random tokens; median step time over timed steps,
-tokens/s and peak memory.
+autocast, fused AdamW, next-token cross-entropy on random tokens (mambakit's as `mambakit train` computes
+it: the backbone, then the chunked `linear_cross_entropy`; the others from their logits); median step time
+over timed steps, tokens/s and peak memory.
 
     python benchmarks/train_gpu.py --official /tmp/mamba_ssm_src/mamba_ssm-2.3.2.post1
     python benchmarks/train_gpu.py --shapes 2048:8,8192:2,32768:1 --impls mambakit
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from generation_gpu import VOCAB, build, mamba_config_fields  # noqa: E402  (the generation benchmark's models)
 
 from mambakit.bench.common import device_slug, format_table, save_rows  # noqa: E402
+from mambakit.ops import linear_cross_entropy  # noqa: E402
 
 COLUMNS = ["impl", "arch", "compiled", "seq_len", "batch", "tok_s", "step_ms", "peak_gb"]
 
@@ -40,15 +42,20 @@ def build_for_training(impl: str, arch: str):
 
 def measure(impl: str, arch: str, compiled: bool, seq_len: int, batch: int, steps: int) -> dict:
     model = build_for_training(impl, arch).train()
-    forward = torch.compile(model) if compiled else model
+    if compiled:
+        model.backbone.compile()  # in place, as `mambakit train --compile` does
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ids = torch.randint(0, VOCAB, (batch, seq_len + 1), device="cuda")
     inputs, targets = ids[:, :-1], ids[:, 1:]
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = forward(inputs).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            if impl == "mambakit":
+                hidden = model.backbone(inputs)
+                loss = linear_cross_entropy(hidden.flatten(0, 1), model.lm_head.weight, targets.flatten())
+            else:
+                logits = model(inputs).logits
+                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -66,7 +73,7 @@ def measure(impl: str, arch: str, compiled: bool, seq_len: int, batch: int, step
     ms = statistics.median(times)
     row = dict(impl=impl, arch=arch, compiled=compiled, shape="130m", seq_len=seq_len, batch=batch,
                tok_s=batch * seq_len / ms * 1000, step_ms=ms, peak_gb=torch.cuda.max_memory_allocated() / 1e9)
-    del model, forward, optimizer
+    del model, optimizer
     torch.cuda.empty_cache()
     return row
 
