@@ -67,23 +67,26 @@ def _chunk_decays(dA, seq_idx, chunk_size):
     """Decay factors (exp of log-decay sums, all <= 0) within chunks, zero across sequence boundaries.
 
     dA: (b, c, l, h) the per-step log-decays dt * A; seq_idx: (b, c * l) or None.
-    Returns decay (b, h, c, l, l), the factor from step s's input to step t's state, and
-    decay_from_start (b, h, c, l), the factor from the state entering the chunk to step t.
+    Returns decay (b, h, c, l, l), the factor from step s's input to step t's state,
+    decay_from_start (b, h, c, l), the factor from the state entering the chunk to step t, and
+    reaches (b or 1, 1, c or 1, l, l) bool, whether step s's input reaches step t's state at all.
     """
     batch, nchunks = dA.shape[:2]
     dA = dA.permute(0, 3, 1, 2)  # (b, h, c, l)
     seg = segment_sum(dA)
     from_start = dA.cumsum(dim=-1)
+    reaches = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=dA.device).tril()[None, None, None]
     if seq_idx is not None:
         seq_c = seq_idx.reshape(batch, nchunks, chunk_size)
         same_seq = seq_c[:, :, :, None] == seq_c[:, :, None, :]  # (b, c, l, l)
+        reaches = reaches & same_seq[:, None]
         seg = seg.masked_fill(~same_seq[:, None], float("-inf"))
         # The state entering a chunk belongs to the sequence of the step just before the chunk
         # (the initial states belong to the first step's sequence).
         prev_step = torch.cat([seq_idx[:, :1], seq_idx[:, chunk_size - 1:-1:chunk_size]], dim=1)
         continues = seq_c == prev_step[:, :, None]  # (b, c, l)
         from_start = from_start.masked_fill(~continues[:, None], float("-inf"))
-    return seg.exp(), from_start.exp()
+    return seg.exp(), from_start.exp(), reaches
 
 
 def _pass_states(initial_states, carry, chunk_states):
@@ -133,11 +136,18 @@ def ssd(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplu
     x_dt = x_c * dt_c[..., None]  # the input term dt_t x_t of the recurrence
 
     # (1) decays within chunks, zero across sequence boundaries.
-    decay, decay_from_start = _chunk_decays(dt_c * A.to(dtype), seq_idx, chunk_size)
+    decay, decay_from_start, reaches = _chunk_decays(dt_c * A.to(dtype), seq_idx, chunk_size)
 
-    # (2) intra-chunk outputs: the masked quadratic form (C_t . B_s) * decay(s -> t) * dt_s x_s.
-    scores = torch.einsum("bclhn,bcshn->bhcls", C_c, B_c) * decay
-    y = torch.einsum("bhcls,bcshp->bclhp", scores, x_dt)
+    # (2) intra-chunk outputs: the masked quadratic form (C_t . B_s) * decay(s -> t) * dt_s x_s. A later
+    # step must not reach an earlier one, NaN and inf included (0 * NaN is NaN): masked weights are filled,
+    # not multiplied, non-finite inputs enter as zeros and then make every step they reach NaN, as the
+    # recurrence would.
+    scores = (torch.einsum("bclhn,bcshn->bhcls", C_c, B_c) * decay).masked_fill(~reaches, 0.0)
+    finite = torch.isfinite(x_dt)
+    y = torch.einsum("bhcls,bcshp->bclhp", scores, x_dt.masked_fill(~finite, 0.0))
+    bad_input = ~finite.all(dim=-1).permute(0, 3, 1, 2)  # (b, h, c, s)
+    poisoned = (reaches & bad_input[..., None, :]).any(dim=-1).permute(0, 2, 3, 1)  # (b, c, l, h)
+    y = y.masked_fill(poisoned[..., None], float("nan"))
 
     # (3) each chunk's own contribution to the state at its last step (its entering state excluded).
     decay_to_end = decay[..., -1, :]  # (b, h, c, l)

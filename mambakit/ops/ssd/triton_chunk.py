@@ -227,7 +227,10 @@ def _chunk_scan_fwd(x_ptr, z_ptr, C_ptr, cb_ptr, D_ptr, states_ptr, cs_ptr, dtp_
                 mask=(cols_p[:, None] < P) & (cols_n[None, :] < N), other=0.0)
     acc = tl.dot(Ci, tl.trans(S.to(dot_type)), input_precision=PREC) * e[:, None]
 
-    # Intra-chunk: blocks j <= i, the causal masked form.
+    # Intra-chunk: blocks j <= i, the causal masked form. A later row must not reach an earlier one, NaN
+    # included (0 * NaN is NaN): masked weights are filled, not multiplied, and in the diagonal block
+    # non-finite inputs enter the product as zeros and make the rows they reach NaN instead.
+    poisoned = rows < 0
     for j in range(0, i + 1):
         tj = c * Q + j * BT + rows
         mj = tj < L
@@ -235,9 +238,16 @@ def _chunk_scan_fwd(x_ptr, z_ptr, C_ptr, cb_ptr, D_ptr, states_ptr, cs_ptr, dtp_
         dt_j = tl.load(dtp_ptr + buf + j * BT + rows)
         seq_j = tl.load(seq_ptr + b * L + tj, mask=mj, other=-2) if HAS_SEQ else rows
         xj = _load_rows(x_b, tj, mj, H * P, h * P, cols_p, P)
-        _, decay = _intra_mask(ti, tj, seq_i, seq_j, cs_i, cs_j, HAS_SEQ)
-        scores = tl.load(_cb_tile(cb_ptr, b * G + g, c, i, j, NCHUNKS, Q, BT)) * decay * dt_j[None, :]
+        keep, decay = _intra_mask(ti, tj, seq_i, seq_j, cs_i, cs_j, HAS_SEQ)
+        cb = tl.load(_cb_tile(cb_ptr, b * G + g, c, i, j, NCHUNKS, Q, BT))
+        scores = tl.where(keep, cb * decay * dt_j[None, :], 0.0)
+        if j == i:
+            finite = tl.abs(xj.to(tl.float32)) < float("inf")  # false for NaN too
+            bad_j = tl.sum(tl.where(finite, 0, 1), axis=1) > 0
+            poisoned = tl.sum(tl.where(keep & bad_j[None, :], 1, 0), axis=1) > 0
+            xj = tl.where(finite, xj, tl.zeros_like(xj))
         acc += tl.dot(scores.to(dot_type), xj, input_precision=PREC)
+    acc = tl.where(poisoned[:, None], float("nan"), acc)
 
     xi = _load_rows(x_b, ti, mi, H * P, h * P, cols_p, P).to(tl.float32)
     if HAS_D:
