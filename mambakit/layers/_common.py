@@ -8,6 +8,20 @@ import torch
 import torch.nn.functional as F
 
 
+def check_layer_input(name: str, x, d_model: int, weight: torch.Tensor) -> None:
+    """x: (batch, seqlen, d_model) on the layer's device, in its weights' dtype unless autocast is on;
+    otherwise an error naming the argument, the expected and the actual value (not a failure deep inside)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 3 or x.shape[-1] != d_model:
+        raise ValueError(f"{name}: expected shape (batch, seqlen, {d_model}) (d_model {d_model}), got {tuple(x.shape)}")
+    if x.device != weight.device:
+        raise ValueError(f"{name}: expected a tensor on {weight.device} (the layer's device), got {x.device}")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(f"{name}: expected dtype {weight.dtype} (the layer's weights; or run under torch.autocast), "
+                         f"got {x.dtype}")
+
+
 def inverse_softplus_dt(n: int, dt_min: float, dt_max: float, dt_init_floor: float, device=None) -> torch.Tensor:
     """(n,) fp32 bias b with softplus(b) = dt, dt ~ log-uniform[dt_min, dt_max] floored at dt_init_floor."""
     if not 0 < dt_min <= dt_max:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from mambakit.ops import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
 
-from ._common import cached_states, conv_history, conv_tail, inverse_softplus_dt, no_weight_decay
+from ._common import cached_states, check_layer_input, conv_history, conv_tail, inverse_softplus_dt, no_weight_decay
 
 
 def _channels_first(weight: torch.Tensor, bias: torch.Tensor | None, tokens: torch.Tensor, batch: int) -> torch.Tensor:
@@ -96,6 +96,7 @@ class Mamba(nn.Module):
         With inference_params, the final states go into its cache; when its seqlen_offset > 0 the input
         continues from the cached states (one token: `step`; more: the parallel path, chunked prefill).
         """
+        check_layer_input("hidden_states", hidden_states, self.d_model, self.in_proj.weight)
         batch, seqlen, _ = hidden_states.shape
         conv_state = ssm_state = None
         continuing = False

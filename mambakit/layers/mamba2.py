@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from mambakit.ops import RMSNormGated, causal_conv1d, causal_conv1d_update, ssd, ssd_state_update
 from mambakit.ops.ssd import seq_idx_from_cu_seqlens
 
-from ._common import (cached_states, conv_history, conv_tail, conv_tails_varlen, inverse_softplus_dt,
-                      no_weight_decay)
+from ._common import (cached_states, check_layer_input, conv_history, conv_tail, conv_tails_varlen,
+                      inverse_softplus_dt, no_weight_decay)
 
 
 class Mamba2(nn.Module):
@@ -119,6 +119,7 @@ class Mamba2(nn.Module):
         """
         flat = seqlen is not None
         hidden = u.unflatten(0, (-1, seqlen)) if flat else u
+        check_layer_input("u", hidden, self.d_model, self.in_proj.weight)
         batch, length, _ = hidden.shape
         if cu_seqlens is not None:
             if batch != 1:
