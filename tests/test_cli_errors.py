@@ -114,6 +114,8 @@ CASES = [
     ("generate --model {run}/latest --prompt ab --max-new-tokens -1", 2, "--max-new-tokens"),
     ("generate --model {run}/latest --prompt-file {empty}", 2, "Is a directory"),
     ("generate --model {missing} --prompt ab", 2, "no such checkpoint"),
+    ("generate --model {run}/latest --prompt ab --device tpu", 2, "device: expected cpu, cuda or cuda:N"),
+    ("generate --model {run}/latest --prompt ab --tokenizer {run}/train_config.json", 2, "not a readable tokenizer"),
     ("score --model {missing} --text-file {file}", 2, "no such checkpoint"),
     ("score --model {run}/latest --text-file {missing}", 2, "No such file"),
     ("convert {missing} {new} --to hf", 2, "no such checkpoint"),

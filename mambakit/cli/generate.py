@@ -76,8 +76,9 @@ def load_model(args: argparse.Namespace):
     """(model in eval mode on args.device, tokenizer) from --model, --tokenizer, --device, --dtype."""
     from mambakit.models import MambaLMHeadModel
     from mambakit.tokenizer import load_tokenizer
+    from mambakit.training.distributed import check_device
 
-    device = torch.device(args.device)
+    device = check_device(args.device)
     dtype = DTYPES.get(args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     model = MambaLMHeadModel.from_pretrained(args.model, device=device, dtype=dtype).eval()
     return model, load_tokenizer(args.tokenizer if args.tokenizer is not None else args.model)

@@ -1,5 +1,6 @@
 """`mambakit synth`: train small models on a synthetic task and print accuracy by sequence length,
-like the Mamba paper's tables; saves <out>/<task>.json and <task>.png.
+like the Mamba paper's tables; saves <out>/<task>.json and <task>.png (<task>-2.json, ... when an earlier
+run's results are there: nothing is overwritten).
 
     mambakit synth induction-heads --arch mamba,transformer --train-len 256 --eval-lens 64,...,1048576
     mambakit synth selective-copying --arch mamba --train-len 4096 --eval-lens 4096
@@ -181,14 +182,24 @@ def run(args: argparse.Namespace) -> int:
         rows.append({"arch": arch, "params": sum(p.numel() for p in model.parameters()), "steps": log[-1]["step"],
                      "train_s": round(train_s, 1), "final_loss": log[-1]["loss"], "accuracy": acc})
         print(format_row(rows[-1], lengths, header=len(rows) == 1))
-    out = Path(args.out)
-    write_json(out / f"{task.name}.json", {"task": task.name, "task_config": vars(task), "train_len": args.train_len,
+    stem = free_stem(Path(args.out), task.name)
+    write_json(stem.with_suffix(".json"), {"task": task.name, "task_config": vars(task), "train_len": args.train_len,
                                            "device": str(device), "args": _plain(vars(args)), "rows": rows})
-    plot_accuracy(rows, lengths, args.train_len, out / f"{task.name}.png", task.name)
+    plot_accuracy(rows, lengths, args.train_len, stem.with_suffix(".png"), task.name)
     if len(rows) > 1:  # each row was printed as its model finished; now all of them together
         print("\n" + format_table(rows, lengths))
-    print(f"\nsaved {out / (task.name + '.json')} and {out / (task.name + '.png')}")
+    print(f"\nsaved {stem.with_suffix('.json')} and {stem.with_suffix('.png')}")
     return 0
+
+
+def free_stem(out: Path, name: str) -> Path:
+    """out/name, or out/name-2, -3, ... when an earlier run's name.json or name.png is there: results a user
+    saved are never overwritten."""
+    stem, n = out / name, 1
+    while stem.with_suffix(".json").exists() or stem.with_suffix(".png").exists():
+        n += 1
+        stem = out / f"{name}-{n}"
+    return stem
 
 
 def _plain(d: dict) -> dict:

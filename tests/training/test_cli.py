@@ -110,3 +110,17 @@ def test_synth_table_marks_lengths_a_row_lacks():
     lines = format_table(rows, [64, 128, 256]).splitlines()
     assert lines[1].split()[2:] == ["100.0", "50.0", "-"]
     assert lines[2].split()[2:] == ["-", "25.0", "-"]
+
+
+def test_synth_never_overwrites_earlier_results(tmp_path, capsys):
+    from mambakit.cli import main
+
+    command = ["synth", "induction-heads", "--arch", "mamba", "--d-model", "16", "--n-layer", "1", "--d-state", "4",
+               "--train-len", "32", "--eval-lens", "32", "--steps", "2", "--batch-size", "2", "--eval-samples", "2",
+               "--device", "cpu", "--out", str(tmp_path)]
+    assert main(command) == 0
+    first = (tmp_path / "induction-heads.json").read_bytes()
+    assert main(command) == 0
+    assert (tmp_path / "induction-heads.json").read_bytes() == first  # kept as it was
+    assert (tmp_path / "induction-heads-2.json").exists() and (tmp_path / "induction-heads-2.png").exists()
+    assert "induction-heads-2.json" in capsys.readouterr().out
