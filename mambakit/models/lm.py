@@ -107,7 +107,7 @@ def check_input_ids(input_ids: torch.Tensor, vocab_size: int, check_values: bool
     lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()
     if lo < 0 or hi >= vocab_size:
         bad = lo if lo < 0 else hi
-        raise ValueError(f"input_ids: expected token ids in [0, {vocab_size}) (the embedding's rows), got {bad}")
+        raise ValueError(f"input_ids: expected token ids in [0, {vocab_size}) (the vocabulary), got {bad}")
 
 
 class MixerModel(nn.Module):
@@ -203,7 +203,8 @@ class MambaLMHeadModel(nn.Module):
 
         labels: (batch, seqlen) ids, usually input_ids itself: loss is then the mean cross-entropy (fp32) of
         predicting labels[:, t + 1] from position t, labels of -100 left out (transformers' causal-LM loss);
-        None without labels; they are range-checked like input_ids (one read-back to the host).
+        None without labels. input_ids and labels are range-checked against the vocabulary (padding rows of the
+        embedding are refused, as `generate` refuses them), on CPU tensors only: no host sync on the GPU.
         position_ids is accepted for compatibility and unused (the SSM layers are position-free and
         attention layers use their own rotary positions); num_last_tokens > 0 keeps only the last ones.
         Further keywords go to the mixers (seq_idx, cu_seqlens, ...; see MixerModel.forward).
@@ -212,8 +213,10 @@ class MambaLMHeadModel(nn.Module):
             raise ValueError(f"num_last_tokens: expected an int >= 0, got {num_last_tokens!r}")
         if labels is not None and num_last_tokens:
             raise ValueError(f"labels: the loss needs every position's logits, got num_last_tokens={num_last_tokens}")
+        decoding = inference_params is not None and inference_params.seqlen_offset > 0
+        check_input_ids(input_ids, self.config.vocab_size, check_values=not decoding)
         hidden_states = self.backbone(input_ids, inference_params=inference_params, **mixer_kwargs)
-        if labels is not None:  # after the backbone has checked input_ids
+        if labels is not None:
             _check_labels(labels, input_ids, self.config.vocab_size)
         if num_last_tokens > 0:
             hidden_states = hidden_states[:, -num_last_tokens:]

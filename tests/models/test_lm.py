@@ -108,12 +108,6 @@ def test_bad_input_ids(bad, error, message, tiny):
         model(bad(ids))
 
 
-def test_ids_in_the_padding_rows_are_accepted(tiny):
-    model = tiny.build("mamba1")
-    ids = torch.full((1, 4), model.config.padded_vocab_size - 1)
-    assert model(ids).logits.shape == (1, 4, model.config.padded_vocab_size)
-
-
 def test_bad_num_last_tokens(tiny):
     model = tiny.build("mamba1")
     with pytest.raises(ValueError, match="num_last_tokens"):

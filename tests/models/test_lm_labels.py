@@ -73,3 +73,16 @@ def test_a_keyword_every_mixer_takes_still_reaches_them(tiny):
         packed = model(ids, seq_idx=seq_idx).logits
         second = model(ids[:, 4:]).logits
     assert tiny.rel_err(packed[:, 4:], second) < 1e-5  # the state resets where seq_idx changes
+
+
+def test_padding_rows_of_the_vocabulary_are_refused_like_generate_refuses_them():
+    from mambakit import MambaConfig, MambaLMHeadModel
+
+    model = MambaLMHeadModel(MambaConfig(d_model=16, n_layer=1, vocab_size=50, pad_vocab_size_multiple=8,
+                                         ssm_cfg={"layer": "Mamba2", "headdim": 8, "d_state": 4}))
+    assert model.lm_head.weight.shape[0] == 56  # padded
+    ids = torch.randint(0, 50, (2, 6))
+    model(ids)  # in range: fine
+    ids[1, 3] = 53  # a padding row: the embedding has it, the vocabulary does not
+    with pytest.raises(ValueError, match=r"input_ids: expected token ids in \[0, 50\).*got 53"):
+        model(ids)
