@@ -32,11 +32,12 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         dt = F.softplus(dt)
     x32 = x.to(dtype)
     state.mul_(torch.exp(dt.unsqueeze(-1) * A.to(dtype)))
+    # In place and broadcast per group: no temporary the size of the state for the update or the readout.
     groups_b = 1 if B.dim() == 2 else B.shape[1]
     grouped_state = state.unflatten(1, (groups_b, -1))  # a view: updating it updates `state`
-    grouped_state.add_((dt * x32).unflatten(1, (groups_b, -1)).unsqueeze(-1) * per_group(B.to(dtype)))
+    grouped_state.addcmul_((dt * x32).unflatten(1, (groups_b, -1)).unsqueeze(-1), per_group(B.to(dtype)))
     groups_c = 1 if C.dim() == 2 else C.shape[1]
-    y = (state.unflatten(1, (groups_c, -1)) * per_group(C.to(dtype))).sum(-1).flatten(1)
+    y = (state.unflatten(1, (groups_c, -1)) @ per_group(C.to(dtype)).transpose(-1, -2)).flatten(1)
     if D is not None:
         y = y + D.to(dtype) * x32
     if z is not None:
