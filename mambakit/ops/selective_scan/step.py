@@ -23,9 +23,10 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     dtype = state.dtype
     if A_log is not None:
         A = -torch.exp(A_log.to(dtype))
-    dt = dt.to(dtype)
     if dt_proj_weight is not None:
-        dt = dt @ dt_proj_weight.to(dtype).T
+        # In the weight's dtype, as the layer's parallel path does: a bf16 weight is not copied to fp32 per step.
+        dt = F.linear(dt.to(dt_proj_weight.dtype), dt_proj_weight)
+    dt = dt.to(dtype)
     if dt_bias is not None:
         dt = dt + dt_bias.to(dtype)
     if dt_softplus:
