@@ -32,7 +32,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     if dt_softplus:
         dt = F.softplus(dt)
     x32 = x.to(dtype)
-    state.mul_(torch.exp(dt.unsqueeze(-1) * A.to(dtype)))
+    state.mul_((dt.unsqueeze(-1) * A.to(dtype)).exp_())  # exp in place: one temporary, not two
     # The update in place, broadcast per group (no temporary the size of the state); the readout as
     # C @ state^T per (row, group), a batched row-vector product.
     groups_b = 1 if B.dim() == 2 else B.shape[1]
