@@ -31,7 +31,7 @@ from mambakit.generation import iterate_tokens
 
 COLUMNS = ["model", "shape", "impl", "dtype", "quantize", "batch", "prefill_tok_s", "decode_tok_s", "floor_tok_s",
            "floor_fraction", "anon_rss_gb", "load"]
-QUALITY_COLUMNS = ["model", "dtype", "quantize", "val_bpb", "bpb_err"]
+QUALITY_COLUMNS = ["model", "dtype", "quantize", "val_bpb", "bpb_err", "greedy_same_as_fp32"]
 VOCAB = 50280
 SHAPES = {"130m": dict(d_model=768, n_layer=24), "370m": dict(d_model=1024, n_layer=48),
           "1.4b": dict(d_model=2048, n_layer=48)}
@@ -171,23 +171,28 @@ def in_child(spec: dict) -> dict:
 # quality
 
 
-def quality_rows(run_dir: Path) -> list[dict]:
+def quality_rows(run_dir: Path, prompts: int = 8, prompt_len: int = 64, new_tokens: int = 32) -> list[dict]:
     """Validation bits per byte of the run's latest checkpoint in fp32, bf16 and int8 (the trainer's own
-    evaluation: the same held-out windows of its corpus)."""
+    evaluation: the same held-out windows of its corpus), and the share of greedy tokens equal to fp32's
+    (`new_tokens` after each of `prompts` validation prompts)."""
     import copy
 
+    from mambakit.generation import generate
     from mambakit.training.trainer import Trainer
 
     trainer = Trainer.resume(run_dir, quiet=True, device="cpu")
     fp32 = trainer.model.eval()
+    prompt = next(iter(trainer.dataset.val_batches(prompts, prompts))).input_ids[:, :prompt_len]
+    reference = generate(fp32, prompt, max_length=prompt_len + new_tokens)[:, prompt_len:]
     rows = []
-    for name, (dtype, method) in {"float32": ("float32", None), "bfloat16": ("bfloat16", None),
-                                  "int8": ("float32", "int8"), "int8+bf16": ("bfloat16", "int8")}.items():
+    for dtype, method in (("float32", None), ("bfloat16", None), ("float32", "int8"), ("bfloat16", "int8")):
         model = copy.deepcopy(fp32).to(getattr(torch, dtype))
         trainer.model = quantize(model, method) if method else model
+        greedy = generate(trainer.model, prompt, max_length=prompt_len + new_tokens)[:, prompt_len:]
         rows.append({"model": f"{trainer.config.arch} d{trainer.config.d_model}x{trainer.config.n_layer} trained",
                      "impl": "mambakit", "dtype": dtype, "quantize": method, "run": str(run_dir),
-                     "val_bpb": trainer.evaluate()["val_bpb"]})
+                     "val_bpb": trainer.evaluate()["val_bpb"],
+                     "greedy_same_as_fp32": float((greedy == reference).float().mean())})
     for row in rows:
         row["bpb_err"] = row["val_bpb"] / rows[0]["val_bpb"] - 1  # relative to fp32
     return rows
