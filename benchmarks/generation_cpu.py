@@ -114,7 +114,8 @@ def ours(directory: Path, dtype: torch.dtype, method: str | None, prompt: torch.
         return stamps
 
     run(prompt[:, :WARMUP_PROMPT], WARMUP_TOKENS)
-    return run(prompt, new_tokens), weight_bytes_per_step(model, model.backbone.embedding.weight)
+    stamps = run(prompt, new_tokens)
+    return stamps, weight_bytes_per_step(model, model.backbone.embedding.weight), resident_gb()  # model alive
 
 
 def transformers_baseline(directory: Path, dtype: torch.dtype, method: str | None, prompt: torch.Tensor,
@@ -144,7 +145,8 @@ def transformers_baseline(directory: Path, dtype: torch.dtype, method: str | Non
         return stamps.times
 
     run(prompt[:, :WARMUP_PROMPT], WARMUP_TOKENS)
-    return run(prompt, new_tokens), weight_bytes_per_step(model, model.backbone.embeddings.weight)
+    stamps = run(prompt, new_tokens)
+    return stamps, weight_bytes_per_step(model, model.backbone.embeddings.weight), resident_gb()  # model alive
 
 
 IMPLS = {"mambakit": ours, "transformers": transformers_baseline}
@@ -154,9 +156,9 @@ def measure(spec: dict) -> dict:
     """The figures of one row: spec holds directory, impl, dtype, quantize, batch, prompt_len, new_tokens, threads."""
     torch.set_num_threads(spec["threads"])
     prompt = torch.randint(0, VOCAB, (spec["batch"], spec["prompt_len"]), generator=torch.Generator().manual_seed(0))
-    stamps, weight_bytes = IMPLS[spec["impl"]](Path(spec["directory"]), getattr(torch, spec["dtype"]),
+    stamps, weight_bytes, memory = IMPLS[spec["impl"]](Path(spec["directory"]), getattr(torch, spec["dtype"]),
                                                spec["quantize"], prompt, spec["new_tokens"])
-    return {**speeds(stamps, spec["batch"], spec["prompt_len"]), "weights_gb": weight_bytes / 1e9, **resident_gb()}
+    return {**speeds(stamps, spec["batch"], spec["prompt_len"]), "weights_gb": weight_bytes / 1e9, **memory}
 
 
 def in_child(spec: dict) -> dict:

@@ -62,7 +62,8 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] <= FUSED_MAX_ROWS:
-            y = torch.ops.aten._weight_int8pack_mm(rows.to(FUSED_DTYPE), self.weight_int8, self.scales)
+            # The kernel needs rows contiguous in memory (Mamba-1's x_proj reads a transposed view).
+            y = torch.ops.aten._weight_int8pack_mm(rows.to(FUSED_DTYPE).contiguous(), self.weight_int8, self.scales)
         else:
             weight = self.weight_int8.to(self.dense_dtype) * self.scales[:, None].to(self.dense_dtype)
             y = F.linear(rows.to(self.dense_dtype), weight)
