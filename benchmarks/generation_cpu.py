@@ -30,7 +30,7 @@ from mambakit.bench.common import format_table, save_rows
 from mambakit.generation import iterate_tokens
 
 COLUMNS = ["model", "shape", "impl", "dtype", "quantize", "batch", "prefill_tok_s", "decode_tok_s", "floor_tok_s",
-           "floor_fraction", "anon_rss_gb", "load"]
+           "floor_fraction", "rss_gb", "load"]
 QUALITY_COLUMNS = ["model", "dtype", "quantize", "val_bpb", "bpb_err", "greedy_same_as_fp32"]
 VOCAB = 50280
 SHAPES = {"130m": dict(d_model=768, n_layer=24), "370m": dict(d_model=1024, n_layer=48),
