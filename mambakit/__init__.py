@@ -19,12 +19,13 @@ from mambakit.ops import (
     ssd,
     ssd_state_update,
 )
+from mambakit.quantization import quantize
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Block", "GatedMLP", "MHA", "Mamba", "Mamba2", "MambaConfig", "MambaLMHeadModel",
     "RMSNorm", "RMSNormGated", "causal_conv1d", "causal_conv1d_fn", "causal_conv1d_update",
-    "mamba_chunk_scan_combined", "rms_norm", "rms_norm_gated", "selective_scan", "selective_scan_fn",
+    "mamba_chunk_scan_combined", "quantize", "rms_norm", "rms_norm_gated", "selective_scan", "selective_scan_fn",
     "selective_state_update", "ssd", "ssd_state_update",
 ]

@@ -50,8 +50,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer",
                         help="tokenizer.json, a directory holding one, or 'byte' (default: the checkpoint's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
-                        help="auto: bfloat16 on CUDA, float32 otherwise")
+    parser.add_argument("--dtype", default="auto", metavar="{auto,float32,bfloat16,float16}",
+                        help="weights and activations (states stay float32); auto: bfloat16 on CUDA, float32 otherwise")
+    parser.add_argument("--quantize", metavar="{int8}",
+                        help="int8: weight-only int8 linear layers, applied in memory at load time (CPU only; "
+                             "the checkpoint is not changed)")
+    parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)")
 
 
 def add_text_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -73,14 +77,28 @@ def read_text(args: argparse.Namespace, name: str) -> str:
 
 
 def load_model(args: argparse.Namespace):
-    """(model in eval mode on args.device, tokenizer) from --model, --tokenizer, --device, --dtype."""
+    """(model in eval mode on args.device, tokenizer) from --model, --tokenizer, --device, --dtype, --quantize,
+    --threads."""
     from mambakit.models import MambaLMHeadModel
+    from mambakit.quantization import QUANTIZE_CHOICES, quantize
     from mambakit.tokenizer import load_tokenizer
     from mambakit.training.distributed import check_device
 
+    if args.dtype != "auto" and args.dtype not in DTYPES:
+        raise ValueError(f"--dtype: expected one of {['auto', *DTYPES]}, got {args.dtype!r}")
+    if args.quantize is not None and args.quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"--quantize: expected one of {list(QUANTIZE_CHOICES)}, got {args.quantize!r}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads: expected an int >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     device = check_device(args.device)
+    if args.quantize is not None and device.type != "cpu":
+        raise ValueError(f"--quantize: {args.quantize} weight-only quantization runs on the CPU, got --device {device}")
     dtype = DTYPES.get(args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     model = MambaLMHeadModel.from_pretrained(args.model, device=device, dtype=dtype).eval()
+    if args.quantize is not None:
+        quantize(model, args.quantize)
     return model, load_tokenizer(args.tokenizer if args.tokenizer is not None else args.model)
 
 

@@ -148,7 +148,7 @@ class Mamba(nn.Module):
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None, **kwargs):
         """Zeroed (conv_state (batch, d_inner, d_conv), ssm_state (batch, d_inner, d_state) fp32)."""
-        device = self.out_proj.weight.device
+        device = self.A_log.device  # A_log is always a float parameter (out_proj may be quantized)
         conv_dtype = self.conv1d.weight.dtype if dtype is None else dtype
         conv_state = torch.zeros(batch_size, self.d_inner, self.d_conv, device=device, dtype=conv_dtype)
         ssm_state = torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=torch.float32)

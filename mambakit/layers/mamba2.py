@@ -200,7 +200,7 @@ class Mamba2(nn.Module):
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None, **kwargs):
         """Zeroed (conv_state (batch, conv_dim, d_conv), ssm_state (batch, nheads, headdim, d_state) fp32)."""
-        device = self.out_proj.weight.device
+        device = self.A_log.device  # A_log is always a float parameter (out_proj may be quantized)
         conv_dtype = self.conv1d.weight.dtype if dtype is None else dtype
         conv_state = torch.zeros(batch_size, self.conv1d.weight.shape[0], self.d_conv, device=device, dtype=conv_dtype)
         ssm_state = torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device,

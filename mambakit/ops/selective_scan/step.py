@@ -20,23 +20,27 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     (batch, G, N); D, dt_bias: (dim,). With dt_proj_weight (dim, R), dt is (batch, R) and dt @ W^T is used.
     Math in state's dtype (fp32); B and C are broadcast per group rather than copied per channel.
     """
-    dtype = state.dtype
+    dtype, batch = state.dtype, state.shape[0]
     if A_log is not None:
         A = -torch.exp(A_log.to(dtype))
-    dt = dt.to(dtype)
     if dt_proj_weight is not None:
-        dt = dt @ dt_proj_weight.to(dtype).T
+        # In the weight's dtype, as the layer's parallel path does: a bf16 weight is not copied to fp32 per step.
+        dt = F.linear(dt.to(dt_proj_weight.dtype), dt_proj_weight)
+    dt = dt.to(dtype)
     if dt_bias is not None:
         dt = dt + dt_bias.to(dtype)
     if dt_softplus:
         dt = F.softplus(dt)
     x32 = x.to(dtype)
-    state.mul_(torch.exp(dt.unsqueeze(-1) * A.to(dtype)))
+    state.mul_((dt.unsqueeze(-1) * A.to(dtype)).exp_())  # exp in place: one temporary, not two
+    # The update in place, broadcast per group (no temporary the size of the state); the readout as
+    # C @ state^T per (row, group), a batched row-vector product.
     groups_b = 1 if B.dim() == 2 else B.shape[1]
     grouped_state = state.unflatten(1, (groups_b, -1))  # a view: updating it updates `state`
-    grouped_state.add_((dt * x32).unflatten(1, (groups_b, -1)).unsqueeze(-1) * per_group(B.to(dtype)))
+    grouped_state.addcmul_((dt * x32).unflatten(1, (groups_b, -1)).unsqueeze(-1), per_group(B.to(dtype)))
     groups_c = 1 if C.dim() == 2 else C.shape[1]
-    y = (state.unflatten(1, (groups_c, -1)) * per_group(C.to(dtype))).sum(-1).flatten(1)
+    readout = state.unflatten(1, (groups_c, -1)).flatten(0, 1).transpose(1, 2)  # (batch * G, N, dim // G)
+    y = torch.bmm(C.to(dtype).reshape(batch * groups_c, 1, -1), readout).view(batch, -1)
     if D is not None:
         y = y + D.to(dtype) * x32
     if z is not None:
