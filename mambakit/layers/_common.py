@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 
 def check_layer_input(name: str, x, d_model: int, weight: torch.Tensor) -> None:
-    """x: (batch, seqlen, d_model) on the layer's device, in its weights' dtype unless autocast is on;
+    """x: (batch, seqlen, d_model) on the device and in the dtype of `weight` (a weight of the layer that
+    quantization leaves alone, e.g. the conv's) unless autocast is on;
     otherwise an error naming the argument, the expected and the actual value (not a failure deep inside)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")

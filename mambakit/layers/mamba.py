@@ -16,10 +16,14 @@ from mambakit.ops import causal_conv1d, causal_conv1d_update, selective_scan, se
 from ._common import cached_states, check_layer_input, conv_history, conv_tail, inverse_softplus_dt, no_weight_decay
 
 
-def _channels_first(weight: torch.Tensor, bias: torch.Tensor | None, tokens: torch.Tensor, batch: int) -> torch.Tensor:
-    """weight (out, in) @ tokens (in, batch * seqlen) [+ bias] -> (batch, out, seqlen) with steps adjacent,
-    from one matmul and no copy."""
-    out = weight @ tokens if bias is None else torch.addmm(bias[:, None], weight, tokens)
+def _channels_first(linear: nn.Module, tokens: torch.Tensor, batch: int, with_bias: bool = True) -> torch.Tensor:
+    """linear over tokens (batch * seqlen, in) -> (batch, out, seqlen) with steps adjacent: for an nn.Linear,
+    one matmul weight @ tokens^T and no copy; any other module (a quantized linear) runs as it is."""
+    if type(linear) is not nn.Linear:
+        out = linear(tokens)
+        return out.view(batch, -1, out.shape[-1]).transpose(1, 2)
+    bias = linear.bias if with_bias else None
+    out = linear.weight @ tokens.mT if bias is None else torch.addmm(bias[:, None], linear.weight, tokens.mT)
     return out.view(out.shape[0], batch, -1).permute(1, 0, 2)
 
 
@@ -96,7 +100,7 @@ class Mamba(nn.Module):
         With inference_params, the final states go into its cache; when its seqlen_offset > 0 the input
         continues from the cached states (one token: `step`; more: the parallel path, chunked prefill).
         """
-        check_layer_input("hidden_states", hidden_states, self.d_model, self.in_proj.weight)
+        check_layer_input("hidden_states", hidden_states, self.d_model, self.conv1d.weight)
         batch, seqlen, _ = hidden_states.shape
         conv_state = ssm_state = None
         continuing = False
@@ -110,7 +114,7 @@ class Mamba(nn.Module):
 
         # Projections as weight @ (features, tokens): the outputs come (batch, channels, seqlen) with steps
         # adjacent, the layout the conv and the scan read, and the next projection reads them with no copy.
-        xz = _channels_first(self.in_proj.weight, self.in_proj.bias, hidden_states.reshape(-1, self.d_model).mT, batch)
+        xz = _channels_first(self.in_proj, hidden_states.reshape(-1, self.d_model), batch)
         x, z = xz.chunk(2, dim=1)  # (batch, d_inner, seqlen) each
         x_conv = causal_conv1d(x, self._conv_weight(), self.conv1d.bias, seq_idx=seq_idx, activation=self.activation,
                                initial_states=conv_history(conv_state, x.dtype) if continuing else None)
@@ -119,7 +123,7 @@ class Mamba(nn.Module):
         x = x_conv
 
         dt, B, C = self.x_proj(_tokens_by_channels(x)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = _channels_first(self.dt_proj.weight, None, dt.mT, batch)  # its bias is added inside the scan, in fp32
+        dt = _channels_first(self.dt_proj, dt, batch, with_bias=False)  # its bias is added inside the scan, in fp32
         B, C = (t.view(batch, seqlen, self.d_state).transpose(1, 2) for t in (B, C))  # (batch, d_state, seqlen)
         y = selective_scan(
             x, dt, self._A(), B, C, self.D.float(),

@@ -119,7 +119,7 @@ class Mamba2(nn.Module):
         """
         flat = seqlen is not None
         hidden = u.unflatten(0, (-1, seqlen)) if flat else u
-        check_layer_input("u", hidden, self.d_model, self.in_proj.weight)
+        check_layer_input("u", hidden, self.d_model, self.conv1d.weight)
         batch, length, _ = hidden.shape
         if cu_seqlens is not None:
             if batch != 1:
