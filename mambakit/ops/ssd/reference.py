@@ -119,7 +119,9 @@ def ssd(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplu
     dtype = torch.promote_types(x.dtype, torch.float32)  # fp32 math, fp64 kept for gradcheck
     dt = prepare_dt(dt, dt_bias, dt_softplus, dt_limit, dtype)
 
-    # Pad time to whole chunks: dt = 0 there means decay 1 and no input, so states are unchanged.
+    # A sequence shorter than a chunk is one chunk of its own length (the same sum, without the padding's
+    # work). Else pad time to whole chunks: dt = 0 there means decay 1 and no input, states unchanged.
+    chunk_size = min(chunk_size, seqlen)
     nchunks = max(1, -(-seqlen // chunk_size))
     padded = nchunks * chunk_size
     if seq_idx is not None:  # padding steps continue the last sequence
