@@ -63,3 +63,15 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write `obj` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json_object(path: Path, error: type[ValueError] = ValueError) -> dict[str, Any]:
+    """The JSON object in the file at `path`; `error` (a ValueError) naming the file when it is not valid
+    JSON or not an object."""
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise error(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw

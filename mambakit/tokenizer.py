@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Protocol, Sequence
 
-from mambakit._io import atomic_path, write_json
+from mambakit._io import atomic_path, read_json_object, write_json
 
 BYTE_TOKENIZER_FILE = "mambakit_tokenizer.json"
 HF_TOKENIZER_FILE = "tokenizer.json"
@@ -58,16 +58,6 @@ class ByteTokenizer:
         write_json(Path(directory) / BYTE_TOKENIZER_FILE, {"type": "byte", "vocab_size": self.vocab_size})
 
 
-def _read_json_object(path: Path) -> dict:
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-    return raw
-
-
 def _special_id(tok, path: Path, field: str, value) -> int | None:
     """The id `value` stands for (an id, a list of ids: the first, a token, or {"content": token})."""
     if isinstance(value, list):  # several end-of-text ids (generation_config): the first is the canonical one
@@ -95,7 +85,7 @@ def special_token_ids(tok, directory: Path | None) -> dict[str, int | None]:
         path = directory / name if directory is not None else None
         if path is None or not path.is_file():
             continue
-        raw = _read_json_object(path)
+        raw = read_json_object(path)
         for special in SPECIAL_TOKENS:
             field = f"{special}_token_id" if kind == "id" else f"{special}_token"
             if f"{special}_token_id" not in found and raw.get(field) is not None:
@@ -148,7 +138,7 @@ class HFTokenizer:
         fields kept), so that both mambakit and transformers' AutoTokenizer read them back."""
         directory = Path(directory)
         source = self.path.parent / TOKENIZER_CONFIG_FILE if self.path is not None else None
-        config = _read_json_object(source) if source is not None and source.is_file() else {}
+        config = read_json_object(source) if source is not None and source.is_file() else {}
         config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
         for special in SPECIAL_TOKENS:
             token_id = getattr(self, f"{special}_token_id")

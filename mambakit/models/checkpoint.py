@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from mambakit._io import atomic_path, write_json
+from mambakit._io import atomic_path, read_json_object, write_json
 from mambakit.models.config import (MambaConfig, decode_json_floats, encode_json_floats, mixer_defaults,
                                     validate_dt_limit)
 from mambakit.tokenizer import has_tokenizer, load_tokenizer
@@ -175,16 +175,6 @@ def config_to_hf(config: MambaConfig) -> dict[str, Any]:
     return encode_json_floats(hf)
 
 
-def _read_json_object(path: Path) -> dict[str, Any]:
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(raw).__name__}")
-    return raw
-
-
 def padding_rows(config: MambaConfig) -> list[int]:
     """Ids of the embedding rows past vocab_size (padding, never a token)."""
     return list(range(config.vocab_size, config.padded_vocab_size))
@@ -207,7 +197,7 @@ def read_config(directory: Path) -> tuple[MambaConfig, str]:
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{path}: not found; a checkpoint directory needs {CONFIG_NAME}")
-    raw = _read_json_object(path)
+    raw = read_json_object(path, CheckpointError)
     if "d_model" in raw:
         layout, build = "official", MambaConfig.from_dict
     elif "model_type" in raw or "architectures" in raw:
@@ -221,7 +211,7 @@ def read_config(directory: Path) -> tuple[MambaConfig, str]:
         raise CheckpointError(f"{path}: {e}") from e
     generation_path = directory / GENERATION_CONFIG_NAME
     if layout == "hf" and generation_path.is_file():
-        config = _unpadded(config, _read_json_object(generation_path))
+        config = _unpadded(config, read_json_object(generation_path, CheckpointError))
     return config, layout
 
 
