@@ -17,28 +17,12 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from mambakit.bench.common import device_slug, format_table, save_rows, time_ms
+from mambakit.bench.common import LargestTensor, device_slug, format_table, save_rows, time_ms
 from mambakit.ops import linear_cross_entropy
 from mambakit.ops.linear_cross_entropy import reference
 
 RESULTS = Path(__file__).parent / "results"
-
-
-class LargestTensor(TorchDispatchMode):
-    """The largest tensor (bytes) any op produces while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel() * t.element_size())
-        return out
 
 
 def cpu_ms(fn, repeats: int = 5) -> float:
@@ -71,7 +55,7 @@ def measure(loss_fn, hidden, weight, labels) -> dict:
         row["peak_gb"] = (torch.cuda.max_memory_allocated() - base) / 1e9
     with LargestTensor() as spy:
         step()
-    row["largest_tensor_gb"] = spy.largest / 1e9
+    row["largest_tensor_gb"] = spy.largest_bytes / 1e9
     return row
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mambakit._io import write_json
 
@@ -19,6 +20,22 @@ def time_ms(fn: Callable[[], object], warmup_ms: int = 50, rep_ms: int = 200) ->
     from triton.testing import do_bench
 
     return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+class LargestTensor(TorchDispatchMode):
+    """While active, records the largest tensor any op produces: `largest_numel` elements, `largest_bytes`."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest_numel = self.largest_bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest_numel = max(self.largest_numel, t.numel())
+                self.largest_bytes = max(self.largest_bytes, t.numel() * t.element_size())
+        return out
 
 
 def fwdbwd_step(fn: Callable[[dict], torch.Tensor], inputs: dict) -> Callable[[], object]:
