@@ -89,13 +89,13 @@ def measure_generation(impl: str, arch: str, shape: str, model, batch: int, prom
 
 
 @torch.no_grad()
-def measure_prefill(impl: str, arch: str, model, length: int, repeats: int) -> dict:
+def measure_prefill(impl: str, arch: str, shape: str, model, length: int, repeats: int) -> dict:
     ids = torch.randint(0, VOCAB, (1, length), device="cuda")
     run = lambda: model(ids, num_last_tokens=1)  # noqa: E731
     run()
     torch.cuda.reset_peak_memory_stats()
     ms = wall_ms(run, repeats)
-    return dict(impl=impl, arch=arch, shape="130m", batch=1, prefill_len=length, prefill_tok_s=length / ms * 1000,
+    return dict(impl=impl, arch=arch, shape=shape, batch=1, prefill_len=length, prefill_tok_s=length / ms * 1000,
                 prefill_ms=ms, peak_gb=torch.cuda.max_memory_allocated() / 1e9)
 
 
@@ -117,7 +117,7 @@ def check_against_official(arch: str) -> dict:
 
 
 GENERATION_COLUMNS = ["impl", "arch", "shape", "batch", "tok_s", "decode_ms", "prefill_ms", "peak_gb"]
-PREFILL_COLUMNS = ["impl", "arch", "prefill_len", "prefill_tok_s", "peak_gb"]
+PREFILL_COLUMNS = ["impl", "arch", "shape", "prefill_len", "prefill_tok_s", "peak_gb"]
 
 
 def main(argv=None) -> int:
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
         for arch in archs:
             model = build(impl, arch, "130m", torch.bfloat16)
             for length in [int(n) for n in args.prefill_lens.split(",") if n]:
-                record(measure_prefill(impl, arch, model, length, args.repeats))
+                record(measure_prefill(impl, arch, shape, model, length, args.repeats))
             del model
             torch.cuda.empty_cache()
     print(format_table([r for r in rows if "tok_s" in r], GENERATION_COLUMNS))

@@ -1,11 +1,12 @@
 """One training step on a GPU, side by side in one process: mambakit's Mamba-1 and Mamba-2 (eager and under
-`torch.compile`) against the official `mamba_ssm` and a same-size transformers Llama. 130M shape, bf16
-autocast, fused AdamW, next-token cross-entropy on random tokens (mambakit's as `mambakit train` computes
-it: the backbone, then the chunked `linear_cross_entropy`; the others from their logits); median step time
-over timed steps, tokens/s and peak memory.
+`torch.compile`) against the official `mamba_ssm` and a same-size transformers Llama. 130M or 1.4B shape
+(--size), bf16 autocast, fused AdamW, next-token cross-entropy on random tokens (mambakit's as `mambakit
+train` computes it: the backbone, then the chunked `linear_cross_entropy`; the others from their logits);
+median step time over timed steps, tokens/s and peak memory.
 
     python benchmarks/train_gpu.py --official /tmp/mamba_ssm_src/mamba_ssm-2.3.2.post1
     python benchmarks/train_gpu.py --shapes 2048:8,8192:2,32768:1 --impls mambakit
+    python benchmarks/train_gpu.py --size 1.4b --shapes 2048:4
 
 --official is the folder of the built official package (`python -m mambakit.bench.selective_scan <sdist>`).
 Rows go to benchmarks/results/train_gpu-<gpu>.json (or --out), merged with the rows already there.
@@ -22,26 +23,26 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from generation_gpu import VOCAB, build, mamba_config_fields  # noqa: E402  (the generation benchmark's models)
+from generation_gpu import SHAPES, VOCAB, build, mamba_config_fields  # noqa: E402  (the generation benchmark's models)
 
 from mambakit.bench.common import device_slug, format_table, save_rows  # noqa: E402
 from mambakit.ops import linear_cross_entropy  # noqa: E402
 
-COLUMNS = ["impl", "arch", "compiled", "seq_len", "batch", "tok_s", "step_ms", "peak_gb"]
+COLUMNS = ["impl", "arch", "shape", "compiled", "seq_len", "batch", "tok_s", "step_ms", "peak_gb"]
 
 
-def build_for_training(impl: str, arch: str):
+def build_for_training(impl: str, arch: str, size: str):
     """fp32 weights (autocast computes in bf16); the official Mamba-2 with its default, fused training path."""
     if impl == "official" and arch == "mamba2":
         from mamba_ssm.models.config_mamba import MambaConfig as OfficialConfig
         from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel as OfficialModel
 
-        return OfficialModel(OfficialConfig(**mamba_config_fields(arch, "130m")), device="cuda")
-    return build(impl, arch, "130m", torch.float32)
+        return OfficialModel(OfficialConfig(**mamba_config_fields(arch, size)), device="cuda")
+    return build(impl, arch, size, torch.float32)
 
 
-def measure(impl: str, arch: str, compiled: bool, seq_len: int, batch: int, steps: int) -> dict:
-    model = build_for_training(impl, arch).train()
+def measure(impl: str, arch: str, size: str, compiled: bool, seq_len: int, batch: int, steps: int) -> dict:
+    model = build_for_training(impl, arch, size).train()
     if compiled:
         model.backbone.compile()  # in place, as `mambakit train --compile` does
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -71,7 +72,7 @@ def measure(impl: str, arch: str, compiled: bool, seq_len: int, batch: int, step
         torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1000)
     ms = statistics.median(times)
-    row = dict(impl=impl, arch=arch, compiled=compiled, shape="130m", seq_len=seq_len, batch=batch,
+    row = dict(impl=impl, arch=arch, compiled=compiled, shape=size, seq_len=seq_len, batch=batch,
                tok_s=batch * seq_len / ms * 1000, step_ms=ms, peak_gb=torch.cuda.max_memory_allocated() / 1e9)
     del model, optimizer
     torch.cuda.empty_cache()
@@ -82,6 +83,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--impls", default="mambakit,official,transformers")
     parser.add_argument("--archs", default="mamba,mamba2")
+    parser.add_argument("--size", choices=sorted(SHAPES), default="130m", help="model shape")
     parser.add_argument("--shapes", default="2048:8", help="comma-separated seq_len:batch pairs")
     parser.add_argument("--compile", choices=["no", "yes", "both"], default="both",
                         help="mambakit eager, compiled, or both")
@@ -100,14 +102,14 @@ def main(argv=None) -> int:
             for arch in (["llama"] if impl == "transformers" else args.archs.split(",")):
                 for comp in (compiled if impl == "mambakit" else [False]):
                     try:
-                        row = measure(impl, arch, comp, seq_len, batch, args.steps)
+                        row = measure(impl, arch, args.size, comp, seq_len, batch, args.steps)
                     except torch.OutOfMemoryError:
-                        row = dict(impl=impl, arch=arch, compiled=comp, shape="130m", seq_len=seq_len, batch=batch,
-                                   oom=True)
+                        row = dict(impl=impl, arch=arch, compiled=comp, shape=args.size, seq_len=seq_len,
+                                   batch=batch, oom=True)
                         torch.cuda.empty_cache()
                     except Exception as e:  # a failed variant is a result too (e.g. torch.compile); the others go on
-                        row = dict(impl=impl, arch=arch, compiled=comp, shape="130m", seq_len=seq_len, batch=batch,
-                                   error=f"{type(e).__name__}: {str(e)[:300]}")
+                        row = dict(impl=impl, arch=arch, compiled=comp, shape=args.size, seq_len=seq_len,
+                                   batch=batch, error=f"{type(e).__name__}: {str(e)[:300]}")
                         torch.cuda.empty_cache()
                     print(row, flush=True)
                     rows.append(row)
