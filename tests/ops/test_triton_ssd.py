@@ -150,6 +150,44 @@ def test_varlen_states():
     assert rel_err(varlen, states[0, cu[1:].long() - 1]) < 1e-4
 
 
+def packed_views(batch, length, nheads, headdim, ngroups, N):
+    """x, B, C, dt as Mamba2 passes them: column slices of one (batch, L, width) buffer, rows not dense."""
+    widths = [nheads * headdim, ngroups * N, ngroups * N, nheads]
+    packed = torch.randn(batch, length, sum(widths) + 3, device=DEVICE)
+    x, B, C, dt = packed[..., : sum(widths)].split(widths, dim=-1)
+    return x.unflatten(-1, (nheads, headdim)), B.unflatten(-1, (ngroups, N)), C.unflatten(-1, (ngroups, N)), dt
+
+
+def test_forward_reads_strided_views_in_place():
+    """The forward kernels read x, B, C, dt with their batch and step strides: the same outputs as
+    contiguous copies, gradients too (the backward copies), and varlen states alike."""
+    from mambakit.ops.ssd import seq_idx_from_cu_seqlens, triton_ssd
+
+    x, B, C, dt = (t.requires_grad_(True) for t in packed_views(2, 37, 4, 5, 2, 6))
+    others = dict(A=-(torch.rand(4, device=DEVICE) + 0.1), D=torch.randn(4, device=DEVICE),
+                  dt_bias=torch.randn(4, device=DEVICE) * 0.5)
+    strided = dict(x=x, dt=dt, B=B, C=C)
+    dense = {k: v.detach().contiguous().requires_grad_(True) for k, v in strided.items()}
+    outs = [triton_ssd.ssd(**inputs, **others, chunk_size=16, dt_softplus=True, return_final_states=True)
+            for inputs in (strided, dense)]
+    for got, want in zip(*outs):
+        assert rel_err(got, want) < 1e-6
+    grad = torch.randn_like(outs[1][0])
+    for (out, _), inputs in zip(outs, (strided, dense)):
+        out.backward(grad)
+    for name in strided:
+        assert rel_err(strided[name].grad, dense[name].grad) < 1e-6, name
+
+    cu = torch.tensor([0, 9, 30, 37], device=DEVICE, dtype=torch.int32)
+    with torch.no_grad():
+        x, B, C, dt = packed_views(1, 37, 4, 5, 2, 6)
+        states = [triton_ssd.ssd(**inputs, **others, chunk_size=16, dt_softplus=True,
+                                 seq_idx=seq_idx_from_cu_seqlens(cu, 37), cu_seqlens=cu, return_varlen_states=True)[1]
+                  for inputs in (dict(x=x, dt=dt, B=B, C=C), dict(x=x.contiguous(), dt=dt.contiguous(),
+                                                                  B=B.contiguous(), C=C.contiguous()))]
+    assert rel_err(states[0], states[1]) < 1e-6
+
+
 def test_step_matches_loop():
     from mambakit.ops.ssd import triton_step
 

@@ -1,7 +1,9 @@
 """Depthwise causal conv1d (+ SiLU, initial states, seq_idx) as Triton kernels with their autograd.
 
 A program computes a (BLOCK_D, BLOCK_L) tile of one batch row; each of the `width` taps is one shifted
-tile load (neighbouring programs' inputs come through the cache). Backward: the gradient before the
+tile load (neighbouring programs' inputs come through the cache). Outputs and gradients keep x's layout:
+a (batch, dim, L) x with unit stride along dim (a transposed view of a (batch, L, dim) projection) gives
+outputs laid out the same way, read and written along dim in tiles long in dim. Backward: the gradient before the
 activation (recomputed pre-activation) goes to an fp32 buffer, then one kernel forms the input
 gradient (the transposed taps) and accumulates the weight and bias gradients atomically. Final states
 and the initial-state gradient are (batch, dim, width-1) slices, done with plain tensor ops.
@@ -20,6 +22,26 @@ from mambakit.ops._common import custom_op_if_compiling, eager_autograd
 from mambakit.ops.conv1d import reference
 
 BLOCK_D, BLOCK_L = 16, 128
+CHANNELS_LAST_BLOCK_D, CHANNELS_LAST_BLOCK_L = 64, 32
+
+
+def _channels_last(x: Tensor) -> bool:
+    """x (batch, dim, L) has unit stride along dim (and not along L)."""
+    return x.stride(1) == 1 and x.stride(2) != 1 and x.shape[1] > 1
+
+
+def _empty_like_layout(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """An empty (batch, dim, L) tensor in x's layout (the fakes use it too: their strides must match)."""
+    batch, dim, length = x.shape
+    dtype = dtype or x.dtype
+    if _channels_last(x):
+        return x.new_empty(batch, length, dim, dtype=dtype).transpose(1, 2)
+    return x.new_empty(batch, dim, length, dtype=dtype)
+
+
+def _blocks(x: Tensor) -> tuple[int, int]:
+    """Tile (BLOCK_D, BLOCK_L), long along x's unit-stride axis so that loads and stores coalesce."""
+    return (CHANNELS_LAST_BLOCK_D, CHANNELS_LAST_BLOCK_L) if _channels_last(x) else (BLOCK_D, BLOCK_L)
 
 
 @triton.jit
@@ -118,15 +140,17 @@ def _conv_bwd_kernel(
 
 
 def _launch_fwd(x, weight, bias, initial_states, seq_idx, silu, out, dout=None):
+    """out (and dout, read with out's strides) in x's layout."""
     batch, dim, length = x.shape
     init = initial_states if initial_states is not None else x
     seq = seq_idx if seq_idx is not None else x
-    grid = (batch, triton.cdiv(dim, BLOCK_D), triton.cdiv(length, BLOCK_L))
+    block_d, block_l = _blocks(x)
+    grid = (batch, triton.cdiv(dim, block_d), triton.cdiv(length, block_l))
     _conv_fwd_kernel[grid](
         x, weight, bias if bias is not None else weight, init, seq, out, dout if dout is not None else out,
         dim, length, *x.stride(), *(init.stride() if initial_states is not None else (0, 0, 0)),
         *(seq_idx.stride() if seq_idx is not None else (0, 0)), *out.stride(),
-        W=weight.shape[1], BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L, HAS_BIAS=bias is not None,
+        W=weight.shape[1], BLOCK_D=block_d, BLOCK_L=block_l, HAS_BIAS=bias is not None,
         HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None, SILU=silu, GRAD=dout is not None,
     )
     return out
@@ -136,7 +160,7 @@ def _launch_fwd(x, weight, bias, initial_states, seq_idx, silu, out, dout=None):
 # calls take the same bodies through an autograd.Function (see custom_op_if_compiling).
 def _conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], initial_states: Optional[Tensor],
               seq_idx: Optional[Tensor], silu: bool) -> Tensor:
-    return _launch_fwd(x, weight.contiguous(), bias, initial_states, seq_idx, silu, torch.empty_like(x))
+    return _launch_fwd(x, weight.contiguous(), bias, initial_states, seq_idx, silu, _empty_like_layout(x))
 
 
 _conv_fwd_op = torch.library.custom_op("mambakit::causal_conv1d_fwd", _conv_fwd, mutates_args=())
@@ -144,7 +168,7 @@ _conv_fwd_op = torch.library.custom_op("mambakit::causal_conv1d_fwd", _conv_fwd,
 
 @_conv_fwd_op.register_fake
 def _(x, weight, bias, initial_states, seq_idx, silu):
-    return torch.empty_like(x)
+    return _empty_like_layout(x)
 
 
 def _conv_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], initial_states: Optional[Tensor],
@@ -152,23 +176,25 @@ def _conv_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], i
     """(dx, dweight, dbias, dinitial_states); empty tensors for absent inputs."""
     batch, dim, length = x.shape
     weight = weight.contiguous()
-    dout = dout.contiguous()
-    if silu:
-        dpre = _launch_fwd(x, weight, bias, initial_states, seq_idx, True,
-                           torch.empty(x.shape, device=x.device, dtype=torch.float32), dout)
+    dpre = _empty_like_layout(x, torch.float32)
+    if silu:  # the kernel reads dout with dpre's strides
+        if dout.stride() != dpre.stride():
+            dout = _empty_like_layout(x, dout.dtype).copy_(dout)
+        _launch_fwd(x, weight, bias, initial_states, seq_idx, True, dpre, dout)
     else:
-        dpre = dout.float()
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        dpre.copy_(dout)
+    dx = _empty_like_layout(x)
     dw = torch.zeros(weight.shape, device=x.device, dtype=torch.float32)
     dbias = torch.zeros(dim, device=x.device, dtype=torch.float32) if bias is not None else None
     init = initial_states if initial_states is not None else x
     seq = seq_idx if seq_idx is not None else x
-    grid = (batch, triton.cdiv(dim, BLOCK_D), triton.cdiv(length, BLOCK_L))
+    block_d, block_l = _blocks(x)
+    grid = (batch, triton.cdiv(dim, block_d), triton.cdiv(length, block_l))
     _conv_bwd_kernel[grid](
         x, weight, init, seq, dpre, dx, dw, dbias if dbias is not None else dw, dim, length,
         *x.stride(), *(init.stride() if initial_states is not None else (0, 0, 0)),
         *(seq_idx.stride() if seq_idx is not None else (0, 0)), *dpre.stride(),
-        W=weight.shape[1], BLOCK_D=BLOCK_D, BLOCK_L=BLOCK_L, HAS_BIAS=bias is not None,
+        W=weight.shape[1], BLOCK_D=block_d, BLOCK_L=block_l, HAS_BIAS=bias is not None,
         HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None,
     )
     dinit = x.new_empty(0)
@@ -182,9 +208,8 @@ _conv_bwd_op = torch.library.custom_op("mambakit::causal_conv1d_bwd", _conv_bwd,
 
 @_conv_bwd_op.register_fake
 def _(dout, x, weight, bias, initial_states, seq_idx, silu):
-    # Contiguous like the real gradients (empty_like would copy a transposed x's strides: issue 13).
     absent = x.new_empty(0)
-    return (x.new_empty(x.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape) if bias is not None
+    return (_empty_like_layout(x), weight.new_empty(weight.shape), bias.new_empty(bias.shape) if bias is not None
             else absent, initial_states.new_empty(initial_states.shape) if initial_states is not None else x.new_empty(0))
 
 

@@ -34,10 +34,10 @@ def _process_dt(dt, bias, dt_min, dt_max, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.
 
 
 @triton.jit
-def _load_dt(dt_ptr, bias_ptr, b, h, t, mask, L, H, dt_min, dt_max,
+def _load_dt(dt_ptr, bias_ptr, b, h, t, mask, sdt_b, sdt_t, dt_min, dt_max,
              HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr):
     """Processed dt at steps t of (batch b, head h); 0 on masked steps (no input, decay 1)."""
-    raw = tl.load(dt_ptr + (b * L + t) * H + h, mask=mask, other=0.0).to(tl.float32)
+    raw = tl.load(dt_ptr + b * sdt_b + t * sdt_t + h, mask=mask, other=0.0).to(tl.float32)
     bias = tl.load(bias_ptr + h).to(tl.float32) if HAS_BIAS else 0.0
     return tl.where(mask, _process_dt(raw, bias, dt_min, dt_max, SOFTPLUS, HAS_LIMIT), 0.0)
 
@@ -51,7 +51,7 @@ def _load_rows(ptr, t, mask, row_stride, col_offset, cols, ncols):
 
 @triton.jit
 def _chunk_state_fwd(x_ptr, dt_ptr, A_ptr, B_ptr, bias_ptr, seq_ptr, dtp_ptr, cs_ptr, states_ptr,
-                     L, H, G, P, N, NCHUNKS, dt_min, dt_max,
+                     L, H, G, P, N, NCHUNKS, dt_min, dt_max, sx_b, sx_t, sdt_b, sdt_t, sb_b, sb_t,
                      HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
                      HAS_SEQ: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr,
                      BN: tl.constexpr, PREC: tl.constexpr):
@@ -63,7 +63,7 @@ def _chunk_state_fwd(x_ptr, dt_ptr, A_ptr, B_ptr, bias_ptr, seq_ptr, dtp_ptr, cs
     A = tl.load(A_ptr + h).to(tl.float32)
     t0 = c * Q
     tq = t0 + tl.arange(0, Q)
-    dt = _load_dt(dt_ptr, bias_ptr, b, h, tq, tq < L, L, H, dt_min, dt_max, HAS_BIAS, SOFTPLUS, HAS_LIMIT)
+    dt = _load_dt(dt_ptr, bias_ptr, b, h, tq, tq < L, sdt_b, sdt_t, dt_min, dt_max, HAS_BIAS, SOFTPLUS, HAS_LIMIT)
     cs = tl.cumsum(dt * A, axis=0)
     buf = (bh * NCHUNKS + c) * Q + tl.arange(0, Q)
     tl.store(dtp_ptr + buf, dt)
@@ -78,15 +78,15 @@ def _chunk_state_fwd(x_ptr, dt_ptr, A_ptr, B_ptr, bias_ptr, seq_ptr, dtp_ptr, cs
     for j in range(0, Q // BT):  # blocks past L load zeros and add nothing
         t = t0 + j * BT + rows
         m = t < L
-        dtj = _load_dt(dt_ptr, bias_ptr, b, h, t, m, L, H, dt_min, dt_max, HAS_BIAS, SOFTPLUS, HAS_LIMIT)
+        dtj = _load_dt(dt_ptr, bias_ptr, b, h, t, m, sdt_b, sdt_t, dt_min, dt_max, HAS_BIAS, SOFTPLUS, HAS_LIMIT)
         csj = cs_before + tl.cumsum(dtj * A, axis=0)
         cs_before += tl.sum(dtj * A, axis=0)
         w = tl.exp(cs_last - csj) * dtj
         if HAS_SEQ:
             seqj = tl.load(seq_ptr + b * L + t, mask=m, other=-1)
             w = tl.where(seqj == seq_last, w, 0.0)
-        xj = _load_rows(x_ptr + b * L * H * P, t, m, H * P, h * P, cols_p, P)
-        Bj = _load_rows(B_ptr + b * L * G * N, t, m, G * N, g * N, cols_n, N).to(xj.dtype)
+        xj = _load_rows(x_ptr + b * sx_b, t, m, sx_t, h * P, cols_p, P)
+        Bj = _load_rows(B_ptr + b * sb_b, t, m, sb_t, g * N, cols_n, N).to(xj.dtype)
         xw = (xj.to(tl.float32) * w[:, None]).to(xj.dtype)
         acc += tl.dot(tl.trans(xw), Bj, input_precision=PREC)
     tile = cols_p[:, None] * N + cols_n[None, :]
@@ -165,7 +165,7 @@ def _intra_mask(t_rows, t_cols, seq_rows, seq_cols, cs_rows, cs_cols, HAS_SEQ: t
 
 
 @triton.jit
-def _chunk_cb(B_ptr, C_ptr, cb_ptr, L, G, N, NCHUNKS,
+def _chunk_cb(B_ptr, C_ptr, cb_ptr, L, G, N, NCHUNKS, sb_b, sb_t, sc_b, sc_t,
               Q: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     """Grid (nchunks * NB * NB, batch * ngroups): cb[b, c, g, t, s] = C_t . B_s for the blocks on or
     below the diagonal, computed once per group and read by every head of it (fp32)."""
@@ -179,8 +179,8 @@ def _chunk_cb(B_ptr, C_ptr, cb_ptr, L, G, N, NCHUNKS,
         return
     rows, cols_n = tl.arange(0, BT), tl.arange(0, BN)
     ti, tj = c * Q + i * BT + rows, c * Q + j * BT + rows
-    Ci = _load_rows(C_ptr + b * L * G * N, ti, ti < L, G * N, g * N, cols_n, N)
-    Bj = _load_rows(B_ptr + b * L * G * N, tj, tj < L, G * N, g * N, cols_n, N).to(Ci.dtype)
+    Ci = _load_rows(C_ptr + b * sc_b, ti, ti < L, sc_t, g * N, cols_n, N)
+    Bj = _load_rows(B_ptr + b * sb_b, tj, tj < L, sb_t, g * N, cols_n, N).to(Ci.dtype)
     cb = tl.dot(Ci, tl.trans(Bj), input_precision=PREC)
     tl.store(_cb_tile(cb_ptr, bg, c, i, j, NCHUNKS, Q, BT), cb)
 
@@ -194,12 +194,13 @@ def _cb_tile(cb_ptr, bg, c, i, j, NCHUNKS, Q: tl.constexpr, BT: tl.constexpr):
 
 @triton.jit
 def _chunk_scan_fwd(x_ptr, z_ptr, C_ptr, cb_ptr, D_ptr, states_ptr, cs_ptr, dtp_ptr, seq_ptr, out_ptr, y_ptr,
-                    L, H, G, P, N, NCHUNKS,
+                    L, H, G, P, N, NCHUNKS, sx_b, sx_t, sc_b, sc_t,
                     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr,
                     HAS_SEQ: tl.constexpr, STORE_Y: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr,
                     BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     """Grid (batch * nheads, nchunks * Q // BT): the outputs of one block of rows (the heads of a
-    chunk run side by side and share its C B^T tiles in L2)."""
+    chunk run side by side and share its C B^T tiles in L2). x and C rows are strided (s*_b, s*_t); z, y
+    and out are contiguous."""
     NB: tl.constexpr = Q // BT
     c, i = tl.program_id(1) // NB, tl.program_id(1) % NB
     bh = tl.program_id(0)
@@ -213,8 +214,8 @@ def _chunk_scan_fwd(x_ptr, z_ptr, C_ptr, cb_ptr, D_ptr, states_ptr, cs_ptr, dtp_
     mi = ti < L
     buf = (bh * NCHUNKS + c) * Q
     cs_i = tl.load(cs_ptr + buf + i * BT + rows)
-    x_b, BC_b = x_ptr + b * L * H * P, b * L * G * N
-    Ci = _load_rows(C_ptr + BC_b, ti, mi, G * N, g * N, cols_n, N)
+    x_b = x_ptr + b * sx_b
+    Ci = _load_rows(C_ptr + b * sc_b, ti, mi, sc_t, g * N, cols_n, N)
     dot_type = x_ptr.dtype.element_ty
     Ci = Ci.to(dot_type)
     seq_i = tl.load(seq_ptr + b * L + ti, mask=mi, other=-1) if HAS_SEQ else rows
@@ -237,7 +238,7 @@ def _chunk_scan_fwd(x_ptr, z_ptr, C_ptr, cb_ptr, D_ptr, states_ptr, cs_ptr, dtp_
         cs_j = tl.load(cs_ptr + buf + j * BT + rows)
         dt_j = tl.load(dtp_ptr + buf + j * BT + rows)
         seq_j = tl.load(seq_ptr + b * L + tj, mask=mj, other=-2) if HAS_SEQ else rows
-        xj = _load_rows(x_b, tj, mj, H * P, h * P, cols_p, P)
+        xj = _load_rows(x_b, tj, mj, sx_t, h * P, cols_p, P)
         keep, decay = _intra_mask(ti, tj, seq_i, seq_j, cs_i, cs_j, HAS_SEQ)
         cb = tl.load(_cb_tile(cb_ptr, b * G + g, c, i, j, NCHUNKS, Q, BT))
         scores = tl.where(keep, cb * decay * dt_j[None, :], 0.0)
@@ -249,7 +250,7 @@ def _chunk_scan_fwd(x_ptr, z_ptr, C_ptr, cb_ptr, D_ptr, states_ptr, cs_ptr, dtp_
         acc += tl.dot(scores.to(dot_type), xj, input_precision=PREC)
     acc = tl.where(poisoned[:, None], float("nan"), acc)
 
-    xi = _load_rows(x_b, ti, mi, H * P, h * P, cols_p, P).to(tl.float32)
+    xi = _load_rows(x_b, ti, mi, sx_t, h * P, cols_p, P).to(tl.float32)
     if HAS_D:
         if D_PER_CHANNEL:
             acc += xi * tl.load(D_ptr + h * P + cols_p, mask=cols_p < P, other=0.0)[None, :]
@@ -267,7 +268,7 @@ def _chunk_scan_fwd(x_ptr, z_ptr, C_ptr, cb_ptr, D_ptr, states_ptr, cs_ptr, dtp_
 
 @triton.jit
 def _varlen_states(x_ptr, B_ptr, states_ptr, cs_ptr, dtp_ptr, seq_ptr, cu_ptr, out_ptr,
-                   L, H, G, P, N, NCHUNKS,
+                   L, H, G, P, N, NCHUNKS, sx_t, sb_t,
                    Q: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     """Grid (num_seqs, nheads), batch 1: the state after the last step e of each packed sequence,
     from the entering state of e's chunk and that chunk's steps of the same sequence up to e."""
@@ -291,8 +292,8 @@ def _varlen_states(x_ptr, B_ptr, states_ptr, cs_ptr, dtp_ptr, seq_ptr, cu_ptr, o
         keep = m & (seq_t == seq_e)
         cs_t = tl.load(cs_ptr + buf + j * BT + rows)
         w = tl.where(keep, tl.exp(tl.where(keep, cs_e - cs_t, 0.0)) * tl.load(dtp_ptr + buf + j * BT + rows), 0.0)
-        xt = _load_rows(x_ptr, t, m, H * P, h * P, cols_p, P)
-        Bt = _load_rows(B_ptr, t, m, G * N, g * N, cols_n, N).to(xt.dtype)
+        xt = _load_rows(x_ptr, t, m, sx_t, h * P, cols_p, P)
+        Bt = _load_rows(B_ptr, t, m, sb_t, g * N, cols_n, N).to(xt.dtype)
         acc += tl.dot(tl.trans((xt.to(tl.float32) * w[:, None]).to(xt.dtype)), Bt, input_precision=PREC)
     tl.store(out_ptr + (k * H + h) * P * N + tile, acc, mask=mask)
 

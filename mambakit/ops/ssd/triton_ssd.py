@@ -18,13 +18,13 @@ from .reference import DEFAULT_DT_LIMIT
 
 BLOCK_T = 64  # rows per tensor-core block
 BLOCK_STATE_P = 16  # headdim rows per program of the state recurrence
-# Launch options per kernel (warps, software-pipelining depth). scan_fwd: the fastest of four tried
-# on an H100 (batch 8, L 8192); the others are untuned first choices.
+# Launch options per kernel (warps, software-pipelining depth). scan_fwd and scan_bwd_dbdc: the best of
+# a sweep on an H200 (benchmarks/ssd_launch_sweep.py: forward 0.80x at 128 x 2K, fwd+bwd 0.94x at 8 x 2K).
 LAUNCH = {
     "chunk_state": dict(num_warps=4, num_stages=2),
-    "scan_fwd": dict(num_warps=4, num_stages=1),
+    "scan_fwd": dict(num_warps=4, num_stages=2),
     "scan_bwd_dx": dict(num_warps=4, num_stages=1),
-    "scan_bwd_dbdc": dict(num_warps=4, num_stages=1),
+    "scan_bwd_dbdc": dict(num_warps=4, num_stages=2),
 }
 
 
@@ -51,6 +51,13 @@ def _sizes(x, B, chunk_size):
     return batch, L, H, P, G, N, Q, min(BLOCK_T, Q), -(-L // Q)
 
 
+def _rows(t: Tensor) -> Tensor:
+    """t (batch, L, ...) as the forward kernels read it: any batch and step strides, the rest packed
+    (in Mamba2, x, B, C and dt are views of one projection: read in place, not copied)."""
+    packed = t.stride(-1) == 1 and (t.dim() < 4 or t.stride(-2) == t.shape[-1])
+    return t if packed else t.contiguous()
+
+
 def _dt_limit_args(dt_min: float, dt_max: float) -> tuple[float, float, bool]:
     """(low, high, clamp?) for the kernels: no clamp at the default limit; inf made a finite fp32."""
     has_limit = (dt_min, dt_max) != DEFAULT_DT_LIMIT
@@ -71,7 +78,7 @@ def ssd_forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, 
     batch, L, H, P, G, N, Q, BT, nchunks = _sizes(x, B, chunk_size)
     dev = x.device
     none = torch.empty(0, device=dev)
-    x, dt, B, C = x.contiguous(), dt.contiguous(), B.contiguous(), C.contiguous()
+    x, dt, B, C = _rows(x), _rows(dt), _rows(B), _rows(C)
     z = z.contiguous() if z is not None else None
     lo, hi, has_limit = _dt_limit_args(dt_min, dt_max)
     BP, BN = _pow2(P), _pow2(N)
@@ -83,7 +90,7 @@ def ssd_forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, 
     prec = _prec(x)
     k._chunk_state_fwd[(batch * H, nchunks)](
         x, dt, A, B, dt_bias if dt_bias is not None else none, seq, dtp, cs, states,
-        L, H, G, P, N, nchunks, lo, hi,
+        L, H, G, P, N, nchunks, lo, hi, *x.stride()[:2], *dt.stride()[:2], *B.stride()[:2],
         HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit, HAS_SEQ=seq_idx is not None,
         Q=Q, BT=BT, BP=BP, BN=BN, PREC=prec, **LAUNCH["chunk_state"])
     final = torch.empty(batch, H, P, N, **f32)
@@ -94,14 +101,14 @@ def ssd_forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, 
         Q=Q, BPS=BLOCK_STATE_P, BN=BN, num_warps=4)
     NB = Q // BT
     cb = torch.empty(batch, G, nchunks, Q, Q, **f32)
-    k._chunk_cb[(nchunks * NB * NB, batch * G)](B, C, cb, L, G, N, nchunks, Q=Q, BT=BT, BN=BN, PREC=prec,
-                                                **LAUNCH["chunk_state"])
-    out = torch.empty_like(x)
-    y = torch.empty_like(x) if (z is not None and store_y) else torch.empty(0, device=dev)
+    k._chunk_cb[(nchunks * NB * NB, batch * G)](B, C, cb, L, G, N, nchunks, *B.stride()[:2], *C.stride()[:2],
+                                                Q=Q, BT=BT, BN=BN, PREC=prec, **LAUNCH["chunk_state"])
+    out = x.new_empty(x.shape)  # contiguous, whatever x's strides
+    y = x.new_empty(x.shape) if (z is not None and store_y) else torch.empty(0, device=dev)
     Dc = D.contiguous() if D is not None else none
     k._chunk_scan_fwd[(batch * H, nchunks * NB)](
         x, z if z is not None else none, C, cb, Dc, states, cs, dtp, seq, out, y,
-        L, H, G, P, N, nchunks,
+        L, H, G, P, N, nchunks, *x.stride()[:2], *C.stride()[:2],
         HAS_Z=z is not None, HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2,
         HAS_SEQ=seq_idx is not None, STORE_Y=y.numel() > 0, Q=Q, BT=BT, BP=BP, BN=BN, PREC=prec,
         **LAUNCH["scan_fwd"])
@@ -110,7 +117,7 @@ def ssd_forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, 
         nseq = cu_seqlens.numel() - 1
         varlen = torch.empty(nseq, H, P, N, **f32)
         k._varlen_states[(nseq, H)](x, B, states, cs, dtp, seq, cu_seqlens.contiguous(), varlen,
-                                    L, H, G, P, N, nchunks, Q=Q, BT=BT, BP=BP, BN=BN, PREC=prec, num_warps=4)
+                                    L, H, G, P, N, nchunks, x.stride(1), B.stride(1), Q=Q, BT=BT, BP=BP, BN=BN, PREC=prec, num_warps=4)
     return out, final, varlen, y, cs, dtp, states, cb
 
 
