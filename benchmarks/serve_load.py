@@ -32,7 +32,7 @@ import torch
 from mambakit import MambaConfig, MambaLMHeadModel
 from mambakit.bench.common import device_slug, format_table, save_rows
 from mambakit.generation import generate, iterate_tokens
-from mambakit.tokenizer import ByteTokenizer
+from mambakit.tokenizer import HFTokenizer
 
 SHAPES = {
     "tiny": dict(d_model=256, n_layer=4, vocab_size=257,
@@ -42,6 +42,16 @@ SHAPES = {
 }
 COLUMNS = ["shape", "mode", "concurrency", "requests_per_client", "prompt_len", "new_tokens", "total_tok_s",
            "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "speedup"]
+
+
+def word_tokenizer(vocab_size: int) -> HFTokenizer:
+    """A word-level tokenizer with a word for each of the model's token ids ("w0", "w1", ...): every generated
+    token is text, so each streamed chunk marks a token (a byte tokenizer gives ids >= 256 no text at all)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return HFTokenizer.from_tokenizers(tok)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -114,7 +124,7 @@ def one_at_a_time(model, prompt: list[int], new_tokens: int, requests: int) -> d
 def serve_subprocess(model, checkpoint: str, args) -> Iterator[str]:
     """`mambakit serve` on a free port over `model` saved to `checkpoint`; yields its base URL."""
     model.save_pretrained(checkpoint)
-    ByteTokenizer().save(checkpoint)
+    word_tokenizer(model.config.vocab_size).save(checkpoint)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -159,7 +169,7 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
     model = MambaLMHeadModel(MambaConfig(**SHAPES[args.shape]), device=device, dtype=dtype).eval()
-    prompt = torch.randint(0, min(256, model.config.vocab_size), (args.prompt_len,)).tolist()
+    prompt = torch.randint(0, model.config.vocab_size, (args.prompt_len,)).tolist()
     common = {"shape": args.shape, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
               "dtype": str(dtype).removeprefix("torch."), "max_batch": args.max_batch}
     base = {**common, "mode": "generate one at a time", "concurrency": 1, "requests_per_client": args.baseline_requests,

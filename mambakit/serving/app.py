@@ -139,8 +139,9 @@ class Run:
         scheduler.submit(self.jobs)
 
     async def events(self, request: Request) -> AsyncIterator[tuple[int, str, str | None]]:
-        """(choice index, new text, finish reason or None) as tokens arrive; cancels the jobs when the
-        client goes away (ClientGone) or the consumer stops early."""
+        """(choice index, new text, finish reason or None): one per generated token of the answer (its text
+        '' while held back: an incomplete character or a possible stop string), then one with the finish
+        reason per choice; cancels the jobs when the client goes away (ClientGone) or the consumer stops early."""
         gone = asyncio.ensure_future(_put_on_disconnect(request, self.queue))
         remaining = len(self.jobs)
         try:
@@ -151,6 +152,8 @@ class Run:
                 index, token, finish = item
                 output = self.outputs[index]
                 piece = output.push(token) if finish is None else output.finish()
+                if piece is None:  # a stop token: no text, no chunk
+                    continue
                 self.texts[index] += piece
                 if finish is not None:
                     remaining -= 1
@@ -191,8 +194,9 @@ def _full_response(run: Run, chat: bool) -> dict:
 
 
 async def _sse(run: Run, request: Request, chat: bool) -> AsyncIterator[str]:
-    """The OpenAI event stream: one chunk per piece of text, a last one per choice with its finish_reason,
-    a usage chunk when asked (stream_options.include_usage), then [DONE]."""
+    """The OpenAI event stream: one chunk per generated token, its text possibly '' (as vLLM: a client sees
+    every token arrive), a last one per choice with its finish_reason, a usage chunk when asked
+    (stream_options.include_usage), then [DONE]."""
     def chunk(choices, usage=None):
         body = {"id": ("chatcmpl-" if chat else "cmpl-") + run.id,
                 "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
@@ -206,8 +210,6 @@ async def _sse(run: Run, request: Request, chat: bool) -> AsyncIterator[str]:
                      for i in range(len(run.jobs))])
     try:
         async for index, piece, finish in run.events(request):
-            if not piece and finish is None:
-                continue
             content = {"delta": {"content": piece}} if chat else {"text": piece, "logprobs": None}
             yield chunk([{"index": index, **content, "finish_reason": finish}])
     except ClientGone:

@@ -6,7 +6,9 @@ from mambakit.generation import TextStream
 
 
 class TextOutput:
-    """One choice's text. `push(token)` returns the text that is now safe to send, `finish()` the rest."""
+    """One choice's text. `push(token)` returns the text that is now safe to send ('' while it is held back),
+    or None for a token that is not part of the answer (a stop token, a token after a stop string);
+    `finish()` returns the rest."""
 
     def __init__(self, tokenizer, stop_ids: frozenset[int], stop_strings: tuple[str, ...]):
         self.stream = TextStream(tokenizer)
@@ -17,9 +19,9 @@ class TextOutput:
         self.sent = 0
         self.cut: int | None = None  # where the first stop string starts, once one appeared
 
-    def push(self, token: int) -> str:
+    def push(self, token: int) -> str | None:
         if token in self.stop_ids or self.cut is not None:
-            return ""
+            return None
         self.text += self.stream.push(token)
         return self._release(len(self.text) - self.hold)
 
