@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from mambakit.generation import InferenceCache, SamplingConfig, decode_step, prefill, sample
+from mambakit.generation import InferenceCache, SamplingConfig, StopStringWatch, decode_step, prefill, sample
 from mambakit.generation.decoder import Decoder
 from mambakit.generation.generate import vocab_size
 from mambakit.serving.metrics import Metrics
@@ -51,6 +51,7 @@ class Job:
     deliver: Callable[[int | None, str | None], None]
     submitted: float = field(default_factory=time.perf_counter)
     generated: list[int] = field(default_factory=list)
+    stop_watch: StopStringWatch | None = field(default=None, repr=False)  # set at the join when stop_strings
     cancelled: bool = False
     finished: bool = False
 
@@ -251,6 +252,8 @@ class Scheduler:
         self.seen[start:start + len(jobs)] = False
         for row, prompt in zip(rows, prompts):
             self.seen[row, prompt] = True
+        for job in jobs:
+            job.stop_watch = StopStringWatch(self.tokenizer, job.stop_strings) if job.stop_strings else None
         self.rows.extend(jobs)
         self.metrics.set_occupancy(len(self.rows))
         self.metrics.add_prompt_tokens(sum(len(job.prompt) for job in jobs))
@@ -296,8 +299,8 @@ class Scheduler:
     def _finish_reason(self, job: Job, token: int) -> str | None:
         if token in job.stop_ids:
             return "stop"
-        # generate()'s rule: the generated text holds a stop string.
-        if job.stop_strings and any(s in self.tokenizer.decode(job.generated) for s in job.stop_strings):
+        # generate()'s rule: the generated text holds a stop string (watched incrementally: no O(n) decode a token).
+        if job.stop_watch is not None and job.stop_watch.push(token):
             return "stop"
         return "length" if len(job.generated) >= job.max_tokens else None
 
