@@ -4,6 +4,7 @@ time through `generate`). Random weights, saved to a temporary checkpoint that `
 subprocess (so that the clients do not share the server's interpreter).
 
     python benchmarks/serve_load.py --shape tiny --concurrency 1,4,16,64        # the CPU
+    python benchmarks/serve_load.py --shape micro --concurrency 64              # the server's overhead, CPU
     python benchmarks/serve_load.py --shape 130m --device cuda --concurrency 1,16,64
 
 Per concurrency level: total generated tokens/s, time to first token (p50/p99) and time per output token
@@ -15,6 +16,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
+import os
 import signal
 import socket
 import statistics
@@ -22,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -32,16 +36,29 @@ import torch
 from mambakit import MambaConfig, MambaLMHeadModel
 from mambakit.bench.common import device_slug, format_table, save_rows
 from mambakit.generation import generate, iterate_tokens
-from mambakit.tokenizer import ByteTokenizer
+from mambakit.tokenizer import HFTokenizer
 
 SHAPES = {
+    # A decode step at 64 rows as short on the CPU as the 130M's on a GPU (1-2 ms): the server's own cost shows.
+    "micro": dict(d_model=32, n_layer=2, vocab_size=257,
+                  ssm_cfg={"layer": "Mamba2", "d_state": 16, "headdim": 16}),
     "tiny": dict(d_model=256, n_layer=4, vocab_size=257,
                  ssm_cfg={"layer": "Mamba2", "d_state": 64, "headdim": 32}),
     "130m": dict(d_model=768, n_layer=24, vocab_size=50280,
                  ssm_cfg={"layer": "Mamba2", "d_state": 128, "headdim": 64}),
 }
-COLUMNS = ["shape", "mode", "concurrency", "requests_per_client", "prompt_len", "new_tokens", "total_tok_s",
+COLUMNS = ["shape", "mode", "concurrency", "client_processes", "requests_per_client", "prompt_len", "new_tokens", "total_tok_s",
            "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "speedup"]
+
+
+def word_tokenizer(vocab_size: int) -> HFTokenizer:
+    """A word-level tokenizer with a word for each of the model's token ids ("w0", "w1", ...): every generated
+    token is text, so each streamed chunk marks a token (a byte tokenizer gives ids >= 256 no text at all)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return HFTokenizer.from_tokenizers(tok)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -50,9 +67,9 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def one_request(client: httpx.AsyncClient, body: dict) -> tuple[float, float, int]:
-    """(time to first token s, time per later token s, tokens) of one streamed request."""
+    """(time to first token s, time per later token s, tokens) of one streamed request (a chunk per token)."""
     start = time.perf_counter()
-    first = None
+    first = last = None
     tokens = 0
     async with client.stream("POST", "/v1/completions", json=body) as response:
         response.raise_for_status()
@@ -60,32 +77,52 @@ async def one_request(client: httpx.AsyncClient, body: dict) -> tuple[float, flo
             if not line.startswith("data: {"):
                 continue
             event = json.loads(line[len("data: "):])
-            if first is None and event["choices"]:
-                first = time.perf_counter()
+            if event["choices"]:
+                last = time.perf_counter()
+                first = first or last
             if event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
-    end = time.perf_counter()
-    return first - start, (end - first) / max(tokens - 1, 1), tokens
+    return first - start, (last - first) / max(tokens - 1, 1), tokens
 
 
-async def load(url: str, concurrency: int, requests: int, body: dict, max_seconds: float) -> dict:
-    """C clients, each sending up to `requests` requests one after the other, until max_seconds."""
+async def load(url: str, clients: int, requests: int, body: dict, deadline: float) -> list[tuple[float, float, int]]:
+    """`clients` clients, each sending up to `requests` requests one after the other until the wall-clock
+    `deadline`; every request's one_request figures."""
     results = []
-    deadline = time.perf_counter() + max_seconds
 
     async def client_loop(client):
         for _ in range(requests):
-            if time.perf_counter() > deadline:
+            if time.time() > deadline:
                 return
             results.append(await one_request(client, body))
 
-    limits = httpx.Limits(max_connections=concurrency + 4)
+    limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-        start = time.perf_counter()
-        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
-        wall = time.perf_counter() - start
-    ttft, tpot, tokens = zip(*results)
-    return {"total_tok_s": sum(tokens) / wall,
+        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
+    return results
+
+
+def client_process(url: str, clients: int, requests: int, body: dict, start_at: float,
+                   max_seconds: float) -> tuple[list[tuple[float, float, int]], float, float]:
+    """One client process from wall-clock time `start_at`: its requests' figures and its (start, end) times."""
+    time.sleep(max(0.0, start_at - time.time()))
+    start = time.time()
+    results = asyncio.run(load(url, clients, requests, body, start + max_seconds))
+    return results, start, time.time()
+
+
+def offered_load(pool: ProcessPoolExecutor, url: str, concurrency: int, requests: int, body: dict,
+                 max_seconds: float) -> dict:
+    """`concurrency` clients spread over the pool's processes (an HTTP client parses a chunk per token: one
+    process alone would be the bottleneck): tokens/s over the wall time and latency percentiles."""
+    processes = pool._max_workers
+    shares = [n for n in (concurrency // processes + (i < concurrency % processes) for i in range(processes)) if n]
+    start_at = time.time() + 0.2
+    runs = [f.result() for f in [pool.submit(client_process, url, n, requests, body, start_at, max_seconds)
+                                 for n in shares]]
+    ttft, tpot, tokens = zip(*(r for results, _, _ in runs for r in results))
+    wall = max(end for _, _, end in runs) - min(start for _, start, _ in runs)
+    return {"total_tok_s": sum(tokens) / wall, "client_processes": len(shares),
             "ttft_p50_ms": 1e3 * percentile(ttft, 0.5), "ttft_p99_ms": 1e3 * percentile(ttft, 0.99),
             "tpot_p50_ms": 1e3 * percentile(tpot, 0.5), "tpot_p99_ms": 1e3 * percentile(tpot, 0.99)}
 
@@ -114,7 +151,7 @@ def one_at_a_time(model, prompt: list[int], new_tokens: int, requests: int) -> d
 def serve_subprocess(model, checkpoint: str, args) -> Iterator[str]:
     """`mambakit serve` on a free port over `model` saved to `checkpoint`; yields its base URL."""
     model.save_pretrained(checkpoint)
-    ByteTokenizer().save(checkpoint)
+    word_tokenizer(model.config.vocab_size).save(checkpoint)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -152,6 +189,8 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--max-seconds", type=float, default=60.0, help="per concurrency level")
     parser.add_argument("--baseline-requests", type=int, default=4)
+    parser.add_argument("--client-processes", type=int, default=max(1, (os.cpu_count() or 1) // 4),
+                        help="processes the clients are spread over (default: a quarter of the CPUs)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
@@ -159,18 +198,20 @@ def main() -> None:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
     model = MambaLMHeadModel(MambaConfig(**SHAPES[args.shape]), device=device, dtype=dtype).eval()
-    prompt = torch.randint(0, min(256, model.config.vocab_size), (args.prompt_len,)).tolist()
+    prompt = torch.randint(0, model.config.vocab_size, (args.prompt_len,)).tolist()
     common = {"shape": args.shape, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
               "dtype": str(dtype).removeprefix("torch."), "max_batch": args.max_batch}
-    base = {**common, "mode": "generate one at a time", "concurrency": 1, "requests_per_client": args.baseline_requests,
+    base = {**common, "mode": "generate one at a time", "concurrency": 1, "client_processes": 0,
+            "requests_per_client": args.baseline_requests,
             **one_at_a_time(model, prompt, args.new_tokens, args.baseline_requests)}
     rows = [base]
     body = {"prompt": prompt, "max_tokens": args.new_tokens, "ignore_eos": True, "temperature": 1.0, "stream": True,
             "stream_options": {"include_usage": True}}
-    with tempfile.TemporaryDirectory() as checkpoint, serve_subprocess(model, checkpoint, args) as url:
-        asyncio.run(load(url, 1, 1, body, args.max_seconds))  # warm-up
+    pool = ProcessPoolExecutor(args.client_processes, mp_context=multiprocessing.get_context("spawn"))
+    with pool, tempfile.TemporaryDirectory() as checkpoint, serve_subprocess(model, checkpoint, args) as url:
+        offered_load(pool, url, args.client_processes, 1, body, args.max_seconds)  # warm-up, every process too
         for concurrency in (int(c) for c in args.concurrency.split(",")):
-            figures = asyncio.run(load(url, concurrency, args.requests, body, args.max_seconds))
+            figures = offered_load(pool, url, concurrency, args.requests, body, args.max_seconds)
             rows.append({**common, "mode": "server", "concurrency": concurrency,
                          "requests_per_client": args.requests, **figures})
     slug = device_slug() if device.type == "cuda" else "cpu"

@@ -5,10 +5,10 @@ from mambakit.generation.generate import GenerationOutput, Step, generate, itera
 from mambakit.generation.options import GenerationOptions
 from mambakit.generation.sampling import SamplingConfig, sample
 from mambakit.generation.score import TokenScores, log_likelihood
-from mambakit.generation.stream import TextStream, stream
+from mambakit.generation.stream import StopStringWatch, TextStream, stream
 
 __all__ = [
     "GenerationOptions", "GenerationOutput", "InferenceCache", "InferenceParams", "SamplingConfig", "Step",
-    "TextStream", "TokenScores", "decode_step", "generate", "iterate_tokens", "log_likelihood", "prefill",
-    "release_decoders", "sample", "stream",
+    "StopStringWatch", "TextStream", "TokenScores", "decode_step", "generate", "iterate_tokens", "log_likelihood",
+    "prefill", "release_decoders", "sample", "stream",
 ]

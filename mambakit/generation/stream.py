@@ -38,10 +38,39 @@ class TextStream:
         """The text still held back (a trailing incomplete character comes out as U+FFFD)."""
         return self._emit(self.tokenizer.decode(self.ids[self.prefix:]))
 
+    def pending(self) -> str:
+        """The text held back so far, as `flush` would return it, without returning it."""
+        if self.read == len(self.ids):
+            return ""
+        return self._unread(self.tokenizer.decode(self.ids[self.prefix:]))
+
     def _emit(self, text: str) -> str:
-        emitted = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        piece = self._unread(text)
         self.prefix, self.read = self.read, len(self.ids)
-        return text[len(emitted):]
+        return piece
+
+    def _unread(self, text: str) -> str:
+        """`text` (the decoding of ids[prefix:]) less the part already emitted."""
+        return text[len(self.tokenizer.decode(self.ids[self.prefix:self.read])):]
+
+
+class StopStringWatch:
+    """Whether the decoded text of the tokens pushed so far holds one of `stop_strings` (generate()'s rule),
+    in O(new text) a token instead of decoding the whole text each time: an occurrence that the last token
+    created must end after the text emitted before it, so only that and the longest stop string's worth of
+    characters before it are searched."""
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str]):
+        self.stream = TextStream(tokenizer)
+        self.stop_strings = tuple(stop_strings)
+        self.keep = max(map(len, self.stop_strings)) - 1
+        self.tail = ""  # the last `keep` characters of the emitted text
+
+    def push(self, token_id: int) -> bool:
+        emitted = self.tail + self.stream.push(token_id)
+        window = emitted + self.stream.pending()
+        self.tail = emitted[-self.keep:] if self.keep else ""
+        return any(s in window for s in self.stop_strings)
 
 
 def stream(model: nn.Module, prompt: str | Sequence[int], tokenizer=None, **options) -> Iterator[str]:

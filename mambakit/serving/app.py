@@ -7,8 +7,9 @@ import asyncio
 import json
 import time
 import uuid
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -18,7 +19,7 @@ from mambakit.serving.chat import ChatTemplate
 from mambakit.serving.metrics import Metrics
 from mambakit.serving.output import TextOutput
 from mambakit.serving.protocol import CompletionRequest, Limits, RequestError, parse_completion
-from mambakit.serving.scheduler import Job, Scheduler
+from mambakit.serving.scheduler import Delivery, Job, Scheduler
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,16 @@ class ClientGone(Exception):
 
 
 def create_app(scheduler: Scheduler, served: ServedModel, metrics: Metrics) -> FastAPI:
-    """The FastAPI application; the caller starts and stops `scheduler` (see `mambakit.cli.serve`)."""
-    app = FastAPI(title="mambakit", docs_url=None, redoc_url=None)
+    """The FastAPI application; the caller starts and stops `scheduler` (see `mambakit.cli.serve`). On startup
+    the scheduler's relay becomes this event loop's (`loop_relay`)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        scheduler.relay = loop_relay(asyncio.get_running_loop())
+        yield
+
+    app = FastAPI(title="mambakit", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.add_middleware(CountRequests, metrics=metrics)
     created = int(time.time())
 
     @app.exception_handler(RequestError)
@@ -51,12 +60,6 @@ def create_app(scheduler: Scheduler, served: ServedModel, metrics: Metrics) -> F
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):
         return JSONResponse(RequestError(str(e.detail), status=e.status_code).body(), status_code=e.status_code)
-
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        response = await call_next(request)
-        metrics.record_request(request.url.path, response.status_code)
-        return response
 
     @app.get("/health")
     async def health():
@@ -101,6 +104,40 @@ def create_app(scheduler: Scheduler, served: ServedModel, metrics: Metrics) -> F
     return app
 
 
+class CountRequests:
+    """ASGI middleware counting answers by endpoint and status (plain ASGI: starlette's @app.middleware("http")
+    would pass every streamed chunk through one more memory stream, a cost per token)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                self.metrics.record_request(scope["path"], message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counted)
+
+
+def loop_relay(loop: asyncio.AbstractEventLoop) -> Callable[[list[Delivery]], None]:
+    """A scheduler relay running the jobs' `deliver` on `loop`: one thread-safe wakeup per batch of
+    deliveries (a decode step's tokens for every row), not one per token."""
+    def deliver_all(deliveries: list[Delivery]) -> None:
+        for job, token, finish in deliveries:
+            job.deliver(token, finish)
+
+    def relay(deliveries: list[Delivery]) -> None:
+        try:
+            loop.call_soon_threadsafe(deliver_all, deliveries)
+        except RuntimeError:  # the event loop has closed (shutdown): nobody waits for these tokens
+            pass
+    return relay
+
+
 async def _json_body(request: Request, served: ServedModel) -> dict:
     try:
         body = json.loads(await request.body())
@@ -123,14 +160,10 @@ class Run:
         stop_ids = frozenset() if parsed.ignore_eos or eos is None else frozenset([eos])
         seed = parsed.seed if parsed.seed is not None else scheduler.random_seed()
         self.queue: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
         self.jobs, self.outputs = [], []
         for index, prompt in enumerate(p for p in parsed.prompts for _ in range(parsed.n)):
-            def deliver(token, finish, index=index):
-                try:
-                    loop.call_soon_threadsafe(self.queue.put_nowait, (index, token, finish))
-                except RuntimeError:  # the event loop has closed (shutdown): nobody waits for this token
-                    pass
+            def deliver(token, finish, index=index):  # on the event loop (loop_relay)
+                self.queue.put_nowait((index, token, finish))
             self.jobs.append(Job(list(prompt), parsed.max_tokens, parsed.sampling, seed + index, stop_ids,
                                  parsed.stop, deliver))
             self.outputs.append(TextOutput(tokenizer, stop_ids, parsed.stop))
@@ -139,8 +172,9 @@ class Run:
         scheduler.submit(self.jobs)
 
     async def events(self, request: Request) -> AsyncIterator[tuple[int, str, str | None]]:
-        """(choice index, new text, finish reason or None) as tokens arrive; cancels the jobs when the
-        client goes away (ClientGone) or the consumer stops early."""
+        """(choice index, new text, finish reason or None): one per generated token of the answer (its text
+        '' while held back: an incomplete character or a possible stop string), then one with the finish
+        reason per choice; cancels the jobs when the client goes away (ClientGone) or the consumer stops early."""
         gone = asyncio.ensure_future(_put_on_disconnect(request, self.queue))
         remaining = len(self.jobs)
         try:
@@ -151,6 +185,8 @@ class Run:
                 index, token, finish = item
                 output = self.outputs[index]
                 piece = output.push(token) if finish is None else output.finish()
+                if piece is None:  # a stop token: no text, no chunk
+                    continue
                 self.texts[index] += piece
                 if finish is not None:
                     remaining -= 1
@@ -191,8 +227,9 @@ def _full_response(run: Run, chat: bool) -> dict:
 
 
 async def _sse(run: Run, request: Request, chat: bool) -> AsyncIterator[str]:
-    """The OpenAI event stream: one chunk per piece of text, a last one per choice with its finish_reason,
-    a usage chunk when asked (stream_options.include_usage), then [DONE]."""
+    """The OpenAI event stream: one chunk per generated token, its text possibly '' (as vLLM: a client sees
+    every token arrive), a last one per choice with its finish_reason, a usage chunk when asked
+    (stream_options.include_usage), then [DONE]."""
     def chunk(choices, usage=None):
         body = {"id": ("chatcmpl-" if chat else "cmpl-") + run.id,
                 "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
@@ -206,8 +243,6 @@ async def _sse(run: Run, request: Request, chat: bool) -> AsyncIterator[str]:
                      for i in range(len(run.jobs))])
     try:
         async for index, piece, finish in run.events(request):
-            if not piece and finish is None:
-                continue
             content = {"delta": {"content": piece}} if chat else {"text": piece, "logprobs": None}
             yield chunk([{"index": index, **content, "finish_reason": finish}])
     except ClientGone:

@@ -6,7 +6,9 @@ from mambakit.generation import TextStream
 
 
 class TextOutput:
-    """One choice's text. `push(token)` returns the text that is now safe to send, `finish()` the rest."""
+    """One choice's text. `push(token)` returns the text that is now safe to send ('' while it is held back),
+    or None for a token that is not part of the answer (a stop token, a token after a stop string);
+    `finish()` returns the rest."""
 
     def __init__(self, tokenizer, stop_ids: frozenset[int], stop_strings: tuple[str, ...]):
         self.stream = TextStream(tokenizer)
@@ -16,10 +18,11 @@ class TextOutput:
         self.text = ""
         self.sent = 0
         self.cut: int | None = None  # where the first stop string starts, once one appeared
+        self.searched = 0  # text searched so far: a stop string appearing now ends after it
 
-    def push(self, token: int) -> str:
+    def push(self, token: int) -> str | None:
         if token in self.stop_ids or self.cut is not None:
-            return ""
+            return None
         self.text += self.stream.push(token)
         return self._release(len(self.text) - self.hold)
 
@@ -30,8 +33,10 @@ class TextOutput:
 
     def _release(self, limit: int) -> str:
         if self.cut is None:
-            found = [i for i in (self.text.find(s) for s in self.stop_strings) if i >= 0]
+            start = max(self.searched - self.hold, 0)
+            found = [i for i in (self.text.find(s, start) for s in self.stop_strings) if i >= 0]
             self.cut = min(found) if found else None
+            self.searched = len(self.text)
         if self.cut is not None:
             limit = self.cut
         piece = self.text[self.sent:max(limit, self.sent)]

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from mambakit.generation import InferenceCache, SamplingConfig, decode_step, prefill, sample
+from mambakit.generation import InferenceCache, SamplingConfig, StopStringWatch, decode_step, prefill, sample
 from mambakit.generation.decoder import Decoder
 from mambakit.generation.generate import vocab_size
 from mambakit.serving.metrics import Metrics
@@ -37,8 +37,9 @@ PREFILL_TOKENS_PER_ITERATION = 4096
 class Job:
     """One choice of one request: its prompt, budget, sampling and where its tokens go.
 
-    deliver(token, finish) is called on the scheduler thread: once per generated token (finish None),
-    then once with token None and finish "stop" (stop token or string), "length" (max_tokens) or "error".
+    deliver(token, finish) is called once per generated token (finish None), then once with token None and
+    finish "stop" (stop token or string), "length" (max_tokens) or "error"; where it runs is the scheduler's
+    `relay`'s choice (by default on the scheduler thread).
     """
 
     prompt: list[int]
@@ -50,6 +51,7 @@ class Job:
     deliver: Callable[[int | None, str | None], None]
     submitted: float = field(default_factory=time.perf_counter)
     generated: list[int] = field(default_factory=list)
+    stop_watch: StopStringWatch | None = field(default=None, repr=False)  # set at the join when stop_strings
     cancelled: bool = False
     finished: bool = False
 
@@ -74,11 +76,29 @@ class SchedulerOptions:
             raise ValueError(f"cg: expected True, False or None, got {self.cg!r}")
 
 
-class Scheduler:
-    """Owns `model` on its own thread (`start()` / `stop()`); `submit` and `cancel` are thread-safe."""
+# A job's delivery: (job, token, None) for a generated token, (job, None, finish) at its end.
+Delivery = tuple[Job, int | None, str | None]
 
-    def __init__(self, model: nn.Module, options: SchedulerOptions, tokenizer, metrics: Metrics):
+
+def deliver_here(deliveries: list[Delivery]) -> None:
+    """The default relay: each job's `deliver` runs on the scheduler thread."""
+    for job, token, finish in deliveries:
+        job.deliver(token, finish)
+
+
+class Scheduler:
+    """Owns `model` on its own thread (`start()` / `stop()`); `submit` and `cancel` are thread-safe.
+
+    `relay(deliveries)` is called on the scheduler thread with each iteration's deliveries in order, at most
+    twice per iteration (after the joins' first tokens, after the decode step), and must see that every
+    job's `deliver` gets called: the server hands the whole list to its event loop in one wakeup.
+    """
+
+    def __init__(self, model: nn.Module, options: SchedulerOptions, tokenizer, metrics: Metrics,
+                 relay: Callable[[list[Delivery]], None] = deliver_here):
         self.model, self.options, self.tokenizer, self.metrics = model, options, tokenizer, metrics
+        self.relay = relay
+        self._outbox: list[Delivery] = []  # this iteration's deliveries, relayed together
         self.vocab = vocab_size(model)
         self.cache = InferenceCache.allocate(model, options.max_batch, options.max_seqlen)
         device = self.cache.lengths_per_sample.device
@@ -160,7 +180,8 @@ class Scheduler:
             self.accepting = False  # /health now answers 503; new requests too
         for job in [*self.rows, *self.waiting]:
             if not job.finished:
-                job.deliver(None, "error")
+                self._outbox.append((job, None, "error"))
+        self._relay()
         self.rows, self.waiting = [], deque()
 
     def _iterate(self) -> bool:
@@ -179,11 +200,18 @@ class Scheduler:
                 for job in joining:
                     if not job.finished:
                         job.finished = True  # a row it may hold leaves with _leave
-                        job.deliver(None, "error")
+                        self._outbox.append((job, None, "error"))
+            self._relay()  # the first tokens go out before the decode step
             self._leave()
         if self.rows:
             self._choose(self._decode(len(self.rows)), 0)
+            self._relay()
         return True
+
+    def _relay(self) -> None:
+        if self._outbox:
+            deliveries, self._outbox = self._outbox, []
+            self.relay(deliveries)
 
     def _decode(self, n: int) -> torch.Tensor:
         """One decode step of rows 0..n-1: their next logits (n, vocab)."""
@@ -224,6 +252,8 @@ class Scheduler:
         self.seen[start:start + len(jobs)] = False
         for row, prompt in zip(rows, prompts):
             self.seen[row, prompt] = True
+        for job in jobs:
+            job.stop_watch = StopStringWatch(self.tokenizer, job.stop_strings) if job.stop_strings else None
         self.rows.extend(jobs)
         self.metrics.set_occupancy(len(self.rows))
         self.metrics.add_prompt_tokens(sum(len(job.prompt) for job in jobs))
@@ -231,7 +261,7 @@ class Scheduler:
 
     def _choose(self, logits: torch.Tensor, start: int) -> None:
         """Sample the next token of rows start..start+len(logits)-1, each group of rows sharing a
-        SamplingConfig in one call, then hand the tokens to their jobs (the step's one host sync)."""
+        SamplingConfig in one call, then queue the tokens for their jobs (the step's one host sync)."""
         end = start + logits.shape[0]
         groups: dict[SamplingConfig, list[int]] = {}
         for row in range(start, end):
@@ -248,28 +278,29 @@ class Scheduler:
         broken = logits.isnan().any(dim=-1)
         chosen = torch.where(broken, -1, self.tokens[start:end]).tolist()
         now = time.perf_counter()
+        outbox = self._outbox
         for job, token in zip(self.rows[start:end], chosen):
             if job.cancelled:
                 continue
             if token < 0:  # NaN logits: no token is passed off as a result
                 job.finished = True
-                job.deliver(None, "error")
+                outbox.append((job, None, "error"))
                 continue
             if not job.generated:
                 self.metrics.observe_first_token(now - job.submitted)
             job.generated.append(token)
-            job.deliver(token, None)
+            outbox.append((job, token, None))
             reason = self._finish_reason(job, token)
             if reason is not None:
                 job.finished = True
-                job.deliver(None, reason)
+                outbox.append((job, None, reason))
         self.metrics.add_generated_tokens(len(chosen), now)
 
     def _finish_reason(self, job: Job, token: int) -> str | None:
         if token in job.stop_ids:
             return "stop"
-        # generate()'s rule: the generated text holds a stop string.
-        if job.stop_strings and any(s in self.tokenizer.decode(job.generated) for s in job.stop_strings):
+        # generate()'s rule: the generated text holds a stop string (watched incrementally: no O(n) decode a token).
+        if job.stop_watch is not None and job.stop_watch.push(token):
             return "stop"
         return "length" if len(job.generated) >= job.max_tokens else None
 

@@ -83,3 +83,24 @@ def test_log_likelihood_is_the_normalized_teacher_forced_log_prob(make_model, vo
 def test_log_likelihood_bad_input(text, kwargs, match, make_model):
     with pytest.raises(ValueError, match=match):
         log_likelihood(make_model("mamba1"), text, **kwargs)
+
+
+@pytest.mark.parametrize("tokenizer", [ByteTokenizer(), byte_level_bpe()], ids=["byte", "bpe"])
+def test_stop_string_watch_agrees_with_decoding_the_whole_text(tokenizer):
+    """StopStringWatch says at every token what generate()'s rule says (decode everything, search it), on
+    multi-byte characters split across tokens and on invalid UTF-8 (random bytes), up to the first hit."""
+    from mambakit.generation import StopStringWatch
+
+    rng = __import__("random").Random(0)
+    text_ids = tokenizer.encode(TEXT * 2)
+    for trial in range(200):
+        ids = text_ids if trial % 2 else [rng.randrange(256) for _ in range(60)]
+        full = tokenizer.decode(ids)
+        start = rng.randrange(len(full) - 3)
+        stops = [full[start:start + rng.randint(1, 3)], "\ufffd" if trial % 5 == 0 else "never here"]
+        watch = StopStringWatch(tokenizer, stops)
+        for t in range(len(ids)):
+            hit = any(s in tokenizer.decode(ids[:t + 1]) for s in stops)
+            assert watch.push(ids[t]) == hit, (trial, t)
+            if hit:
+                break

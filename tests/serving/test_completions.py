@@ -48,6 +48,8 @@ def test_completion_equals_generate_streamed_and_not(server, model, sampling):
     assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == text
     reasons = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
     assert reasons[-1] == answer["choices"][0]["finish_reason"] and set(reasons[:-1]) <= {None}
+    # A chunk per generated token, text or not (random bytes are often incomplete UTF-8), the stop token aside.
+    assert len(reasons) - 1 == count - (reasons[-1] == "stop")
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == answer["usage"]
 
 

@@ -15,6 +15,15 @@ def test_stream_never_sends_what_a_stop_string_then_covers():
     output = TextOutput(tokenizer, frozenset([256]), stops)
     sent = ""
     for token in tokenizer.encode(text) + [256]:
-        sent += output.push(token)
+        sent += output.push(token) or ""
         assert text[:cut].startswith(sent)  # never past the cut, never a character split
     assert sent + output.finish() == text[:cut]
+
+
+def test_a_held_back_token_gives_empty_text_and_a_stop_token_none():
+    output = TextOutput(ByteTokenizer(), frozenset([256]), ())
+    assert [output.push(t) for t in "é".encode()] == ["", "é"]  # the first byte is half a character
+    assert output.push(256) is None
+    output = TextOutput(ByteTokenizer(), frozenset([256]), ("END",))
+    assert [output.push(t) for t in b"abcEN"] == ["", "", "a", "b", "c"]  # "EN" may start "END"
+    assert output.finish() == "EN"
