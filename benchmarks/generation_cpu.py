@@ -1,6 +1,7 @@
 """CPU generation speed, ours and `transformers`' Mamba / Mamba-2 side by side in one run: the same random
 weights (saved once with `save_pretrained(format="hf")`, loaded by both), greedy decoding, fp32, bf16 and
-int8 weight-only (ours), batch 1 and 8. Every row runs in a fresh process, so that its resident memory
+int8 weight-only (ours), batch 1 and 8. Ours runs as `mambakit generate` does on the CPU: floating-point
+linear layers prepacked for oneDNN (`mambakit.prepack`); the `-plain` variants leave them as they are. Every row runs in a fresh process, so that its resident memory
 is its own; the machine's memory bandwidth is measured first and each decode speed is set against the
 floor it implies (decode reads every weight once per step: floor = bandwidth / weight bytes per step).
 
@@ -17,6 +18,7 @@ import ctypes
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,19 +27,21 @@ from pathlib import Path
 
 import torch
 
-from mambakit import MambaConfig, MambaLMHeadModel, quantize
+from mambakit import MambaConfig, MambaLMHeadModel, prepack, quantize
 from mambakit.bench.common import format_table, save_rows
 from mambakit.generation import iterate_tokens
 
-COLUMNS = ["model", "shape", "impl", "dtype", "quantize", "batch", "prefill_tok_s", "decode_tok_s", "floor_tok_s",
+COLUMNS = ["model", "shape", "impl", "dtype", "quantize", "prepack", "batch", "prefill_tok_s", "decode_tok_s", "floor_tok_s",
            "floor_fraction", "rss_gb", "load"]
 QUALITY_COLUMNS = ["model", "dtype", "quantize", "val_bpb", "bpb_err", "greedy_same_as_fp32"]
 VOCAB = 50280
 SHAPES = {"130m": dict(d_model=768, n_layer=24), "370m": dict(d_model=1024, n_layer=48),
           "1.4b": dict(d_model=2048, n_layer=48)}
 SSM_CFG = {"mamba1": {"layer": "Mamba1"}, "mamba2": {"layer": "Mamba2", "d_state": 128, "headdim": 64}}
-# (dtype, quantize) per variant; transformers runs the unquantized ones.
-VARIANTS = {"float32": ("float32", None), "bfloat16": ("bfloat16", None), "int8": ("bfloat16", "int8")}
+# (dtype, quantize, prepack) per variant; transformers runs float32 and bfloat16 (never prepacked).
+VARIANTS = {"float32": ("float32", None, True), "bfloat16": ("bfloat16", None, True), "int8": ("bfloat16", "int8", True),
+            "float32-plain": ("float32", None, False), "bfloat16-plain": ("bfloat16", None, False)}
+DEFAULT_VARIANTS = ("float32", "bfloat16", "int8")
 BASELINE_VARIANTS = ("float32", "bfloat16")
 WARMUP_PROMPT, WARMUP_TOKENS = 16, 4
 
@@ -84,10 +88,10 @@ def resident_gb() -> dict:
 def weight_bytes_per_step(model: torch.nn.Module, embedding: torch.Tensor) -> int:
     """Bytes of the weights one decode step reads: every parameter and buffer once, except the
     embedding table (one row per token), unless the LM head is that same table."""
-    tensors = {t.data_ptr(): t for t in (*model.parameters(), *model.buffers())}
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}  # a tied weight is one parameter
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     head = model.lm_head
-    tied = isinstance(head, torch.nn.Linear) and head.weight.data_ptr() == embedding.data_ptr()
+    tied = isinstance(head, torch.nn.Linear) and head.weight is embedding
     return total if tied else total - embedding.numel() * embedding.element_size()
 
 
@@ -95,17 +99,23 @@ def weight_bytes_per_step(model: torch.nn.Module, embedding: torch.Tensor) -> in
 # one measurement (run in a child process)
 
 
-def speeds(stamps: list[float], batch: int, prompt_len: int) -> dict:
-    """Figures from the start time and the time each token came out: the first token closes the
-    prefill; each later one is one decode step of every row."""
-    prefill_s, decode_s = stamps[1] - stamps[0], stamps[-1] - stamps[1]
-    return {"prefill_tok_s": batch * prompt_len / prefill_s, "decode_tok_s": batch * (len(stamps) - 2) / decode_s}
+def speeds(runs: list[list[float]], batch: int, prompt_len: int) -> dict:
+    """Figures from each run's start time and the time each token came out: the first token closes the
+    prefill; each later one is one decode step of every row. Medians over the runs (a shared machine's
+    other jobs slow some of them), with every run's decode figure beside them."""
+    prefill = [batch * prompt_len / (stamps[1] - stamps[0]) for stamps in runs]
+    decode = [batch * (len(stamps) - 2) / (stamps[-1] - stamps[1]) for stamps in runs]
+    return {"prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode),
+            "decode_runs_tok_s": [round(d, 2) for d in decode]}
 
 
-def ours(directory: Path, dtype: torch.dtype, method: str | None, prompt: torch.Tensor, new_tokens: int):
+def ours(directory: Path, dtype: torch.dtype, method: str | None, packed: bool, prompt: torch.Tensor,
+         new_tokens: int, repeats: int):
     model = MambaLMHeadModel.from_pretrained(directory, dtype=dtype).eval()
     if method is not None:
         quantize(model, method)
+    if packed:
+        prepack(model)
 
     def run(ids, n):
         stamps = [time.perf_counter()]
@@ -114,12 +124,12 @@ def ours(directory: Path, dtype: torch.dtype, method: str | None, prompt: torch.
         return stamps
 
     run(prompt[:, :WARMUP_PROMPT], WARMUP_TOKENS)
-    stamps = run(prompt, new_tokens)
-    return stamps, weight_bytes_per_step(model, model.backbone.embedding.weight), resident_gb()  # model alive
+    runs = [run(prompt, new_tokens) for _ in range(repeats)]
+    return runs, weight_bytes_per_step(model, model.backbone.embedding.weight), resident_gb()  # model alive
 
 
-def transformers_baseline(directory: Path, dtype: torch.dtype, method: str | None, prompt: torch.Tensor,
-                          new_tokens: int):
+def transformers_baseline(directory: Path, dtype: torch.dtype, method: str | None, packed: bool,
+                          prompt: torch.Tensor, new_tokens: int, repeats: int):
     import transformers
     from transformers import LogitsProcessor
 
@@ -145,20 +155,22 @@ def transformers_baseline(directory: Path, dtype: torch.dtype, method: str | Non
         return stamps.times
 
     run(prompt[:, :WARMUP_PROMPT], WARMUP_TOKENS)
-    stamps = run(prompt, new_tokens)
-    return stamps, weight_bytes_per_step(model, model.backbone.embeddings.weight), resident_gb()  # model alive
+    runs = [run(prompt, new_tokens) for _ in range(repeats)]
+    return runs, weight_bytes_per_step(model, model.backbone.embeddings.weight), resident_gb()  # model alive
 
 
 IMPLS = {"mambakit": ours, "transformers": transformers_baseline}
 
 
 def measure(spec: dict) -> dict:
-    """The figures of one row: spec holds directory, impl, dtype, quantize, batch, prompt_len, new_tokens, threads."""
+    """The figures of one row: spec holds directory, impl, dtype, quantize, prepack, batch, prompt_len, new_tokens,
+    repeats, threads."""
     torch.set_num_threads(spec["threads"])
     prompt = torch.randint(0, VOCAB, (spec["batch"], spec["prompt_len"]), generator=torch.Generator().manual_seed(0))
-    stamps, weight_bytes, memory = IMPLS[spec["impl"]](Path(spec["directory"]), getattr(torch, spec["dtype"]),
-                                               spec["quantize"], prompt, spec["new_tokens"])
-    return {**speeds(stamps, spec["batch"], spec["prompt_len"]), "weights_gb": weight_bytes / 1e9, **memory}
+    runs, weight_bytes, memory = IMPLS[spec["impl"]](Path(spec["directory"]), getattr(torch, spec["dtype"]),
+                                             spec["quantize"], spec["prepack"], prompt, spec["new_tokens"],
+                                             spec["repeats"])
+    return {**speeds(runs, spec["batch"], spec["prompt_len"]), "weights_gb": weight_bytes / 1e9, **memory}
 
 
 def in_child(spec: dict) -> dict:
@@ -210,7 +222,8 @@ def main() -> None:
     parser.add_argument("--models", default="mamba1,mamba2")
     parser.add_argument("--shapes", default="130m", help=f"comma-separated, of {list(SHAPES)}")
     parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per row (medians are reported)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     parser.add_argument("--no-baseline", action="store_true", help="skip transformers")
     parser.add_argument("--quality", type=Path, metavar="RUN", help="instead: bits per byte of a `mambakit train` run")
@@ -240,15 +253,18 @@ def main() -> None:
                     runs += [("transformers", v) for v in BASELINE_VARIANTS if v in args.variants.split(",")]
                 for batch in map(int, args.batches.split(",")):
                     for impl, variant in runs:
-                        dtype, method = VARIANTS[variant]
+                        dtype, method, packed = VARIANTS[variant]
                         spec = {"impl": impl, "dtype": dtype, "quantize": method, "batch": batch,
-                                "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "threads": args.threads}
+                                "prepack": packed and impl == "mambakit",
+                                "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
+                                "threads": args.threads}
+                        load_before = round(os.getloadavg()[0], 2)
                         row = {"model": kind, "shape": shape, **spec, **in_child({**spec, "directory": directory})}
                         row.update(bandwidth)
                         row["floor_tok_s"] = batch * bandwidth["read_gbs"] / row["weights_gb"]
                         row["floor_fraction"] = row["decode_tok_s"] / row["floor_tok_s"]
                         # Other jobs on a shared machine slow everything: record the load beside the figures.
-                        row["load"] = round(os.getloadavg()[0], 2)
+                        row["load_before"], row["load"] = load_before, round(os.getloadavg()[0], 2)
                         rows.append(row)
                         print(format_table([row], COLUMNS), flush=True)
     save_rows(args.out, rows)

@@ -19,6 +19,7 @@ from mambakit.ops import (
     ssd,
     ssd_state_update,
 )
+from mambakit.prepacking import prepack
 from mambakit.quantization import quantize
 
 __version__ = "0.1.0"
@@ -26,6 +27,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Block", "GatedMLP", "MHA", "Mamba", "Mamba2", "MambaConfig", "MambaLMHeadModel",
     "RMSNorm", "RMSNormGated", "causal_conv1d", "causal_conv1d_fn", "causal_conv1d_update",
-    "mamba_chunk_scan_combined", "quantize", "rms_norm", "rms_norm_gated", "selective_scan", "selective_scan_fn",
+    "mamba_chunk_scan_combined", "prepack", "quantize", "rms_norm", "rms_norm_gated", "selective_scan", "selective_scan_fn",
     "selective_state_update", "ssd", "ssd_state_update",
 ]

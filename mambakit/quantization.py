@@ -91,10 +91,16 @@ def quantize(model: nn.Module, method: str = "int8") -> nn.Module:
     devices = {p.device.type for p in model.parameters()}
     if devices != {"cpu"}:
         raise ValueError(f"model: int8 weight-only quantization runs on the CPU, got parameters on {sorted(devices)}")
-    targets = [(module, name) for module in model.modules() for kind, names in QUANTIZED_CHILDREN.items()
-               if isinstance(module, kind) for name in names if isinstance(getattr(module, name, None), nn.Linear)]
-    if isinstance(getattr(model, "lm_head", None), nn.Linear):
-        targets.append((model, "lm_head"))
-    for module, name in targets:
+    for module, name in inference_linears(model):
         setattr(module, name, Int8Linear.from_linear(getattr(module, name)))
     return model
+
+
+def inference_linears(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(parent, child name) of every plain `nn.Linear` that an inference-time replacement swaps: the
+    children named in QUANTIZED_CHILDREN and the LM head."""
+    targets = [(module, name) for module in model.modules() for kind, names in QUANTIZED_CHILDREN.items()
+               if isinstance(module, kind) for name in names if type(getattr(module, name, None)) is nn.Linear]
+    if type(getattr(model, "lm_head", None)) is nn.Linear:
+        targets.append((model, "lm_head"))
+    return targets

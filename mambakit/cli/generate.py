@@ -56,6 +56,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="int8: weight-only int8 linear layers, applied in memory at load time (CPU only; "
                              "the checkpoint is not changed)")
     parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--no-prepack", action="store_true",
+                        help="on the CPU, keep float32/bfloat16 linear layers as they are instead of holding their "
+                             "weights in oneDNN's prepacked layout (same results, faster matmuls; in memory only)")
 
 
 def add_text_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -78,8 +81,9 @@ def read_text(args: argparse.Namespace, name: str) -> str:
 
 def load_model(args: argparse.Namespace):
     """(model in eval mode on args.device, tokenizer) from --model, --tokenizer, --device, --dtype, --quantize,
-    --threads."""
+    --threads, --no-prepack."""
     from mambakit.models import MambaLMHeadModel
+    from mambakit.prepacking import PACKED_DTYPES, prepack, prepack_available
     from mambakit.quantization import QUANTIZE_CHOICES, quantize
     from mambakit.tokenizer import load_tokenizer
     from mambakit.training.distributed import check_device
@@ -99,6 +103,8 @@ def load_model(args: argparse.Namespace):
     model = MambaLMHeadModel.from_pretrained(args.model, device=device, dtype=dtype).eval()
     if args.quantize is not None:
         quantize(model, args.quantize)
+    if device.type == "cpu" and dtype in PACKED_DTYPES and not args.no_prepack and prepack_available():
+        prepack(model)  # lossless: whatever quantize left in floating point
     return model, load_tokenizer(args.tokenizer if args.tokenizer is not None else args.model)
 
 

@@ -13,9 +13,13 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None):
     (batch, dim) in x's dtype; the sum runs in fp32 (fp64 for fp64 inputs).
     """
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    conv_state[..., :-1] = conv_state[..., 1:].clone()  # clone: source and destination overlap
-    conv_state[..., -1] = x
-    out = (conv_state.to(dtype) * weight.to(dtype)).sum(-1)
+    batch, dim, width = conv_state.shape
+    # The shifted window built once (a new tensor: source and destination of a shift overlap), then stored.
+    window = torch.cat([conv_state[..., 1:], x.to(conv_state.dtype).unsqueeze(-1)], dim=-1)
+    conv_state.copy_(window)
+    # The sum over the taps as a product with ones: torch's reduction over a last dimension of 4 is 3x slower.
+    taps = (window.to(dtype) * weight.to(dtype)).view(batch * dim, width)
+    out = (taps @ taps.new_ones(width)).view(batch, dim)
     if bias is not None:
-        out = out + bias.to(dtype)
+        out = out.add_(bias.to(dtype))
     return apply_activation(out, activation).to(x.dtype)

@@ -9,16 +9,18 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps) over the last dimension."""
-    return x * torch.rsqrt(x.square().mean(dim=-1, keepdim=True) + eps)
+def normalize(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) over the last dimension, times weight (x's last dimension) if given.
+
+    torch's own op: one call instead of five (a decode step runs a few per layer and token)."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 def rms_norm(x, weight, eps=1e-5, residual=None, prenorm=False, residual_in_fp32=False):
     """Reference for `mambakit.ops.rms_norm` (validated there): normalizes s = x + residual, in fp32."""
     dtype = compute_dtype(x)
-    summed = x.to(dtype) if residual is None else x.to(dtype) + residual.to(dtype)
-    out = (normalize(summed, eps) * weight.to(dtype)).to(x.dtype)
+    summed = x.to(dtype) if residual is None else residual.to(dtype) + x  # the sum promotes x to `dtype`
+    out = normalize(summed, eps, weight.to(dtype)).to(x.dtype)
     if not prenorm:
         return out
     residual_dtype = x.dtype if residual is None else residual.dtype

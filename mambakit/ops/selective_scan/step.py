@@ -26,9 +26,8 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     if dt_proj_weight is not None:
         # In the weight's dtype, as the layer's parallel path does: a bf16 weight is not copied to fp32 per step.
         dt = F.linear(dt.to(dt_proj_weight.dtype), dt_proj_weight)
-    dt = dt.to(dtype)
-    if dt_bias is not None:
-        dt = dt + dt_bias.to(dtype)
+    # The bias sum converts dt to `dtype` (type promotion): one op, not two.
+    dt = dt.to(dtype) if dt_bias is None else dt_bias.to(dtype) + dt
     if dt_softplus:
         dt = F.softplus(dt)
     x32 = x.to(dtype)
@@ -42,7 +41,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     readout = state.unflatten(1, (groups_c, -1)).flatten(0, 1).transpose(1, 2)  # (batch * G, N, dim // G)
     y = torch.bmm(C.to(dtype).reshape(batch * groups_c, 1, -1), readout).view(batch, -1)
     if D is not None:
-        y = y + D.to(dtype) * x32
+        y = y.addcmul_(D.to(dtype), x32)
     if z is not None:
-        y = y * F.silu(z.to(dtype))
+        y = y.mul_(F.silu(z.to(dtype)))
     return y.to(x.dtype)

@@ -20,24 +20,22 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
     batch, nheads, headdim, N = state.shape
     ngroups = B.shape[1]
     dtype = state.dtype
+    dt = prepare_dt(dt, dt_bias, dt_softplus, dt_limit, dtype)  # (batch, nheads)
     if A_log is not None:
         A = -torch.exp(A_log.to(dtype))
-    dt = prepare_dt(dt, dt_bias, dt_softplus, dt_limit, dtype)  # (batch, nheads)
     decay = torch.exp(dt * A.to(dtype))
+    x32 = x.to(dtype)  # converted once: the update and the D term both read it
 
     # Heads of one group share B and C: view the state as (batch * ngroups, heads_in_group * headdim, N).
     # The update is one in-place broadcast product (no temporary the size of the state), the readout
     # C @ state^T one batched row-vector product (measured 4x faster than state @ C at batch 8).
     grouped = state.view(batch * ngroups, -1, N)
-    x32 = x.to(dtype)  # converted once: the update and the D term both read it
-    x_dt = (x32 * dt[..., None]).reshape(batch * ngroups, -1, 1)
-    state.mul_(decay[..., None, None])
-    grouped.addcmul_(x_dt, B.to(dtype).reshape(batch * ngroups, 1, N))
+    state.mul_(decay.view(batch, nheads, 1, 1))
+    grouped.addcmul_((x32 * dt.unsqueeze(-1)).view(batch * ngroups, -1, 1), B.to(dtype).reshape(batch * ngroups, 1, N))
     y = torch.bmm(C.to(dtype).reshape(batch * ngroups, 1, N), grouped.transpose(1, 2)).view(batch, nheads, headdim)
     if D is not None:
         D = D.to(dtype)
-        y = y + x32 * (D[:, None] if D.dim() == 1 else D)
+        y = y.addcmul_(x32, D.unsqueeze(-1) if D.dim() == 1 else D)
     if z is not None:
-        y = y * F.silu(z.to(dtype))
+        y = y.mul_(F.silu(z.to(dtype)))
     return y.to(x.dtype)
-
