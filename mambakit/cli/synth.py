@@ -78,17 +78,41 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def parse_curriculum(text: str) -> list[tuple[int, int]]:
+    """'64:2000,1024:500' -> [(64, 2000), (1024, 500)]: (length, steps) stages trained before the training length."""
+    stages = []
+    for part in text.split(","):
+        length, _, steps = part.partition(":")
+        if not (length.strip().isdigit() and steps.strip().isdigit() and int(length) > 0 and int(steps) > 0):
+            raise ValueError(f"curriculum: expected LENGTH:STEPS stages such as 64:2000,1024:500, got {text!r}")
+        stages.append((int(length), int(steps)))
+    return stages
+
+
+def curriculum_arg(text: str) -> list[tuple[int, int]]:
+    """parse_curriculum for argparse."""
+    try:
+        return parse_curriculum(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("curriculum: ")) from None
+
+
 def add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
-    """`train_task`'s learning-rate schedule and clipping options (`schedule_options` reads them back)."""
+    """`train_task`'s learning-rate schedule, clipping and length curriculum options (`schedule_options`
+    reads them back)."""
     parser.add_argument("--warmup-steps", type=int, default=0)
     parser.add_argument("--min-lr-ratio", type=float, default=1.0,
                         help="below 1: cosine decay over --steps to lr x this (default 1: constant, the papers')")
     parser.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (default: none)")
+    parser.add_argument("--curriculum", type=curriculum_arg, default=[], metavar="LEN:STEPS,...",
+                        help="stages trained first, e.g. 256:2000 (2000 steps at length 256), before --train-len "
+                             "takes the rest of --steps")
 
 
 def schedule_options(args: argparse.Namespace) -> dict:
     """The `train_task` keywords that `add_schedule_arguments` parsed."""
-    return {"warmup_steps": args.warmup_steps, "min_lr_ratio": args.min_lr_ratio, "grad_clip": args.grad_clip}
+    return {"warmup_steps": args.warmup_steps, "min_lr_ratio": args.min_lr_ratio, "grad_clip": args.grad_clip,
+            "curriculum": args.curriculum}
 
 
 def build_model(args: argparse.Namespace, task, arch: str, device):
@@ -129,6 +153,9 @@ def check_args(args: argparse.Namespace):
                                ("max_time", args.max_time is None or args.max_time > 0, "> 0")):
         if not ok:
             raise ValueError(f"{name.replace('_', '-')}: expected a number {expected}, got {getattr(args, name)}")
+    if sum(n for _, n in args.curriculum) >= args.steps:
+        raise ValueError(f"curriculum: its stages take {sum(n for _, n in args.curriculum)} of the {args.steps} "
+                         f"--steps, leaving none to --train-len")
     archs = args.arch.split(",")
     unknown = [a for a in archs if a not in ARCHS]
     if unknown:
@@ -137,7 +164,8 @@ def check_args(args: argparse.Namespace):
     task = TASKS[args.task]() if args.vocab is None else TASKS[args.task](vocab_size=args.vocab)
     lengths = args.eval_lens or [args.train_len]
     generator = torch.Generator().manual_seed(0)
-    for length in sorted({args.train_len, *lengths}):  # the task refuses lengths it cannot fill
+    # the task refuses lengths it cannot fill
+    for length in sorted({args.train_len, *lengths, *(n for n, _ in args.curriculum)}):
         task.sample(1, length, generator)
     for arch in archs:  # the model options, as build_model will pass them
         TrainConfig(arch=arch, d_model=args.d_model, n_layer=args.n_layer, **model_options(args)).model_config(

@@ -5,7 +5,7 @@ import pytest
 
 from mambakit.cli import build_parser
 from mambakit.cli.demo import choose_out, prepare_out
-from mambakit.cli.synth import build_model, format_table, parse_lengths
+from mambakit.cli.synth import build_model, format_table, parse_curriculum, parse_lengths
 from mambakit.cli.train import given_options
 from mambakit.tasks import InductionHeads
 from mambakit.training import TrainConfig, parse_count
@@ -90,6 +90,16 @@ def test_synth_eval_chunk_option():
     assert parse("--eval-chunk", "0").eval_chunk == 0
     with pytest.raises(SystemExit):
         parse("--eval-chunk", "-5")
+
+
+def test_synth_curriculum_option():
+    assert parse_curriculum("64:2000, 1024:500") == [(64, 2000), (1024, 500)]
+    for bad in ("64", "64:", ":5", "64:0", "0:5", "64:5:1", "64:1e3", "a:b", ""):
+        with pytest.raises(ValueError, match="curriculum"):
+            parse_curriculum(bad)
+    args = build_parser().parse_args(["synth", "selective-copying", "--curriculum", "64:100"])
+    assert args.curriculum == [(64, 100)]
+    assert build_parser().parse_args(["synth", "selective-copying"]).curriculum == []
 
 
 def test_synth_ssm_options_reach_the_model():
