@@ -78,18 +78,20 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def parse_curriculum(text: str) -> list[tuple[int, int]]:
-    """'64:2000,1024:500' -> [(64, 2000), (1024, 500)]: (length, steps) stages trained before the training length."""
+def parse_curriculum(text: str) -> list[tuple[int, ...]]:
+    """'256:2000:128,1024:500' -> [(256, 2000, 128), (1024, 500)]: (length, steps[, batch]) stages trained
+    before the training length."""
     stages = []
     for part in text.split(","):
-        length, _, steps = part.partition(":")
-        if not (length.strip().isdigit() and steps.strip().isdigit() and int(length) > 0 and int(steps) > 0):
-            raise ValueError(f"curriculum: expected LENGTH:STEPS stages such as 64:2000,1024:500, got {text!r}")
-        stages.append((int(length), int(steps)))
+        fields = [f.strip() for f in part.split(":")]
+        if len(fields) not in (2, 3) or not all(f.isdigit() and int(f) > 0 for f in fields):
+            raise ValueError(f"curriculum: expected LENGTH:STEPS[:BATCH] stages such as 256:2000:128,1024:500, "
+                             f"got {text!r}")
+        stages.append(tuple(map(int, fields)))
     return stages
 
 
-def curriculum_arg(text: str) -> list[tuple[int, int]]:
+def curriculum_arg(text: str) -> list[tuple[int, ...]]:
     """parse_curriculum for argparse."""
     try:
         return parse_curriculum(text)
@@ -104,9 +106,9 @@ def add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-lr-ratio", type=float, default=1.0,
                         help="below 1: cosine decay over --steps to lr x this (default 1: constant, the papers')")
     parser.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (default: none)")
-    parser.add_argument("--curriculum", type=curriculum_arg, default=[], metavar="LEN:STEPS,...",
-                        help="stages trained first, e.g. 256:2000 (2000 steps at length 256), before --train-len "
-                             "takes the rest of --steps")
+    parser.add_argument("--curriculum", type=curriculum_arg, default=[], metavar="LEN:STEPS[:BATCH],...",
+                        help="stages trained first, e.g. 256:2000:128 (2000 steps of 128 sequences of 256 tokens; "
+                             "batch: --batch-size unless given), before --train-len takes the rest of --steps")
 
 
 def schedule_options(args: argparse.Namespace) -> dict:
@@ -153,9 +155,10 @@ def check_args(args: argparse.Namespace):
                                ("max_time", args.max_time is None or args.max_time > 0, "> 0")):
         if not ok:
             raise ValueError(f"{name.replace('_', '-')}: expected a number {expected}, got {getattr(args, name)}")
-    if sum(n for _, n in args.curriculum) >= args.steps:
-        raise ValueError(f"curriculum: its stages take {sum(n for _, n in args.curriculum)} of the {args.steps} "
-                         f"--steps, leaving none to --train-len")
+    curriculum_steps = sum(stage[1] for stage in args.curriculum)
+    if curriculum_steps >= args.steps:
+        raise ValueError(f"curriculum: its stages take {curriculum_steps} of the {args.steps} --steps, leaving "
+                         f"none to --train-len")
     archs = args.arch.split(",")
     unknown = [a for a in archs if a not in ARCHS]
     if unknown:
@@ -165,7 +168,7 @@ def check_args(args: argparse.Namespace):
     lengths = args.eval_lens or [args.train_len]
     generator = torch.Generator().manual_seed(0)
     # the task refuses lengths it cannot fill
-    for length in sorted({args.train_len, *lengths, *(n for n, _ in args.curriculum)}):
+    for length in sorted({args.train_len, *lengths, *(stage[0] for stage in args.curriculum)}):
         task.sample(1, length, generator)
     for arch in archs:  # the model options, as build_model will pass them
         TrainConfig(arch=arch, d_model=args.d_model, n_layer=args.n_layer, **model_options(args)).model_config(

@@ -93,8 +93,8 @@ def test_synth_eval_chunk_option():
 
 
 def test_synth_curriculum_option():
-    assert parse_curriculum("64:2000, 1024:500") == [(64, 2000), (1024, 500)]
-    for bad in ("64", "64:", ":5", "64:0", "0:5", "64:5:1", "64:1e3", "a:b", ""):
+    assert parse_curriculum("64:2000:128, 1024:500") == [(64, 2000, 128), (1024, 500)]
+    for bad in ("64", "64:", ":5", "64:0", "0:5", "64:5:0", "64:5:1:1", "64:1e3", "a:b", ""):
         with pytest.raises(ValueError, match="curriculum"):
             parse_curriculum(bad)
     args = build_parser().parse_args(["synth", "selective-copying", "--curriculum", "64:100"])
