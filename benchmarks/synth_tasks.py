@@ -8,6 +8,8 @@ process, so that several small models can share a GPU side by side:
         --max-len 16384 --model-options '{"d_intermediate": 0}'
     python benchmarks/synth_tasks.py run --task selective-copying --arch mamba --train-len 4096 --batch-size 16 \\
         --lengths 4096 --time 150 --tag sc-mamba
+    python benchmarks/synth_tasks.py run --task selective-copying --recipe --lengths 256,1024,4096 --time 600 \\
+        --tag sc-recipe   # the recipe `mambakit synth` runs (mambakit/tasks/recipes.py) for options left out
     python benchmarks/synth_tasks.py summarize        # merges results/synth-*.json part files, prints the table
 
 `--probe-every 2500` measures accuracy at `--probe-lens` during training, so a run also says how many steps
@@ -26,11 +28,16 @@ import torch
 
 from mambakit._io import write_json
 from mambakit.bench.common import device_slug, environment
-from mambakit.cli.synth import add_schedule_arguments, format_table, parse_lengths, plot_accuracy, schedule_options
+from mambakit.cli.synth import (add_schedule_arguments, format_table, parse_lengths, plot_accuracy, schedule_options,
+                                 take_recipe)
 from mambakit.tasks import TASKS
+from mambakit.tasks.recipes import RECIPES, Recipe
 from mambakit.tasks.train import accuracy, task_model, train_task
 
 RESULTS = Path(__file__).parent / "results"
+# Options left out without --recipe: the papers' setup (length 256, constant lr, mixer defaults), no curriculum;
+# training usually ends at --time.
+PLAIN = Recipe(seq_len=256, steps=1_000_000, batch_size=64, mamba_ssm_options={})
 
 
 def run(args: argparse.Namespace) -> None:
@@ -56,7 +63,7 @@ def run(args: argparse.Namespace) -> None:
     log = train_task(model, task, args.train_len, args.steps, args.batch_size, args.lr, seed=args.seed,
                      max_time=args.time, progress=False, log_interval=250, on_log=on_log, **schedule_options(args))
     train_s = time.perf_counter() - start  # probes included
-    row = {"tag": args.tag, "task": task.name, "arch": args.arch,
+    row = {"tag": args.tag, "task": task.name, "arch": args.arch, "recipe": args.recipe,
            "params": sum(p.numel() for p in model.parameters()), "model_options": args.model_options,
            "seed": args.seed, "init_device": init_device,
            "train_len": args.train_len, "batch_size": args.batch_size, "lr": args.lr,
@@ -108,16 +115,20 @@ def main() -> None:
     one.add_argument("--task", choices=sorted(TASKS), default="induction-heads")
     one.add_argument("--arch", default="mamba")
     one.add_argument("--tag", required=True, help="names the result file")
+    one.add_argument("--recipe", action="store_true", help="options left out take the task's recipe "
+                     "(mambakit/tasks/recipes.py, as `mambakit synth`), not the papers' plain setup")
     one.add_argument("--time", type=float, default=60.0, help="seconds of training")
-    one.add_argument("--steps", type=int, default=1_000_000, help="cap on steps (the time budget usually ends first)")
-    one.add_argument("--train-len", type=int, default=256)
+    one.add_argument("--steps", type=int, default=None, help="cap on steps (without --recipe 1,000,000: the time "
+                     "budget usually ends first)")
+    one.add_argument("--train-len", type=int, default=None, help="(256)")
     one.add_argument("--lengths", type=parse_lengths, default=parse_lengths("64,...,1048576"))
     one.add_argument("--max-len", type=int, default=None, help="longest length evaluated")
     one.add_argument("--d-model", type=int, default=64)
     one.add_argument("--n-layer", type=int, default=2)
-    one.add_argument("--model-options", type=json.loads, default={}, help="TrainConfig model fields, JSON")
-    one.add_argument("--batch-size", type=int, default=64)
-    one.add_argument("--lr", type=float, default=1e-3)
+    one.add_argument("--model-options", type=json.loads, default=None, help="TrainConfig model fields, JSON "
+                     "(with --recipe: the recipe's mixer options)")
+    one.add_argument("--batch-size", type=int, default=None, help="(64)")
+    one.add_argument("--lr", type=float, default=None, help="(1e-3)")
     add_schedule_arguments(one)
     one.add_argument("--eval-samples", type=int, default=256)
     one.add_argument("--long-eval-samples", type=int, default=16, help="sequences per length past 2^16")
@@ -138,6 +149,12 @@ def main() -> None:
     for p in (one, merge):
         p.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.command == "run":
+        recipe = RECIPES[args.task] if args.recipe else PLAIN
+        take_recipe(args, recipe)
+        if args.model_options is None:
+            ssm_options = recipe.ssm_options(args.arch)
+            args.model_options = {"ssm_options": ssm_options} if ssm_options else {}
     args.func(args)
 
 

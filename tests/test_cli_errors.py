@@ -105,6 +105,10 @@ CASES = [
     ("synth induction-heads --grad-clip 0", 2, "grad-clip"),
     ("synth induction-heads --min-lr-ratio 2", 2, "min-lr-ratio"),
     ("synth induction-heads --max-time 0", 2, "max-time"),
+    ("synth induction-heads --curriculum 64", 2, "--curriculum"),
+    ("synth induction-heads --curriculum 64:0", 2, "--curriculum"),
+    ("synth induction-heads --steps 2000 --curriculum 64:1500,128:500", 2, "curriculum"),  # no step left
+    ("synth selective-copying --curriculum 20:5", 2, "seq_len"),
     ("synth induction-heads --eval-chunk -5", 2, "--eval-chunk"),
     ("synth induction-heads --out {file}", 2, "out"),
     ("synth induction-heads --out /proc/mambakit-synth", 2, "out"),

@@ -1,9 +1,11 @@
 """`mambakit synth`: train small models on a synthetic task and print accuracy by sequence length,
 like the Mamba paper's tables; saves <out>/<task>.json and <task>.png (<task>-2.json, ... when an earlier
-run's results are there: nothing is overwritten).
+run's results are there: nothing is overwritten). Options left out take the task's recipe
+(mambakit/tasks/recipes.py: training length, steps, batch, length curriculum, lr, Mamba-1's dt init).
 
-    mambakit synth induction-heads --arch mamba,transformer --train-len 256 --eval-lens 64,...,1048576
-    mambakit synth selective-copying --arch mamba --train-len 4096 --eval-lens 4096
+    mambakit synth induction-heads --arch mamba --eval-lens 64,...,1048576
+    mambakit synth selective-copying --arch mamba --eval-lens 256,1024,4096
+    mambakit synth induction-heads --arch mamba,transformer --train-len 256 --steps 5000 --eval-lens 64,...,4096
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from pathlib import Path
 from mambakit._io import atomic_path, write_json
 from mambakit.cli.train import int_list, json_object
 from mambakit.tasks import TASKS
+from mambakit.tasks.recipes import RECIPES, Recipe
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -53,16 +56,16 @@ def register(subparsers) -> None:
     parser.add_argument("--d-state", type=int, default=None, help="SSM state size (mixer default)")
     parser.add_argument("--headdim", type=int, default=None, help="Mamba-2 head size")
     parser.add_argument("--ssm-options", type=json_object, default=None, metavar="JSON",
-                        help='further mixer arguments, e.g. \'{"dt_scale": 20}\' (the induction-heads recipe in '
-                             'benchmarks/results/synth-cpu-notes.md)')
+                        help='further mixer arguments, e.g. \'{"dt_scale": 20}\' (default: the recipe\'s, for '
+                             'Mamba-1 its dt init; none for the other mixers)')
     parser.add_argument("--attn-heads", type=int, default=None, help="attention heads (d_model / 64)")
     parser.add_argument("--attn-layer-idx", type=int_list, default=None, metavar="I,J", help="hybrid: attention layers")
     parser.add_argument("--vocab", type=int, default=None, help="task vocabulary (the task's default)")
-    parser.add_argument("--train-len", type=int, default=256)
+    parser.add_argument("--train-len", type=int, default=None, help="(recipe)")
     parser.add_argument("--eval-lens", type=lengths_arg, default=None, help="e.g. 64,...,1048576 (train length)")
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--steps", type=int, default=None, help="all steps, curriculum included (recipe)")
+    parser.add_argument("--batch-size", type=int, default=None, help="sequences per step at --train-len (recipe)")
+    parser.add_argument("--lr", type=float, default=None, help="Adam's (recipe)")
     add_schedule_arguments(parser)
     parser.add_argument("--eval-samples", type=int, default=256, help="sequences per length (fewer past 2^16)")
     parser.add_argument("--eval-chunk", type=token_count, default=1 << 16, metavar="TOKENS",
@@ -78,30 +81,74 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def parse_curriculum(text: str) -> list[tuple[int, ...]]:
+    """'256:2000:128,1024:500' -> [(256, 2000, 128), (1024, 500)]: (length, steps[, batch]) stages trained
+    before the training length."""
+    stages = []
+    for part in text.split(","):
+        fields = [f.strip() for f in part.split(":")]
+        if len(fields) not in (2, 3) or not all(f.isdigit() and int(f) > 0 for f in fields):
+            raise ValueError(f"curriculum: expected LENGTH:STEPS[:BATCH] stages such as 256:2000:128,1024:500, "
+                             f"got {text!r}")
+        stages.append(tuple(map(int, fields)))
+    return stages
+
+
+def curriculum_arg(text: str) -> list[tuple[int, ...]]:
+    """parse_curriculum for argparse."""
+    try:
+        return parse_curriculum(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("curriculum: ")) from None
+
+
 def add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
-    """`train_task`'s learning-rate schedule and clipping options (`schedule_options` reads them back)."""
-    parser.add_argument("--warmup-steps", type=int, default=0)
-    parser.add_argument("--min-lr-ratio", type=float, default=1.0,
-                        help="below 1: cosine decay over --steps to lr x this (default 1: constant, the papers')")
+    """`train_task`'s learning-rate schedule, clipping and length curriculum options (`schedule_options`
+    reads them back; `take_recipe` fills those left out)."""
+    parser.add_argument("--warmup-steps", type=int, default=None, help="(recipe)")
+    parser.add_argument("--min-lr-ratio", type=float, default=None,
+                        help="below 1: cosine decay over --steps to lr x this (recipe; 1: constant, the papers')")
     parser.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (default: none)")
+    parser.add_argument("--curriculum", type=curriculum_arg, default=None, metavar="LEN:STEPS[:BATCH],...",
+                        help="stages trained first, e.g. 256:2000:128 (2000 steps of 128 sequences of 256 tokens; "
+                             "batch: --batch-size unless given), before --train-len takes the rest of --steps "
+                             "(default: the recipe's if --train-len and --steps are left out too, else none)")
+
+
+def take_recipe(args: argparse.Namespace, recipe: Recipe) -> None:
+    """Fill the training options the command line left out (None) with `recipe`'s. Its curriculum goes
+    with its length and steps: a command line that sets either trains without one unless it names one."""
+    if args.curriculum is None:
+        args.curriculum = list(recipe.curriculum) if args.train_len is None and args.steps is None else []
+    options = recipe.train_options()
+    options["train_len"] = options.pop("seq_len")
+    for name, value in options.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
 
 def schedule_options(args: argparse.Namespace) -> dict:
     """The `train_task` keywords that `add_schedule_arguments` parsed."""
-    return {"warmup_steps": args.warmup_steps, "min_lr_ratio": args.min_lr_ratio, "grad_clip": args.grad_clip}
+    return {"warmup_steps": args.warmup_steps, "min_lr_ratio": args.min_lr_ratio, "grad_clip": args.grad_clip,
+            "curriculum": args.curriculum}
 
 
 def build_model(args: argparse.Namespace, task, arch: str, device):
     """The `arch` model of a `synth` run, sized by its options, for `task`'s vocabulary."""
     from mambakit.tasks.train import task_model
 
-    return task_model(arch, task.vocab_size, args.d_model, args.n_layer, device=device, **model_options(args))
+    return task_model(arch, task.vocab_size, args.d_model, args.n_layer, device=device,
+                      **model_options(args, arch))
 
 
-def model_options(args: argparse.Namespace) -> dict:
-    """The TrainConfig model fields a synth command line sets."""
-    return {k: getattr(args, k) for k in ("d_state", "headdim", "ssm_options", "attn_heads", "attn_layer_idx")
-            if getattr(args, k) is not None}
+def model_options(args: argparse.Namespace, arch: str) -> dict:
+    """The TrainConfig model fields of a synth command line's `arch` model: the mixer options given, else
+    the task recipe's for that mixer."""
+    options = {k: getattr(args, k) for k in ("d_state", "headdim", "ssm_options", "attn_heads", "attn_layer_idx")
+               if getattr(args, k) is not None}
+    if args.ssm_options is None and RECIPES[args.task].ssm_options(arch):
+        options["ssm_options"] = RECIPES[args.task].ssm_options(arch)
+    return options
 
 
 def lengths_arg(text: str) -> list[int]:
@@ -120,6 +167,7 @@ def check_args(args: argparse.Namespace):
     from mambakit.training import ARCHS, TrainConfig
     from mambakit.training.distributed import check_device
 
+    take_recipe(args, RECIPES[args.task])
     for name in ("d_model", "n_layer", "train_len", "steps", "batch_size", "eval_samples", "max_attention_len"):
         if getattr(args, name) < 1:
             raise ValueError(f"{name.replace('_', '-')}: expected an int >= 1, got {getattr(args, name)}")
@@ -129,6 +177,10 @@ def check_args(args: argparse.Namespace):
                                ("max_time", args.max_time is None or args.max_time > 0, "> 0")):
         if not ok:
             raise ValueError(f"{name.replace('_', '-')}: expected a number {expected}, got {getattr(args, name)}")
+    curriculum_steps = sum(stage[1] for stage in args.curriculum)
+    if curriculum_steps >= args.steps:
+        raise ValueError(f"curriculum: its stages take {curriculum_steps} of the {args.steps} --steps, leaving "
+                         f"none to --train-len")
     archs = args.arch.split(",")
     unknown = [a for a in archs if a not in ARCHS]
     if unknown:
@@ -137,10 +189,11 @@ def check_args(args: argparse.Namespace):
     task = TASKS[args.task]() if args.vocab is None else TASKS[args.task](vocab_size=args.vocab)
     lengths = args.eval_lens or [args.train_len]
     generator = torch.Generator().manual_seed(0)
-    for length in sorted({args.train_len, *lengths}):  # the task refuses lengths it cannot fill
+    # the task refuses lengths it cannot fill
+    for length in sorted({args.train_len, *lengths, *(stage[0] for stage in args.curriculum)}):
         task.sample(1, length, generator)
     for arch in archs:  # the model options, as build_model will pass them
-        TrainConfig(arch=arch, d_model=args.d_model, n_layer=args.n_layer, **model_options(args)).model_config(
+        TrainConfig(arch=arch, d_model=args.d_model, n_layer=args.n_layer, **model_options(args, arch)).model_config(
             task.vocab_size)
     out = Path(args.out)
     try:
@@ -179,7 +232,8 @@ def run(args: argparse.Namespace) -> int:
             except torch.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 acc[length] = None
-        rows.append({"arch": arch, "params": sum(p.numel() for p in model.parameters()), "steps": log[-1]["step"],
+        rows.append({"arch": arch, "params": sum(p.numel() for p in model.parameters()),
+                     "model_options": model_options(args, arch), "steps": log[-1]["step"],
                      "train_s": round(train_s, 1), "final_loss": log[-1]["loss"], "accuracy": acc})
         print(format_row(rows[-1], lengths, header=len(rows) == 1))
     stem = free_stem(Path(args.out), task.name)

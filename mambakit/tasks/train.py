@@ -7,8 +7,9 @@
 """
 from __future__ import annotations
 
+import itertools
 import time
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -66,14 +67,20 @@ def _tail_logits_in_chunks(model, inputs: torch.Tensor, first: int, chunk_len: i
 def train_task(model, task, seq_len: int, steps: int, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
                max_time: float | None = None, bf16: bool = False, progress: bool = True,
                on_log: Callable[[dict], None] | None = None, log_interval: int = 100, warmup_steps: int = 0,
-               min_lr_ratio: float = 1.0, grad_clip: float | None = None) -> list[dict]:
+               min_lr_ratio: float = 1.0, grad_clip: float | None = None,
+               curriculum: Sequence[tuple[int, ...]] = ()) -> list[dict]:
     """Adam on `steps` fresh batches of (batch_size, seq_len), the loss on the scored positions only.
 
     The defaults are the papers' synthetic-task recipe, a constant `lr`; `min_lr_ratio` < 1 decays it by a
     cosine over `steps` to lr * min_lr_ratio (after `warmup_steps` of linear warmup), and `grad_clip`
-    bounds the gradient norm. Stops early after `max_time` seconds. Returns the logged records."""
+    bounds the gradient norm. `curriculum`: (length, steps) or (length, steps, batch) stages trained
+    first, in order (batch: `batch_size` unless given), before `seq_len` takes the remaining steps: a
+    length curriculum, since what a selective model learns on short sequences carries over to long ones
+    at a fraction of their cost. Stops early after `max_time` seconds. Returns the logged records, each
+    with the length and batch it trained at."""
     if grad_clip is not None and not grad_clip > 0:
         raise ValueError(f"grad_clip: expected a positive number or None, got {grad_clip!r}")
+    shapes = _stage_shapes(curriculum, seq_len, batch_size, steps)
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -82,8 +89,8 @@ def train_task(model, task, seq_len: int, steps: int, batch_size: int = 64, lr: 
     records, start = [], time.perf_counter()
     model.train()
     bar = tqdm(range(steps), desc=f"train {task.name}", disable=not progress, dynamic_ncols=True)
-    for step in bar:
-        inputs, targets = (t.to(device) for t in task.sample(batch_size, seq_len, generator))
+    for step, (batch, length) in zip(bar, shapes):
+        inputs, targets = (t.to(device) for t in task.sample(batch, length, generator))
         with autocast:
             logits, answers = _scored_logits(model, inputs, targets)
         loss = F.cross_entropy(logits.float(), answers)
@@ -97,8 +104,8 @@ def train_task(model, task, seq_len: int, steps: int, batch_size: int = 64, lr: 
         done = step + 1 == steps or (max_time is not None and elapsed > max_time)
         if (step + 1) % log_interval == 0 or done:
             hits = (logits.argmax(-1) == answers).float().mean()
-            record = {"step": step + 1, "loss": loss.item(), "train_acc": hits.item(), "lr": lr_now,
-                      "elapsed_s": elapsed}
+            record = {"step": step + 1, "seq_len": length, "batch_size": batch, "loss": loss.item(),
+                      "train_acc": hits.item(), "lr": lr_now, "elapsed_s": elapsed}
             records.append(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_acc']:.3f}")
             if on_log is not None:
@@ -107,6 +114,26 @@ def train_task(model, task, seq_len: int, steps: int, batch_size: int = 64, lr: 
             break
     bar.close()
     return records
+
+
+def _stage_shapes(curriculum: Sequence[tuple[int, ...]], seq_len: int, batch_size: int,
+                  steps: int) -> Iterator[tuple[int, int]]:
+    """(batch, length) of each of `steps` steps: each curriculum stage's for its steps, then (batch_size,
+    seq_len) for the rest. Refuses stages that are not (length, steps[, batch]) of ints >= 1, or that
+    leave no step to seq_len."""
+    def positive_int(n) -> bool:
+        return isinstance(n, int) and not isinstance(n, bool) and n >= 1
+
+    for stage in curriculum:
+        if not isinstance(stage, (tuple, list)) or len(stage) not in (2, 3) or not all(map(positive_int, stage)):
+            raise ValueError(f"curriculum: expected (length, steps[, batch]) stages of ints >= 1, got {stage!r}")
+    left = steps - sum(stage[1] for stage in curriculum)
+    if left < 1:
+        raise ValueError(f"curriculum: its stages take {steps - left} steps, leaving none of the {steps} "
+                         f"to the training length {seq_len}")
+    stages = [(*stage[:2], stage[2] if len(stage) == 3 else batch_size) for stage in curriculum]
+    stages.append((seq_len, left, batch_size))
+    return itertools.chain.from_iterable(itertools.repeat((batch, length), n) for length, n, batch in stages)
 
 
 @torch.no_grad()

@@ -90,3 +90,29 @@ def test_train_task_grad_clip_must_be_positive():
     model = task_model("mamba", task.vocab_size, d_model=16, n_layer=1, d_state=4)
     with pytest.raises(ValueError, match="grad_clip"):
         train_task(model, task, seq_len=24, steps=1, grad_clip=0.0, progress=False)
+
+
+def test_train_task_curriculum_trains_each_stage_at_its_length():
+    task = InductionHeads(vocab_size=8)
+    model = task_model("mamba", task.vocab_size, d_model=16, n_layer=1, d_state=4)
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    records = train_task(model, task, seq_len=24, steps=7, batch_size=2, curriculum=[(8, 2, 5), (16, 3)],
+                         progress=False, log_interval=1)
+    assert seen == [(5, 8)] * 2 + [(2, 16)] * 3 + [(2, 24)] * 2  # a stage's own batch, else batch_size
+    assert [(r["batch_size"], r["seq_len"]) for r in records] == seen
+
+
+@pytest.mark.parametrize("curriculum, fragment", [
+    ([(8, 3), (16, 2)], "leaving none"),  # the stages take all 5 steps
+    ([(8, 0)], "stages of ints"),
+    ([(8, True)], "stages of ints"),
+    ([(8, 2, 0)], "stages of ints"),
+    ([(8, 2, 1, 1)], "stages of ints"),
+    ([8], "stages of ints"),
+])
+def test_train_task_refuses_a_bad_curriculum(curriculum, fragment):
+    task = InductionHeads(vocab_size=8)
+    model = task_model("mamba", task.vocab_size, d_model=16, n_layer=1, d_state=4)
+    with pytest.raises(ValueError, match=f"curriculum: .*{fragment}"):
+        train_task(model, task, seq_len=24, steps=5, curriculum=curriculum, progress=False)

@@ -5,9 +5,10 @@ import pytest
 
 from mambakit.cli import build_parser
 from mambakit.cli.demo import choose_out, prepare_out
-from mambakit.cli.synth import build_model, format_table, parse_lengths
+from mambakit.cli.synth import build_model, check_args, format_table, parse_curriculum, parse_lengths
 from mambakit.cli.train import given_options
 from mambakit.tasks import InductionHeads
+from mambakit.tasks.recipes import RECIPES
 from mambakit.training import TrainConfig, parse_count
 
 
@@ -90,6 +91,42 @@ def test_synth_eval_chunk_option():
     assert parse("--eval-chunk", "0").eval_chunk == 0
     with pytest.raises(SystemExit):
         parse("--eval-chunk", "-5")
+
+
+def test_synth_curriculum_option():
+    assert parse_curriculum("64:2000:128, 1024:500") == [(64, 2000, 128), (1024, 500)]
+    for bad in ("64", "64:", ":5", "64:0", "0:5", "64:5:0", "64:5:1:1", "64:1e3", "a:b", ""):
+        with pytest.raises(ValueError, match="curriculum"):
+            parse_curriculum(bad)
+    args = build_parser().parse_args(["synth", "selective-copying", "--curriculum", "64:100"])
+    assert args.curriculum == [(64, 100)]
+
+
+@pytest.mark.parametrize("task", sorted(RECIPES))
+def test_synth_options_left_out_take_the_task_recipe(task, tmp_path):
+    recipe = RECIPES[task]
+    parse = lambda *extra: build_parser().parse_args(  # noqa: E731
+        ["synth", task, "--d-model", "16", "--headdim", "8", "--out", str(tmp_path), *extra])
+    args = parse()
+    check_args(args)
+    assert (args.train_len, args.steps, args.batch_size, args.lr) == (recipe.seq_len, recipe.steps,
+                                                                      recipe.batch_size, recipe.lr)
+    assert args.curriculum == list(recipe.curriculum)
+    for given in (["--train-len", "512"], ["--steps", "9000"]):  # the curriculum goes with the recipe's length
+        args = parse(*given)
+        check_args(args)
+        assert args.curriculum == []
+    args = parse("--steps", "9000", "--curriculum", "64:10")
+    check_args(args)
+    assert args.curriculum == [(64, 10)] and args.train_len == recipe.seq_len
+    # Mamba-1 takes the recipe's mixer options; Mamba-2 (no dt_scale argument) its defaults; given ones win
+    # (dt_proj's weight is uniform in +-dt_scale / sqrt(dt_rank), dt_rank 1 here: beyond 1 only when scaled)
+    mamba = build_model(args, InductionHeads(), "mamba", "cpu").backbone.layers[0].mixer
+    assert (mamba.dt_proj.weight.abs().max() > 1) == (recipe.ssm_options("mamba").get("dt_scale", 1.0) > 1)
+    build_model(args, InductionHeads(), "mamba2", "cpu")
+    args = parse("--ssm-options", '{"d_conv": 2}')
+    check_args(args)
+    assert build_model(args, InductionHeads(), "mamba", "cpu").backbone.layers[0].mixer.dt_proj.weight.abs().max() < 1
 
 
 def test_synth_ssm_options_reach_the_model():
