@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mambakit.quantization import inference_linears
+from mambakit.quantization import InferenceLinear, replace_inference_linears
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -26,12 +26,14 @@ def prepack_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-class PackedLinear(nn.Module):
+class PackedLinear(InferenceLinear):
     """A linear layer whose weight (out, in) is held in oneDNN's blocked layout.
 
     Input (..., in_features) in the weight's dtype, output (..., out_features). Built from an
     `nn.Linear` by `PackedLinear.from_linear`; the bias (if any) is kept as it is.
     """
+
+    held_as = "holds a oneDNN-prepacked weight"
 
     def __init__(self, packed_weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -52,13 +54,6 @@ class PackedLinear(nn.Module):
         y = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.bias, "none", [], "")
         return y.view(*x.shape[:-1], self.out_features)
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        raise RuntimeError(f"state_dict: {prefix.rstrip('.') or 'this layer'} holds a oneDNN-prepacked weight, which "
-                           "is no checkpoint format; save the original model and prepack it again after loading")
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
 
 @torch.no_grad()
 def prepack(model: nn.Module) -> nn.Module:
@@ -67,9 +62,4 @@ def prepack(model: nn.Module) -> nn.Module:
     The model must be on the CPU and this torch build must have oneDNN (`prepack_available()`)."""
     if not prepack_available():
         raise RuntimeError("prepack: this torch build has no oneDNN (mkldnn) linear ops")
-    devices = {p.device.type for p in model.parameters()}
-    if devices != {"cpu"}:
-        raise ValueError(f"model: prepacked linear layers run on the CPU, got parameters on {sorted(devices)}")
-    for module, name in inference_linears(model):
-        setattr(module, name, PackedLinear.from_linear(getattr(module, name)))
-    return model
+    return replace_inference_linears(model, PackedLinear.from_linear, "prepacking linear layers")

@@ -34,12 +34,28 @@ QUANTIZED_CHILDREN = {Mamba: ("in_proj", "x_proj", "out_proj"), Mamba2: ("in_pro
                       GatedMLP: ("fc1", "fc2")}
 
 
-class Int8Linear(nn.Module):
+class InferenceLinear(nn.Module):
+    """Base of the inference-time stand-ins for `nn.Linear` (int8, prepacked): never saved, since
+    their buffers are no checkpoint format. Subclasses set `held_as` (what the error says of them)."""
+
+    held_as = ""
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        raise RuntimeError(f"state_dict: {prefix.rstrip('.') or 'this layer'} {self.held_as}, which is no checkpoint "
+                           "format; save the original model and convert it again after loading")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int8Linear(InferenceLinear):
     """A linear layer with an int8 weight (out, in) and one scale per output channel.
 
     Input (..., in_features), output (..., out_features) in the input's dtype. Built from an
     `nn.Linear` by `Int8Linear.from_linear`; the bias (if any) stays in its own dtype.
     """
+
+    held_as = "is int8-quantized"
 
     def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
                  dense_dtype: torch.dtype):
@@ -71,13 +87,6 @@ class Int8Linear(nn.Module):
             y = y + self.bias.to(y.dtype)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        raise RuntimeError(f"state_dict: {prefix.rstrip('.') or 'this layer'} is int8-quantized, which is no checkpoint "
-                           "format; save the original model and quantize it again after loading")
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
 
 @torch.no_grad()
 def quantize(model: nn.Module, method: str = "int8") -> nn.Module:
@@ -88,11 +97,17 @@ def quantize(model: nn.Module, method: str = "int8") -> nn.Module:
     """
     if method not in QUANTIZE_CHOICES:
         raise ValueError(f"method: expected one of {QUANTIZE_CHOICES}, got {method!r}")
+    return replace_inference_linears(model, Int8Linear.from_linear, "int8 weight-only quantization")
+
+
+def replace_inference_linears(model: nn.Module, convert, what: str) -> nn.Module:
+    """Swap each of `inference_linears(model)` for `convert(linear)`, in place; the model must be on the CPU
+    (`what` names the conversion in the error)."""
     devices = {p.device.type for p in model.parameters()}
     if devices != {"cpu"}:
-        raise ValueError(f"model: int8 weight-only quantization runs on the CPU, got parameters on {sorted(devices)}")
+        raise ValueError(f"model: {what} runs on the CPU, got parameters on {sorted(devices)}")
     for module, name in inference_linears(model):
-        setattr(module, name, Int8Linear.from_linear(getattr(module, name)))
+        setattr(module, name, convert(getattr(module, name)))
     return model
 
 
