@@ -34,6 +34,7 @@ class PackedLinear(InferenceLinear):
     """
 
     held_as = "holds a oneDNN-prepacked weight"
+    redo = "prepack"
 
     def __init__(self, packed_weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -62,4 +63,4 @@ def prepack(model: nn.Module) -> nn.Module:
     The model must be on the CPU and this torch build must have oneDNN (`prepack_available()`)."""
     if not prepack_available():
         raise RuntimeError("prepack: this torch build has no oneDNN (mkldnn) linear ops")
-    return replace_inference_linears(model, PackedLinear.from_linear, "prepacking linear layers")
+    return replace_inference_linears(model, PackedLinear.from_linear, "prepacking")

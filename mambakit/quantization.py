@@ -18,6 +18,8 @@ embedding, and attention layers (their KV cache takes its dtype from out_proj).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,13 +38,15 @@ QUANTIZED_CHILDREN = {Mamba: ("in_proj", "x_proj", "out_proj"), Mamba2: ("in_pro
 
 class InferenceLinear(nn.Module):
     """Base of the inference-time stand-ins for `nn.Linear` (int8, prepacked): never saved, since
-    their buffers are no checkpoint format. Subclasses set `held_as` (what the error says of them)."""
+    their buffers are no checkpoint format. Subclasses name what they hold (`held_as`) and the call
+    that makes them again (`redo`), for the error."""
 
-    held_as = ""
+    held_as: str
+    redo: str
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         raise RuntimeError(f"state_dict: {prefix.rstrip('.') or 'this layer'} {self.held_as}, which is no checkpoint "
-                           "format; save the original model and convert it again after loading")
+                           f"format; save the original model and {self.redo} it again after loading")
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -56,6 +60,7 @@ class Int8Linear(InferenceLinear):
     """
 
     held_as = "is int8-quantized"
+    redo = "quantize"
 
     def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
                  dense_dtype: torch.dtype):
@@ -100,7 +105,7 @@ def quantize(model: nn.Module, method: str = "int8") -> nn.Module:
     return replace_inference_linears(model, Int8Linear.from_linear, "int8 weight-only quantization")
 
 
-def replace_inference_linears(model: nn.Module, convert, what: str) -> nn.Module:
+def replace_inference_linears(model: nn.Module, convert: Callable[[nn.Linear], nn.Module], what: str) -> nn.Module:
     """Swap each of `inference_linears(model)` for `convert(linear)`, in place; the model must be on the CPU
     (`what` names the conversion in the error)."""
     devices = {p.device.type for p in model.parameters()}
