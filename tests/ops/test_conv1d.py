@@ -207,18 +207,27 @@ def test_non_contiguous_input(backend):
     assert rel_err(out, loop_conv(x, weight, bias, activation="silu")[0]) < 1e-5
 
 
+def _stride_order(t):
+    return sorted(range(t.dim()), key=lambda d: -t.stride(d))
+
+
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
-def test_triton_keeps_a_channels_last_layout():
-    """A transposed slice of a projection in, the same layout out (Mamba2 then reads x, B, C as row views);
-    gradients match the contiguous input's and come back in the input's layout."""
-    packed = torch.randn(2, 13, 9)
-    x = packed[..., 1:7].transpose(1, 2).requires_grad_(True)  # (2, 6, 13), unit stride along dim
+@pytest.mark.parametrize("layout", ["channels_last", "dim_batch_steps"])
+def test_triton_keeps_the_input_layout(layout):
+    """Output and input gradient laid out as x is: Mamba2's channels-last slice of its projection (x, B, C
+    then read as row views) and Mamba's (dim, batch, L) projection output (x_proj then reads the conv's
+    output with no copy); values match the contiguous input's."""
+    if layout == "channels_last":
+        x = torch.randn(2, 13, 9)[..., 1:7].transpose(1, 2)  # (2, 6, 13), unit stride along dim
+    else:
+        x = torch.randn(12, 2, 13)[:6].permute(1, 0, 2)  # (2, 6, 13), the first half of Mamba's xz
+    x.requires_grad_(True)
     dense = x.detach().contiguous().requires_grad_(True)
     weight, bias = torch.randn(6, 4), torch.randn(6)
     out, ref = (causal_conv1d(t, weight, bias, activation="silu", backend="triton") for t in (x, dense))
-    assert out.stride(1) == 1 and ref.is_contiguous()
+    assert _stride_order(out) == _stride_order(x) != _stride_order(ref) and ref.is_contiguous()
     assert rel_err(out, ref) < 1e-6
     grad = torch.randn(2, 13, 6).transpose(1, 2)
-    out.backward(grad)
-    ref.backward(grad)
-    assert rel_err(x.grad, dense.grad) < 1e-6
+    (dx,), (dref,) = (torch.autograd.grad(o, t, grad) for o, t in ((out, x), (ref, dense)))
+    assert _stride_order(dx) == _stride_order(x)
+    assert rel_err(dx, dref) < 1e-6

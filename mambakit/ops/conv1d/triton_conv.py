@@ -3,7 +3,8 @@
 A program computes a (BLOCK_D, BLOCK_L) tile of one batch row; each of the `width` taps is one shifted
 tile load (neighbouring programs' inputs come through the cache). Outputs and gradients keep x's layout:
 a (batch, dim, L) x with unit stride along dim (a transposed view of a (batch, L, dim) projection) gives
-outputs laid out the same way, read and written along dim in tiles long in dim. Backward: the gradient before the
+outputs laid out the same way, read and written along dim in tiles long in dim; Mamba's (dim, batch, L)
+layout stays (dim, batch, L). Backward: the gradient before the
 activation (recomputed pre-activation) goes to an fp32 buffer, then one kernel forms the input
 gradient (the transposed taps) and accumulates the weight and bias gradients atomically. Final states
 and the initial-state gradient are (batch, dim, width-1) slices, done with plain tensor ops.
@@ -31,12 +32,11 @@ def _channels_last(x: Tensor) -> bool:
 
 
 def _empty_like_layout(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """An empty (batch, dim, L) tensor in x's layout (the fakes use it too: their strides must match)."""
-    batch, dim, length = x.shape
-    dtype = dtype or x.dtype
-    if _channels_last(x):
-        return x.new_empty(batch, length, dim, dtype=dtype).transpose(1, 2)
-    return x.new_empty(batch, dim, length, dtype=dtype)
+    """An empty (batch, dim, L) tensor laid out in memory in x's stride order: a channels-last x, or Mamba's
+    (dim, batch, L) projection output, which the next projection reads with no copy (the fakes use it too:
+    their strides must match)."""
+    order = sorted(range(x.dim()), key=lambda d: (-x.stride(d), d))  # outermost in memory first
+    return torch.empty_permuted(x.shape, order, dtype=dtype or x.dtype, device=x.device)
 
 
 def _blocks(x: Tensor) -> tuple[int, int]:
