@@ -440,9 +440,10 @@ def test_compiled_matches_eager():
     bodies through autograd.Functions) gives the same values and grads."""
     batch, dim, length, N = 1, 8, 20, 4
     inputs, _ = make_inputs(batch, dim, length, N)
-    args = [torch.randn(batch, dim, length), torch.randn(dim, 4), torch.randn(dim), inputs["delta"], inputs["A"],
-            inputs["B"], inputs["C"], inputs["D"], inputs["z"], inputs["delta_bias"], torch.randn(dim),
-            torch.randn(batch, length, dim)]
+    args = [torch.randn(batch, dim, length, device=DEVICE), torch.randn(dim, 4, device=DEVICE),
+            torch.randn(dim, device=DEVICE), inputs["delta"], inputs["A"], inputs["B"], inputs["C"], inputs["D"],
+            inputs["z"], inputs["delta_bias"], torch.randn(dim, device=DEVICE),
+            torch.randn(batch, length, dim, device=DEVICE)]
     eager_args = [a.clone().requires_grad_() for a in args]
     compiled_args = [a.clone().requires_grad_() for a in args]
     backend = "inductor" if DEVICE == "cuda" else "aot_eager"  # aot_eager: no C++ toolchain needed on the CPU
