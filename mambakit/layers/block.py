@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from mambakit.ops import RMSNorm, rms_norm
+from mambakit.ops.norm_linear import fusable_linear, rms_norm_linear
 
 
 class Block(nn.Module):
@@ -40,12 +41,29 @@ class Block(nn.Module):
                 **mixer_kwargs):
         """hidden_states, residual: (batch, seqlen, dim); residual is None for the first block.
         Returns (hidden_states, residual): the sublayer output and the residual stream before it."""
+        if not mixer_kwargs and self._norm_fuses_into_mixer(hidden_states, inference_params):
+            return self._fused_step(hidden_states, residual, inference_params)
         hidden_states, residual = self._add_norm(self.norm, hidden_states, residual)
         hidden_states = self.mixer(hidden_states, inference_params=inference_params, **mixer_kwargs)
         if self.mlp is not None:
             hidden_states, residual = self._add_norm(self.norm2, hidden_states, residual)
             hidden_states = self.mlp(hidden_states)
         return hidden_states, residual
+
+    def _norm_fuses_into_mixer(self, hidden_states: torch.Tensor, inference_params) -> bool:
+        """A decode step whose add + norm can run inside the mixer's in_proj (`fusable_linear`)."""
+        if inference_params is None or inference_params.seqlen_offset == 0 or hidden_states.shape[1] != 1:
+            return False
+        return (self.mlp is None and self.fused_add_norm and isinstance(self.norm, RMSNorm)
+                and hasattr(self.mixer, "step_from_projection")
+                and fusable_linear(getattr(self.mixer, "in_proj", None), hidden_states))
+
+    def _fused_step(self, hidden_states: torch.Tensor, residual: torch.Tensor | None, inference_params):
+        """forward's decode step with add + norm + in_proj as one op (one launch for a few rows on CUDA)."""
+        projected, residual = rms_norm_linear(
+            hidden_states[:, 0], self.norm.weight, self.mixer.in_proj.weight, self.norm.eps,
+            residual=None if residual is None else residual[:, 0], residual_in_fp32=self.residual_in_fp32)
+        return self.mixer.step_from_projection(projected, inference_params).unsqueeze(1), residual.unsqueeze(1)
 
     def _add_norm(self, norm: nn.Module, hidden_states: torch.Tensor, residual: torch.Tensor | None):
         """(norm(hidden_states + residual), hidden_states + residual), the sum in fp32 if residual_in_fp32."""

@@ -141,14 +141,25 @@ class Mamba(nn.Module):
         and ssm_state (batch, d_inner, d_state) fp32 are updated in place. Returns (out, conv_state, ssm_state)."""
         if hidden_states.shape[1] != 1:
             raise ValueError(f"hidden_states: step decodes one token, expected seqlen 1, got {hidden_states.shape[1]}")
-        x, z = self.in_proj(hidden_states.squeeze(1)).chunk(2, dim=-1)  # (batch, d_inner) each
+        out = self._step(self.in_proj(hidden_states.squeeze(1)), conv_state, ssm_state)
+        return out.unsqueeze(1), conv_state, ssm_state
+
+    def step_from_projection(self, projected: torch.Tensor, inference_params) -> torch.Tensor:
+        """A decoding step from in_proj's output (batch, 2 * d_inner) (a block fuses its norm into
+        in_proj), on this layer's cached states. Returns (batch, d_model)."""
+        conv_state, ssm_state = cached_states(inference_params, self.layer_idx, projected.shape[0],
+                                              lambda: self.allocate_inference_cache(projected.shape[0], 1))
+        return self._step(projected, conv_state, ssm_state)
+
+    def _step(self, projected: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
+        x, z = projected.chunk(2, dim=-1)  # (batch, d_inner) each
         x = causal_conv1d_update(x, conv_state, self._conv_weight(), self.conv1d.bias, activation=self.activation)
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         # dt_proj and A = -exp(A_log) happen inside the step: fewer launches per token.
         y = selective_state_update(ssm_state, x, dt, None, B, C, self.D.float(), z=z,
                                    dt_bias=self.dt_proj.bias, dt_softplus=True, A_log=self.A_log,
                                    dt_proj_weight=self.dt_proj.weight)
-        return self.out_proj(y).unsqueeze(1), conv_state, ssm_state
+        return self.out_proj(y)
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None, **kwargs):
         """Zeroed (conv_state (batch, d_inner, d_conv), ssm_state (batch, d_inner, d_state) fp32)."""

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mambakit.ops import RMSNormGated, causal_conv1d, causal_conv1d_update, ssd, ssd_state_update
+from mambakit.ops.norm_linear import fusable_linear, rms_norm_gated_linear
 from mambakit.ops.ssd import seq_idx_from_cu_seqlens
 
 from ._common import (cached_states, check_layer_input, conv_history, conv_tail, conv_tails_varlen,
@@ -175,8 +176,19 @@ class Mamba2(nn.Module):
         Returns (out (batch, 1, d_model), conv_state, ssm_state)."""
         if hidden_states.shape[1] != 1:
             raise ValueError(f"hidden_states: step decodes one token, expected seqlen 1, got {hidden_states.shape[1]}")
+        out = self._step(self.in_proj(hidden_states.squeeze(1)), conv_state, ssm_state)
+        return out.unsqueeze(1), conv_state, ssm_state
+
+    def step_from_projection(self, projected: torch.Tensor, inference_params) -> torch.Tensor:
+        """A decoding step from in_proj's output (batch, d_in_proj) (a block fuses its norm into
+        in_proj), on this layer's cached states. Returns (batch, d_model)."""
+        conv_state, ssm_state = cached_states(inference_params, self.layer_idx, projected.shape[0],
+                                              lambda: self.allocate_inference_cache(projected.shape[0], 1))
+        return self._step(projected, conv_state, ssm_state)
+
+    def _step(self, projected: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
         d_mlp = self.d_inner - self.d_ssm
-        z0, x0, z, xBC, dt = self.in_proj(hidden_states.squeeze(1)).split(
+        z0, x0, z, xBC, dt = projected.split(
             [d_mlp, d_mlp, self.d_ssm, self.d_ssm + 2 * self.ngroups * self.d_state, self.nheads], dim=-1)
         xBC = causal_conv1d_update(xBC, conv_state, self._conv_weight(), self.conv1d.bias,
                                    activation=self.activation)
@@ -187,11 +199,16 @@ class Mamba2(nn.Module):
             D=self._D(), z=None if self.rmsnorm else z.unflatten(-1, (self.nheads, self.headdim)),
             dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit, A_log=self.A_log,
         )
-        out = self._output(y.flatten(-2), z, z0, x0)
-        return out.unsqueeze(1), conv_state, ssm_state
+        return self._output(y.flatten(-2), z, z0, x0)
 
     def _output(self, y: torch.Tensor, z: torch.Tensor, z0: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        """Gated norm of the SSM output y (..., d_ssm), the gated MLP part in front, then out_proj."""
+        """Gated norm of the SSM output y (..., d_ssm), the gated MLP part in front, then out_proj (as one
+        op when nothing comes between the norm and a plain bias-free out_proj: `fusable_linear`)."""
+        if self.rmsnorm and x0.shape[-1] == 0 and fusable_linear(self.out_proj, y):
+            norm = self.norm
+            out = rms_norm_gated_linear(y.flatten(0, -2), z.flatten(0, -2), norm.weight, self.out_proj.weight,
+                                        norm.eps, norm.group_size, norm.norm_before_gate)
+            return out.view(*y.shape[:-1], -1)
         if self.rmsnorm:
             y = self.norm(y, z)
         if x0.shape[-1] > 0:

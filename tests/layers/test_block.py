@@ -94,3 +94,37 @@ def test_block_passes_cache_and_mixer_arguments(cache_params, rel):
             params.seqlen_offset = t
             outs.append(block(x[:, t:t + 1], inference_params=params)[0])
     assert rel(torch.cat(outs, dim=1), full) < 1e-5
+
+
+@pytest.mark.parametrize("layer", ["Mamba1", "Mamba2"])
+def test_decode_step_with_the_norm_fused_into_the_projections(layer, monkeypatch):
+    """On the Triton path (the interpreter here), a decode step runs the block's add + norm inside the
+    mixer's in_proj (and Mamba-2's gated norm inside out_proj): the logits match the unfused step's."""
+    from mambakit import MambaConfig, MambaLMHeadModel
+    from mambakit.layers import block as block_module
+    from mambakit.layers import mamba2 as mamba2_module
+    from mambakit.ops.norm_linear import triton_decode
+
+    pytest.importorskip("triton")
+    monkeypatch.setenv("MAMBAKIT_BACKEND", "triton")
+    ssm_cfg = {"layer": layer, **({"headdim": 16, "chunk_size": 8} if layer == "Mamba2" else {})}
+    config = MambaConfig(d_model=64, n_layer=2, vocab_size=97, ssm_cfg=ssm_cfg, rms_norm=True, fused_add_norm=True,
+                         residual_in_fp32=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = MambaLMHeadModel(config, device=device).eval()
+    ids = torch.randint(0, 97, (2, 5), device=device)
+
+    def scores():
+        out = model.generate(ids, 8, cg=False, output_scores=True, return_dict_in_generate=True)
+        return torch.stack(out.scores)
+
+    fused_calls = []
+    fused = triton_decode.norm_linear
+    monkeypatch.setattr(triton_decode, "norm_linear", lambda *a: fused_calls.append(1) or fused(*a))
+    got = scores()
+    per_step = 2 * (2 if layer == "Mamba2" else 1)  # per layer: in_proj (+ out_proj)
+    assert len(fused_calls) == 2 * per_step  # steps 2 and 3 (the first token comes from the prefill)
+    for module in (block_module, mamba2_module):
+        monkeypatch.setattr(module, "fusable_linear", lambda *a: False)
+    want = scores()
+    assert ((got - want).norm() / want.norm()).item() < 1e-5

@@ -20,6 +20,7 @@ def _import_ops():
     """Importing the Triton paths registers their custom ops (the CPU scan's come with mambakit.ops)."""
     from mambakit.ops.conv1d import triton_conv, triton_step as conv_step  # noqa: F401
     from mambakit.ops.norm import triton_norm  # noqa: F401
+    from mambakit.ops.norm_linear import triton_decode  # noqa: F401
     from mambakit.ops.selective_scan import triton_scan, triton_step as scan_step  # noqa: F401
     from mambakit.ops.ssd import triton_ssd, triton_step as ssd_step  # noqa: F401
 
@@ -58,10 +59,12 @@ def conv_fwd_samples():
     yield x_slice, param(D, W), param(D), None, None, True
     yield transposed(B, D, L, grad=True), param(D, W), None, transposed(B, D, W - 1, grad=True), None, False
     yield torch.randn(B, D, L, requires_grad=True), param(D, W), param(D), None, seq_idx, True
+    # Mamba's x: the first half of in_proj's output laid out (2 * dim, batch, L) (weight @ tokens^T)
+    yield torch.randn(2 * D, B, L)[:D].permute(1, 0, 2).requires_grad_(), param(D, W), param(D), None, None, True
 
 
 def conv_bwd_samples():
-    douts = (transposed(B, D, L), torch.randn(B, D, L), torch.randn(B, D, L))
+    douts = (transposed(B, D, L), torch.randn(B, D, L), torch.randn(B, D, L), torch.randn(D, B, L).permute(1, 0, 2))
     for dout, (x, weight, bias, init, seq_idx, silu) in zip(douts, conv_fwd_samples()):
         yield detached((dout, x, weight, bias, init, seq_idx, silu))
 
@@ -84,6 +87,13 @@ def norm_fwd_samples():
         torch.float32
     yield transposed(B, NL, H, grad=True), torch.randn(B, NL, H, requires_grad=True), None, param(H), 1e-6, H, False, \
         True, torch.float32  # fused add + norm, prenorm
+
+
+def norm_linear_samples():
+    """Decode rows: x and z cut from one projection (Mamba-2's out_proj input), or the residual stream."""
+    x, z = (t.squeeze(1) for t in columns(B, 1, H, H))
+    yield x, None, z, torch.randn(H), torch.randn(24, H), 1e-5, H // 2, True, None
+    yield x, torch.randn(B, H), None, torch.randn(H), torch.randn(24, H), 1e-5, H, False, torch.float32
 
 
 def norm_bwd_samples():
@@ -187,6 +197,7 @@ SAMPLES = {
     "causal_conv1d_update": conv_update_samples,
     "rms_norm_fwd": norm_fwd_samples,
     "rms_norm_bwd": norm_bwd_samples,
+    "norm_linear": norm_linear_samples,
     "selective_scan_fwd": scan_fwd_samples,
     "selective_scan_bwd": scan_bwd_samples,
     "selective_state_update": scan_update_samples,
