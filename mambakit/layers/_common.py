@@ -8,6 +8,28 @@ import torch
 import torch.nn.functional as F
 
 
+class ProjectedStep:
+    """`step` and `step_from_projection` of a mixer whose decode step starts with `in_proj`; the mixer's
+    `_step(projected, conv_state, ssm_state) -> (batch, d_model)` does the rest (states updated in place)."""
+
+    def step(self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
+        """One decoding step. hidden_states: (batch, 1, d_model); conv_state and ssm_state (fp32), as
+        `allocate_inference_cache` makes them, are updated in place. Returns (out (batch, 1, d_model),
+        conv_state, ssm_state)."""
+        if hidden_states.shape[1] != 1:
+            raise ValueError(f"hidden_states: step decodes one token, expected seqlen 1, got {hidden_states.shape[1]}")
+        out = self._step(self.in_proj(hidden_states.squeeze(1)), conv_state, ssm_state)
+        return out.unsqueeze(1), conv_state, ssm_state
+
+    def step_from_projection(self, projected: torch.Tensor, inference_params) -> torch.Tensor:
+        """A decoding step from in_proj's output (batch, in_proj's out_features) on this layer's cached
+        states (a block fuses its norm into in_proj). Returns (batch, d_model)."""
+        batch = projected.shape[0]
+        conv_state, ssm_state = cached_states(inference_params, self.layer_idx, batch,
+                                              lambda: self.allocate_inference_cache(batch, 1))
+        return self._step(projected, conv_state, ssm_state)
+
+
 def check_layer_input(name: str, x, d_model: int, weight: torch.Tensor) -> None:
     """x: (batch, seqlen, d_model) on the device and in the dtype of `weight` (a weight of the layer that
     quantization leaves alone, e.g. the conv's) unless autocast is on;

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from mambakit.ops import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
 
-from ._common import cached_states, check_layer_input, conv_history, conv_tail, inverse_softplus_dt, no_weight_decay
+from ._common import (ProjectedStep, cached_states, check_layer_input, conv_history, conv_tail, inverse_softplus_dt,
+                      no_weight_decay)
 
 
 def _channels_first(linear: nn.Module, tokens: torch.Tensor, batch: int, with_bias: bool = True) -> torch.Tensor:
@@ -32,7 +33,7 @@ def _tokens_by_channels(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 1).reshape(-1, x.shape[1])
 
 
-class Mamba(nn.Module):
+class Mamba(ProjectedStep, nn.Module):
     """Selective state space mixer of Mamba-1. Input and output (batch, seqlen, d_model)."""
 
     def __init__(
@@ -136,22 +137,8 @@ class Mamba(nn.Module):
             ssm_state.copy_(final_state)
         return self.out_proj(_tokens_by_channels(y)).view(batch, seqlen, self.d_model)
 
-    def step(self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
-        """One decoding step. hidden_states: (batch, 1, d_model); conv_state (batch, d_inner, d_conv)
-        and ssm_state (batch, d_inner, d_state) fp32 are updated in place. Returns (out, conv_state, ssm_state)."""
-        if hidden_states.shape[1] != 1:
-            raise ValueError(f"hidden_states: step decodes one token, expected seqlen 1, got {hidden_states.shape[1]}")
-        out = self._step(self.in_proj(hidden_states.squeeze(1)), conv_state, ssm_state)
-        return out.unsqueeze(1), conv_state, ssm_state
-
-    def step_from_projection(self, projected: torch.Tensor, inference_params) -> torch.Tensor:
-        """A decoding step from in_proj's output (batch, 2 * d_inner) (a block fuses its norm into
-        in_proj), on this layer's cached states. Returns (batch, d_model)."""
-        conv_state, ssm_state = cached_states(inference_params, self.layer_idx, projected.shape[0],
-                                              lambda: self.allocate_inference_cache(projected.shape[0], 1))
-        return self._step(projected, conv_state, ssm_state)
-
     def _step(self, projected: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
+        """The decode step after in_proj (`ProjectedStep`); the states are updated in place."""
         x, z = projected.chunk(2, dim=-1)  # (batch, d_inner) each
         x = causal_conv1d_update(x, conv_state, self._conv_weight(), self.conv1d.bias, activation=self.activation)
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)

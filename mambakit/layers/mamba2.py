@@ -14,11 +14,11 @@ from mambakit.ops import RMSNormGated, causal_conv1d, causal_conv1d_update, ssd,
 from mambakit.ops.norm_linear import fusable_linear, rms_norm_gated_linear
 from mambakit.ops.ssd import seq_idx_from_cu_seqlens
 
-from ._common import (cached_states, check_layer_input, conv_history, conv_tail, conv_tails_varlen,
+from ._common import (ProjectedStep, cached_states, check_layer_input, conv_history, conv_tail, conv_tails_varlen,
                       inverse_softplus_dt, no_weight_decay)
 
 
-class Mamba2(nn.Module):
+class Mamba2(ProjectedStep, nn.Module):
     """Structured-state-space-duality mixer of Mamba-2. Input and output (batch, seqlen, d_model)."""
 
     def __init__(
@@ -170,23 +170,8 @@ class Mamba2(nn.Module):
         out = self._output(y.flatten(-2), z, z0, x0)
         return out.flatten(0, 1) if flat else out
 
-    def step(self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
-        """One decoding step. hidden_states: (batch, 1, d_model); conv_state (batch, conv_dim, d_conv)
-        and ssm_state (batch, nheads, headdim, d_state) fp32 are updated in place.
-        Returns (out (batch, 1, d_model), conv_state, ssm_state)."""
-        if hidden_states.shape[1] != 1:
-            raise ValueError(f"hidden_states: step decodes one token, expected seqlen 1, got {hidden_states.shape[1]}")
-        out = self._step(self.in_proj(hidden_states.squeeze(1)), conv_state, ssm_state)
-        return out.unsqueeze(1), conv_state, ssm_state
-
-    def step_from_projection(self, projected: torch.Tensor, inference_params) -> torch.Tensor:
-        """A decoding step from in_proj's output (batch, d_in_proj) (a block fuses its norm into
-        in_proj), on this layer's cached states. Returns (batch, d_model)."""
-        conv_state, ssm_state = cached_states(inference_params, self.layer_idx, projected.shape[0],
-                                              lambda: self.allocate_inference_cache(projected.shape[0], 1))
-        return self._step(projected, conv_state, ssm_state)
-
     def _step(self, projected: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
+        """The decode step after in_proj (`ProjectedStep`); the states are updated in place."""
         d_mlp = self.d_inner - self.d_ssm
         z0, x0, z, xBC, dt = projected.split(
             [d_mlp, d_mlp, self.d_ssm, self.d_ssm + 2 * self.ngroups * self.d_state, self.nheads], dim=-1)
