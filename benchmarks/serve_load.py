@@ -130,7 +130,7 @@ def offered_load(pool: ProcessPoolExecutor, url: str, concurrency: int, requests
 def one_at_a_time(model, prompt: list[int], new_tokens: int, requests: int) -> dict:
     """The no-batching baseline: the same requests through `generate`, one after the other."""
     device = next(model.parameters()).device
-    generate(model, [prompt], max_new_tokens=2, top_k=0, seed=0)  # warm-up (kernels, CUDA graphs)
+    generate(model, [prompt], max_new_tokens=new_tokens, top_k=0, seed=0)  # warm-up: the same decoder (its graph)
     ttft, tpot = [], []
     torch.set_grad_enabled(False)  # iterate_tokens' steps run where it is iterated: without autograd here
     start = time.perf_counter()
