@@ -171,30 +171,40 @@ class Run:
         self.finish_reasons: list[str | None] = [None] * len(self.jobs)
         scheduler.submit(self.jobs)
 
-    async def events(self, request: Request) -> AsyncIterator[tuple[int, str, str | None]]:
-        """(choice index, new text, finish reason or None): one per generated token of the answer (its text
-        '' while held back: an incomplete character or a possible stop string), then one with the finish
-        reason per choice; cancels the jobs when the client goes away (ClientGone) or the consumer stops early."""
+    async def events(self, request: Request) -> AsyncIterator[list[tuple[int, str, str | None]]]:
+        """Lists of (choice index, new text, finish reason or None), each holding what arrived since the
+        last one (a stream behind the decode loop catches up in one write): one item per generated token
+        of the answer (its text '' while held back: an incomplete character or a possible stop string),
+        then one with the finish reason per choice; cancels the jobs when the client goes away (ClientGone)
+        or the consumer stops early."""
         gone = asyncio.ensure_future(_put_on_disconnect(request, self.queue))
         remaining = len(self.jobs)
         try:
             while remaining:
-                item = await self.queue.get()
-                if item is DISCONNECTED:
-                    raise ClientGone()
-                index, token, finish = item
-                output = self.outputs[index]
-                piece = output.push(token) if finish is None else output.finish()
-                if piece is None:  # a stop token: no text, no chunk
-                    continue
-                self.texts[index] += piece
-                if finish is not None:
-                    remaining -= 1
-                    self.finish_reasons[index] = finish
-                    if finish == "error":
-                        raise RequestError("the model failed on this request (NaN logits or a scheduler error)",
-                                           status=500, type="server_error")
-                yield index, piece, finish
+                arrived = [await self.queue.get()]
+                while not self.queue.empty():
+                    arrived.append(self.queue.get_nowait())
+                batch = []
+                for item in arrived:
+                    if not remaining:
+                        break
+                    if item is DISCONNECTED:
+                        raise ClientGone()
+                    index, token, finish = item
+                    output = self.outputs[index]
+                    piece = output.push(token) if finish is None else output.finish()
+                    if piece is None:  # a stop token: no text, no chunk
+                        continue
+                    self.texts[index] += piece
+                    if finish is not None:
+                        remaining -= 1
+                        self.finish_reasons[index] = finish
+                        if finish == "error":
+                            raise RequestError("the model failed on this request (NaN logits or a scheduler "
+                                               "error)", status=500, type="server_error")
+                    batch.append((index, piece, finish))
+                if batch:
+                    yield batch
         finally:
             gone.cancel()
             if remaining:
@@ -228,7 +238,7 @@ def _full_response(run: Run, chat: bool) -> dict:
 
 async def _sse(run: Run, request: Request, chat: bool) -> AsyncIterator[str]:
     """The OpenAI event stream: one chunk per generated token, its text possibly '' (as vLLM: a client sees
-    every token arrive), a last one per choice with its finish_reason, a usage chunk when asked
+    every token arrive; the chunks that arrived together are written together), a last one per choice with its finish_reason, a usage chunk when asked
     (stream_options.include_usage), then [DONE]."""
     def chunk(choices, usage=None):
         body = {"id": ("chatcmpl-" if chat else "cmpl-") + run.id,
@@ -241,10 +251,13 @@ async def _sse(run: Run, request: Request, chat: bool) -> AsyncIterator[str]:
     if chat:
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                      for i in range(len(run.jobs))])
+    def content(piece):
+        return {"delta": {"content": piece}} if chat else {"text": piece, "logprobs": None}
+
     try:
-        async for index, piece, finish in run.events(request):
-            content = {"delta": {"content": piece}} if chat else {"text": piece, "logprobs": None}
-            yield chunk([{"index": index, **content, "finish_reason": finish}])
+        async for batch in run.events(request):  # one write per batch, one chunk per token in it
+            yield "".join(chunk([{"index": index, **content(piece), "finish_reason": finish}])
+                          for index, piece, finish in batch)
     except ClientGone:
         return
     except RequestError as e:
