@@ -50,6 +50,7 @@ class PackedLinear(InferenceLinear):
         bias = None if linear.bias is None else linear.bias.detach().to(weight.dtype)
         return cls(torch.ops.mkldnn._reorder_linear_weight(weight.contiguous()), bias)
 
+    @torch.compiler.disable  # dynamo cannot trace oneDNN's packed weight: a compiled step calls this eagerly
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).contiguous()  # the kernel reads dense rows
         y = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.bias, "none", [], "")

@@ -41,6 +41,10 @@ def register(subparsers) -> None:
     parser.add_argument("--no-echo", action="store_true", help="print only the new text, not the prompt")
     parser.add_argument("--prefill-chunk", type=int, default=8192, metavar="TOKENS",
                         help="prefill a longer prompt in pieces of this many tokens, bounding memory (8192)")
+    parser.add_argument("--compile", action="store_true",
+                        help="decode through torch.compile where the step runs eagerly (the CPU; instead of "
+                             "prepacking): faster tokens after a first compilation of tens of seconds (needs a C++ "
+                             "compiler)")
     parser.set_defaults(func=run)
 
 
@@ -81,7 +85,7 @@ def read_text(args: argparse.Namespace, name: str) -> str:
 
 def load_model(args: argparse.Namespace):
     """(model in eval mode on args.device, tokenizer) from --model, --tokenizer, --device, --dtype, --quantize,
-    --threads, --no-prepack."""
+    --threads, --no-prepack (and generate's --compile)."""
     from mambakit.models import MambaLMHeadModel
     from mambakit.prepacking import PACKED_DTYPES, prepack, prepack_available
     from mambakit.quantization import QUANTIZE_CHOICES, quantize
@@ -103,7 +107,8 @@ def load_model(args: argparse.Namespace):
     model = MambaLMHeadModel.from_pretrained(args.model, device=device, dtype=dtype).eval()
     if args.quantize is not None:
         quantize(model, args.quantize)
-    if device.type == "cpu" and dtype in PACKED_DTYPES and not args.no_prepack and prepack_available():
+    compiled = getattr(args, "compile", False)  # oneDNN's packed weights break a compiled step into pieces
+    if device.type == "cpu" and dtype in PACKED_DTYPES and not (args.no_prepack or compiled) and prepack_available():
         prepack(model)  # lossless: whatever quantize left in floating point
     return model, load_tokenizer(args.tokenizer if args.tokenizer is not None else args.model)
 
@@ -135,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
         config = GenerationOptions(max_new_tokens=args.max_new_tokens, seed=args.seed,
                                    eos_token_id=[] if args.ignore_eos else None, stop_token_ids=args.stop_token_id,
                                    stop_strings=args.stop, tokenizer=tokenizer, prefill_chunk=args.prefill_chunk,
-                                   **sampling)
+                                   compile=args.compile, **sampling)
         prompts = prompt_rows([tokenizer.encode(prompt)], next(model.parameters()).device)
         stop_ids = config.stop_ids(prompts[0].device)
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad input, missing files, unusable --device

@@ -8,6 +8,8 @@ model (a few at a time) and reused by later calls with the same shapes and sampl
 """
 from __future__ import annotations
 
+import os
+import shutil
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -124,14 +126,15 @@ class Decoder:
 
     `advance()` feeds `buffers.tokens`, chooses the next tokens and returns the logits they came from
     (a tensor that the next `advance()` may overwrite). With `graph=True` (CUDA) the step is captured
-    once and each `advance()` replays it. With `sampling=None` the step only runs the model (the caller
+    once and each `advance()` replays it; with `compiled=True` (not with a graph) the eager step runs
+    through `torch.compile`. With `sampling=None` the step only runs the model (the caller
     samples, e.g. rows with different options); `cache`: decode into this one (e.g. a view of the first
     `batch` rows of a larger cache, shared by decoders of several batch sizes) instead of a new one.
     """
 
     def __init__(self, model: nn.Module, batch: int, max_seqlen: int, steps: int, vocab: int, stop_slots: int,
                  sampling: SamplingConfig | None, cache_dtype: torch.dtype | None, teacher_len: int | None,
-                 graph: bool, cache: InferenceCache | None = None):
+                 graph: bool, cache: InferenceCache | None = None, compiled: bool = False):
         self._model = weakref.ref(model)  # kept decoders must not keep their model alive
         self.vocab, self.sampling = vocab, sampling
         self.cache = cache if cache is not None else InferenceCache.allocate(model, batch, max_seqlen, dtype=cache_dtype)
@@ -140,6 +143,8 @@ class Decoder:
         self.buffers = DecodeBuffers.allocate(batch, steps, vocab, stop_slots, device, penalty, teacher_len)
         self.graph = None
         self._graph_logits = None
+        # Compiled once per decoder (kept, as graph decoders are): dynamo guards on this decoder's buffers.
+        self._step = torch.compile(self._eager_step) if compiled else self._eager_step
         if graph:
             self._capture()
 
@@ -151,7 +156,7 @@ class Decoder:
 
     def advance(self) -> torch.Tensor:
         if self.graph is None:
-            return self._eager_step()
+            return self._step()
         self.graph.replay()
         return self._graph_logits
 
@@ -175,28 +180,38 @@ class Decoder:
 
 def get_decoder(model: nn.Module, batch: int, max_seqlen: int, steps: int, vocab: int, n_stop_ids: int,
                 sampling: SamplingConfig, cache_dtype: torch.dtype | None, teacher_len: int | None,
-                graph: bool) -> Decoder:
-    """A decoder for these shapes. Graph decoders are kept (a capture costs a few eager steps) and a later
-    call with the same key reuses one, its cache reset. Sizes are rounded up (steps and max_seqlen to a
+                graph: bool, compiled: bool = False) -> Decoder:
+    """A decoder for these shapes. Graph and compiled decoders are kept (a capture costs a few eager steps,
+    a compilation seconds) and a later call with the same key reuses one, its cache reset. Sizes are rounded up (steps and max_seqlen to a
     power of two, stop ids to a multiple of STOP_ID_SLOTS), eager ones too: both then run the same
     kernels on the same shapes (an attention layer's KV cache has max_seqlen rows), so they agree exactly."""
     max_seqlen, steps = _round_up_pow2(max_seqlen), _round_up_pow2(steps)
     stop_slots = -(-max(n_stop_ids, 1) // STOP_ID_SLOTS) * STOP_ID_SLOTS
     args = (model, batch, max_seqlen, steps, vocab, stop_slots, sampling, cache_dtype, teacher_len)
-    if not graph or steps == 1:  # one token comes from the prefill alone: nothing to replay
+    if not (graph or compiled) or steps == 1:  # one token comes from the prefill alone: nothing to replay
         return Decoder(*args, graph=False)
+    if compiled:
+        check_compiler(model)
     weights = tuple((p.data_ptr(), p.dtype, p.shape) for p in model.parameters())
-    key = (*args[1:], weights)
+    key = (*args[1:], graph, compiled, weights)
     kept = _decoders.setdefault(model, OrderedDict())
     decoder = kept.pop(key, None)
     if decoder is None:
         while len(kept) >= MAX_DECODERS_PER_MODEL:
             kept.popitem(last=False)
-        decoder = Decoder(*args, graph=True)
+        decoder = Decoder(*args, graph=graph, compiled=compiled)
     else:
         decoder.cache.reset()
     kept[key] = decoder
     return decoder
+
+
+def check_compiler(model: nn.Module) -> None:
+    """compile=True on the CPU needs the C++ compiler inductor calls ($CXX, else g++ or clang++)."""
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if on_cpu and not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++") if c):
+        raise FileNotFoundError("compile: torch.compile's CPU kernels need a C++ compiler ($CXX, g++ or clang++); "
+                           "none was found: install one or decode without compile")
 
 
 def release_decoders(model: nn.Module) -> None:

@@ -151,7 +151,8 @@ def decode_steps(model: nn.Module, prompts: list[torch.Tensor], options: Generat
         teacher = teacher.to(device=device, dtype=torch.long)
     graph = device.type == "cuda" and options.cg is not False
     decoder = get_decoder(model, batch, int(lengths.max()) + steps_total, steps_total, vocab, stop_ids.numel(),
-                          options.sampling, options.cache_dtype, None if teacher is None else teacher.shape[1], graph)
+                          options.sampling, options.cache_dtype, None if teacher is None else teacher.shape[1], graph,
+                          compiled=options.compile and not graph)
     buffers = decoder.buffers
     buffers.load(prompts, seeds, budgets.to(device), stop_ids, pad, teacher)
     logits = prefill(model, decoder.cache, prompts, options.cache_dtype, options.prefill_chunk)[:, :vocab]

@@ -27,6 +27,9 @@ class GenerationOptions:
     teacher_outputs[b, len(prompt_b) + t] while that index is < T (the official meaning).
     vocab_size: sample among the first vocab_size logits (default: the model config's vocab_size).
     cg: decode with CUDA graphs (None: on when the model is on a CUDA device; ignored on the CPU).
+    compile: where the decode step runs eagerly (the CPU, or cg=False), run it through `torch.compile`
+    (fused C++ / Triton kernels: on the CPU about 1.5-1.8x faster per token at the 130M shape; the first
+    call compiles, tens of seconds; inductor needs a C++ compiler on the CPU).
     check_every: read the stop condition back to the host every this many tokens (stop strings: every token).
     """
 
@@ -48,6 +51,7 @@ class GenerationOptions:
     teacher_outputs: torch.Tensor | None = None
     vocab_size: int | None = None
     cg: bool | None = None
+    compile: bool = False
     check_every: int = 1
     sampling: SamplingConfig = field(init=False)
 
@@ -63,6 +67,8 @@ class GenerationOptions:
         check_int("check_every", self.check_every, 1)
         if self.cg is not None and not isinstance(self.cg, bool):
             raise ValueError(f"cg: expected True, False or None, got {self.cg!r}")
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile: expected True or False, got {self.compile!r}")
         if isinstance(self.stop_strings, str):
             self.stop_strings = [self.stop_strings]
         self.stop_strings = list(self.stop_strings)

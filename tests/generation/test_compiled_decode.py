@@ -1,0 +1,42 @@
+"""generate(compile=True): the eager decode step through torch.compile (inductor's C++ kernels on the CPU)
+gives the tokens of the plain eager step, greedy and seeded sampling, and one compilation serves later calls."""
+import shutil
+
+import pytest
+import torch
+
+from mambakit import MambaConfig, MambaLMHeadModel
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("clang++") is None,
+                                reason="inductor's CPU kernels need a C++ compiler")
+
+
+@pytest.mark.parametrize("layer", ["Mamba1", "Mamba2"])
+def test_compiled_decode_equals_eager(layer):
+    config = MambaConfig(d_model=32, n_layer=2, vocab_size=61, ssm_cfg={"layer": layer, **(
+        {"headdim": 8, "chunk_size": 8} if layer == "Mamba2" else {})}, rms_norm=True, fused_add_norm=True,
+        residual_in_fp32=True)
+    model = MambaLMHeadModel(config).eval()
+    ids = torch.randint(0, 61, (2, 6))
+    for sampling in ({}, {"top_k": 0, "temperature": 0.8, "seed": 3}):
+        want = model.generate(ids, 14, **sampling)
+        got = model.generate(ids, 14, compile=True, **sampling)
+        assert torch.equal(got, want)
+    with torch.compiler.set_stance("fail_on_recompile"):  # the kept decoder, compiled, is reused
+        again = model.generate(ids, 14, compile=True)
+    assert torch.equal(again, model.generate(ids, 14))
+
+
+def test_compile_must_be_a_bool():
+    model = MambaLMHeadModel(MambaConfig(d_model=16, n_layer=1, vocab_size=11)).eval()
+    with pytest.raises(ValueError, match="compile: expected True or False, got 'yes'"):
+        model.generate(torch.zeros(1, 2, dtype=torch.long), 4, compile="yes")
+
+
+def test_no_compiler_is_a_clear_error(monkeypatch):
+    from mambakit.generation import decoder
+
+    monkeypatch.setattr(decoder.shutil, "which", lambda name: None)
+    model = MambaLMHeadModel(MambaConfig(d_model=16, n_layer=1, vocab_size=11)).eval()
+    with pytest.raises(FileNotFoundError, match=r"compile: .* need a C\+\+ compiler"):
+        model.generate(torch.zeros(1, 2, dtype=torch.long), 6, compile=True)
