@@ -1,9 +1,11 @@
 """CPU generation speed, ours and `transformers`' Mamba / Mamba-2 side by side in one run: the same random
 weights (saved once with `save_pretrained(format="hf")`, loaded by both), greedy decoding, fp32, bf16 and
 int8 weight-only (ours), batch 1 and 8. Ours runs as `mambakit generate` does on the CPU: floating-point
-linear layers prepacked for oneDNN (`mambakit.prepack`); the `-plain` variants leave them as they are. Every row runs in a fresh process, so that its resident memory
-is its own; the machine's memory bandwidth is measured first and each decode speed is set against the
-floor it implies (decode reads every weight once per step: floor = bandwidth / weight bytes per step).
+linear layers prepacked for oneDNN (`mambakit.prepack`); the `-plain` variants leave them as they are, the
+`-compiled` ones decode through torch.compile (`generate(compile=True)`, unprepacked, as `--compile` runs).
+Every row runs in a fresh process, so that its resident memory is its own; the machine's memory bandwidth
+is measured first and each decode speed is set against the floor it implies (decode reads every weight
+once per step: floor = bandwidth / weight bytes per step).
 
     python benchmarks/generation_cpu.py --threads 2 --prompt-len 128 --new-tokens 32
     python benchmarks/generation_cpu.py --shapes 370m,1.4b --models mamba2 --batches 1 --no-baseline
@@ -31,16 +33,18 @@ from mambakit import MambaConfig, MambaLMHeadModel, prepack, quantize
 from mambakit.bench.common import format_table, save_rows
 from mambakit.generation import iterate_tokens
 
-COLUMNS = ["model", "shape", "impl", "dtype", "quantize", "prepack", "batch", "prefill_tok_s", "decode_tok_s", "floor_tok_s",
-           "floor_fraction", "rss_gb", "load"]
+COLUMNS = ["model", "shape", "impl", "dtype", "quantize", "prepack", "compile", "batch", "prefill_tok_s",
+           "decode_tok_s", "floor_tok_s", "floor_fraction", "rss_gb", "load"]
 QUALITY_COLUMNS = ["model", "dtype", "quantize", "val_bpb", "bpb_err", "greedy_same_as_fp32"]
 VOCAB = 50280
 SHAPES = {"130m": dict(d_model=768, n_layer=24), "370m": dict(d_model=1024, n_layer=48),
           "1.4b": dict(d_model=2048, n_layer=48)}
 SSM_CFG = {"mamba1": {"layer": "Mamba1"}, "mamba2": {"layer": "Mamba2", "d_state": 128, "headdim": 64}}
-# (dtype, quantize, prepack) per variant; transformers runs float32 and bfloat16 (never prepacked).
-VARIANTS = {"float32": ("float32", None, True), "bfloat16": ("bfloat16", None, True), "int8": ("bfloat16", "int8", True),
-            "float32-plain": ("float32", None, False), "bfloat16-plain": ("bfloat16", None, False)}
+# (dtype, quantize, prepack, compile) per variant; transformers runs float32 and bfloat16 (never prepacked).
+VARIANTS = {"float32": ("float32", None, True, False), "bfloat16": ("bfloat16", None, True, False),
+            "int8": ("bfloat16", "int8", True, False), "float32-plain": ("float32", None, False, False),
+            "bfloat16-plain": ("bfloat16", None, False, False), "float32-compiled": ("float32", None, False, True),
+            "bfloat16-compiled": ("bfloat16", None, False, True), "int8-compiled": ("bfloat16", "int8", False, True)}
 DEFAULT_VARIANTS = ("float32", "bfloat16", "int8")
 BASELINE_VARIANTS = ("float32", "bfloat16")
 WARMUP_PROMPT, WARMUP_TOKENS = 16, 4
@@ -109,8 +113,8 @@ def speeds(runs: list[list[float]], batch: int, prompt_len: int) -> dict:
             "decode_runs_tok_s": [round(d, 2) for d in decode]}
 
 
-def ours(directory: Path, dtype: torch.dtype, method: str | None, packed: bool, prompt: torch.Tensor,
-         new_tokens: int, repeats: int):
+def ours(directory: Path, dtype: torch.dtype, method: str | None, packed: bool, compiled: bool,
+         prompt: torch.Tensor, new_tokens: int, repeats: int):
     model = MambaLMHeadModel.from_pretrained(directory, dtype=dtype).eval()
     if method is not None:
         quantize(model, method)
@@ -119,16 +123,17 @@ def ours(directory: Path, dtype: torch.dtype, method: str | None, packed: bool, 
 
     def run(ids, n):
         stamps = [time.perf_counter()]
-        for _ in iterate_tokens(model, list(ids), max_new_tokens=n):
+        for _ in iterate_tokens(model, list(ids), max_new_tokens=n, compile=compiled):
             stamps.append(time.perf_counter())
         return stamps
 
-    run(prompt[:, :WARMUP_PROMPT], WARMUP_TOKENS)
+    # A compiled decode step is compiled for the timed runs' shapes (the warm-up's decoder is theirs).
+    run(prompt, new_tokens) if compiled else run(prompt[:, :WARMUP_PROMPT], WARMUP_TOKENS)
     runs = [run(prompt, new_tokens) for _ in range(repeats)]
     return runs, weight_bytes_per_step(model, model.backbone.embedding.weight), resident_gb()  # model alive
 
 
-def transformers_baseline(directory: Path, dtype: torch.dtype, method: str | None, packed: bool,
+def transformers_baseline(directory: Path, dtype: torch.dtype, method: str | None, packed: bool, compiled: bool,
                           prompt: torch.Tensor, new_tokens: int, repeats: int):
     import transformers
     from transformers import LogitsProcessor
@@ -163,13 +168,13 @@ IMPLS = {"mambakit": ours, "transformers": transformers_baseline}
 
 
 def measure(spec: dict) -> dict:
-    """The figures of one row: spec holds directory, impl, dtype, quantize, prepack, batch, prompt_len, new_tokens,
-    repeats, threads."""
+    """The figures of one row: spec holds directory, impl, dtype, quantize, prepack, compile, batch, prompt_len,
+    new_tokens, repeats, threads."""
     torch.set_num_threads(spec["threads"])
     prompt = torch.randint(0, VOCAB, (spec["batch"], spec["prompt_len"]), generator=torch.Generator().manual_seed(0))
     runs, weight_bytes, memory = IMPLS[spec["impl"]](Path(spec["directory"]), getattr(torch, spec["dtype"]),
-                                             spec["quantize"], spec["prepack"], prompt, spec["new_tokens"],
-                                             spec["repeats"])
+                                             spec["quantize"], spec["prepack"], spec["compile"], prompt,
+                                             spec["new_tokens"], spec["repeats"])
     return {**speeds(runs, spec["batch"], spec["prompt_len"]), "weights_gb": weight_bytes / 1e9, **memory}
 
 
@@ -253,9 +258,9 @@ def main() -> None:
                     runs += [("transformers", v) for v in BASELINE_VARIANTS if v in args.variants.split(",")]
                 for batch in map(int, args.batches.split(",")):
                     for impl, variant in runs:
-                        dtype, method, packed = VARIANTS[variant]
+                        dtype, method, packed, compiled = VARIANTS[variant]
                         spec = {"impl": impl, "dtype": dtype, "quantize": method, "batch": batch,
-                                "prepack": packed and impl == "mambakit",
+                                "prepack": packed and impl == "mambakit", "compile": compiled and impl == "mambakit",
                                 "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
                                 "threads": args.threads}
                         load_before = round(os.getloadavg()[0], 2)
