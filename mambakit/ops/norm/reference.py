@@ -16,6 +16,13 @@ def normalize(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
+def prenorm_residual_dtype(x: torch.Tensor, residual: torch.Tensor | None, residual_in_fp32: bool) -> torch.dtype:
+    """The dtype of the sum x + residual that `rms_norm(prenorm=True)` returns: residual's (x's when None),
+    at least fp32 when residual_in_fp32 (fp64 stays fp64)."""
+    dtype = x.dtype if residual is None else residual.dtype
+    return torch.promote_types(dtype, torch.float32) if residual_in_fp32 else dtype
+
+
 def rms_norm(x, weight, eps=1e-5, residual=None, prenorm=False, residual_in_fp32=False):
     """Reference for `mambakit.ops.rms_norm` (validated there): normalizes s = x + residual, in fp32."""
     dtype = compute_dtype(x)
@@ -23,10 +30,7 @@ def rms_norm(x, weight, eps=1e-5, residual=None, prenorm=False, residual_in_fp32
     out = normalize(summed, eps, weight.to(dtype)).to(x.dtype)
     if not prenorm:
         return out
-    residual_dtype = x.dtype if residual is None else residual.dtype
-    if residual_in_fp32:
-        residual_dtype = torch.promote_types(residual_dtype, torch.float32)  # fp64 stays fp64
-    return out, summed.to(residual_dtype)
+    return out, summed.to(prenorm_residual_dtype(x, residual, residual_in_fp32))
 
 
 def rms_norm_gated(x, weight, z=None, eps=1e-5, group_size=None, norm_before_gate=True):

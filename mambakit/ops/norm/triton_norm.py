@@ -218,9 +218,7 @@ def rms_norm(x, weight, eps=1e-5, residual=None, prenorm=False, residual_in_fp32
     if _uses_reference(x, weight, residual):
         return reference.rms_norm(x, weight, eps=eps, residual=residual, prenorm=prenorm,
                                   residual_in_fp32=residual_in_fp32)
-    res_dtype = x.dtype if residual is None else residual.dtype
-    if residual_in_fp32:
-        res_dtype = torch.float32
+    res_dtype = reference.prenorm_residual_dtype(x, residual, residual_in_fp32)
     out, summed, _ = _norm_forward(x, residual, None, weight.contiguous(), eps, x.shape[-1], False, prenorm,
                                    res_dtype)
     return (out, summed) if prenorm else out

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from mambakit.ops._common import check_same_device, check_shape, choose_backend
 from mambakit.ops.norm import check_like, check_norm_inputs, rms_norm, rms_norm_gated
+from mambakit.ops.norm import reference as norm_reference
 
 MAX_FUSED_ROWS = 8  # beyond this, the weight read per row costs more than the launch saved
 
@@ -65,11 +66,9 @@ def rms_norm_linear(x, norm_weight, weight, eps=1e-5, residual=None, residual_in
         return F.linear(normed, weight), summed
     from mambakit.ops.norm_linear import triton_decode
 
-    residual_dtype = x.dtype if residual is None else residual.dtype  # rms_norm(prenorm=True)'s rule
-    if residual_in_fp32:
-        residual_dtype = torch.promote_types(residual_dtype, torch.float32)
     return triton_decode.norm_linear(_unit_stride(x), _unit_stride(residual), None, norm_weight.contiguous(),
-                                     weight.contiguous(), eps, x.shape[1], False, residual_dtype)
+                                     weight.contiguous(), eps, x.shape[1], False,
+                                     norm_reference.prenorm_residual_dtype(x, residual, residual_in_fp32))
 
 
 def rms_norm_gated_linear(x, z, norm_weight, weight, eps=1e-5, group_size=None, norm_before_gate=True, backend=None):
