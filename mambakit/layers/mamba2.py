@@ -184,16 +184,16 @@ class Mamba2(ProjectedStep, nn.Module):
             D=self._D(), z=None if self.rmsnorm else z.unflatten(-1, (self.nheads, self.headdim)),
             dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit, A_log=self.A_log,
         )
-        return self._output(y.flatten(-2), z, z0, x0)
+        y = y.flatten(-2)
+        if self.rmsnorm and d_mlp == 0 and fusable_linear(self.out_proj, y):
+            # Nothing between the gated norm and a plain out_proj: one op (one launch for a decode step's rows).
+            norm = self.norm
+            return rms_norm_gated_linear(y, z, norm.weight, self.out_proj.weight, norm.eps, norm.group_size,
+                                         norm.norm_before_gate)
+        return self._output(y, z, z0, x0)
 
     def _output(self, y: torch.Tensor, z: torch.Tensor, z0: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        """Gated norm of the SSM output y (..., d_ssm), the gated MLP part in front, then out_proj (as one
-        op when nothing comes between the norm and a plain bias-free out_proj: `fusable_linear`)."""
-        if self.rmsnorm and x0.shape[-1] == 0 and fusable_linear(self.out_proj, y):
-            norm = self.norm
-            out = rms_norm_gated_linear(y.flatten(0, -2), z.flatten(0, -2), norm.weight, self.out_proj.weight,
-                                        norm.eps, norm.group_size, norm.norm_before_gate)
-            return out.view(*y.shape[:-1], -1)
+        """Gated norm of the SSM output y (..., d_ssm), the gated MLP part in front, then out_proj."""
         if self.rmsnorm:
             y = self.norm(y, z)
         if x0.shape[-1] > 0:
