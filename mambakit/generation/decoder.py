@@ -182,9 +182,10 @@ def get_decoder(model: nn.Module, batch: int, max_seqlen: int, steps: int, vocab
                 sampling: SamplingConfig, cache_dtype: torch.dtype | None, teacher_len: int | None,
                 graph: bool, compiled: bool = False) -> Decoder:
     """A decoder for these shapes. Graph and compiled decoders are kept (a capture costs a few eager steps,
-    a compilation seconds) and a later call with the same key reuses one, its cache reset. Sizes are rounded up (steps and max_seqlen to a
-    power of two, stop ids to a multiple of STOP_ID_SLOTS), eager ones too: both then run the same
-    kernels on the same shapes (an attention layer's KV cache has max_seqlen rows), so they agree exactly."""
+    a compilation seconds) and a later call with the same key reuses one, its cache reset. Sizes are
+    rounded up (steps and max_seqlen to a power of two, stop ids to a multiple of STOP_ID_SLOTS), eager
+    ones too: both then run the same kernels on the same shapes (an attention layer's KV cache has
+    max_seqlen rows), so they agree exactly."""
     max_seqlen, steps = _round_up_pow2(max_seqlen), _round_up_pow2(steps)
     stop_slots = -(-max(n_stop_ids, 1) // STOP_ID_SLOTS) * STOP_ID_SLOTS
     args = (model, batch, max_seqlen, steps, vocab, stop_slots, sampling, cache_dtype, teacher_len)

@@ -190,25 +190,34 @@ class Run:
                         break
                     if item is DISCONNECTED:
                         raise ClientGone()
-                    index, token, finish = item
-                    output = self.outputs[index]
-                    piece = output.push(token) if finish is None else output.finish()
-                    if piece is None:  # a stop token: no text, no chunk
+                    event = self._record(*item)
+                    if event is None:  # a stop token: no text, no chunk
                         continue
-                    self.texts[index] += piece
+                    finish = event[2]
                     if finish is not None:
                         remaining -= 1
-                        self.finish_reasons[index] = finish
                         if finish == "error":
                             raise RequestError("the model failed on this request (NaN logits or a scheduler "
                                                "error)", status=500, type="server_error")
-                    batch.append((index, piece, finish))
+                    batch.append(event)
                 if batch:
                     yield batch
         finally:
             gone.cancel()
             if remaining:
                 self.scheduler.cancel(self.jobs)
+
+    def _record(self, index: int, token: int | None, finish: str | None) -> tuple[int, str, str | None] | None:
+        """A delivery's (index, new text, finish reason), its text and finish reason kept; None for a stop
+        token (it has no text)."""
+        output = self.outputs[index]
+        piece = output.push(token) if finish is None else output.finish()
+        if piece is None:
+            return None
+        self.texts[index] += piece
+        if finish is not None:
+            self.finish_reasons[index] = finish
+        return index, piece, finish
 
     def usage(self) -> dict:
         prompt = sum(len(p) for p in self.parsed.prompts)
@@ -238,8 +247,8 @@ def _full_response(run: Run, chat: bool) -> dict:
 
 async def _sse(run: Run, request: Request, chat: bool) -> AsyncIterator[str]:
     """The OpenAI event stream: one chunk per generated token, its text possibly '' (as vLLM: a client sees
-    every token arrive; the chunks that arrived together are written together), a last one per choice with its finish_reason, a usage chunk when asked
-    (stream_options.include_usage), then [DONE]."""
+    every token arrive; the chunks that arrived together are written together), a last one per choice with
+    its finish_reason, a usage chunk when asked (stream_options.include_usage), then [DONE]."""
     def chunk(choices, usage=None):
         body = {"id": ("chatcmpl-" if chat else "cmpl-") + run.id,
                 "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),

@@ -4,8 +4,8 @@ few rows, where the norm's own launch and its round trip through memory cost as 
 A program computes BLOCK_N outputs of one row: per normalization group it sums the squares of s = x
 (+ residual) (* silu(z) when the gate comes first), then (in one chunk when the group fits, else
 walking the group's channels in chunks) normalizes them (the norm's output rounded to x's dtype, as the
-unfused norm stores it), and accumulates their dot products with BLOCK_N rows of the weight in fp32. The summed residual is
-stored by the first program of each row.
+unfused norm stores it), and accumulates their dot products with BLOCK_N rows of the weight in fp32.
+The summed residual is stored by the first program of each row.
 """
 from __future__ import annotations
 
