@@ -20,6 +20,7 @@ import triton.language as tl
 from torch import Tensor
 
 from mambakit.ops._common import custom_op_if_compiling, eager_autograd
+from mambakit.ops._triton import program_index
 from mambakit.ops.conv1d import reference
 
 BLOCK_D, BLOCK_L = 16, 128
@@ -74,9 +75,9 @@ def _conv_fwd_kernel(
     """out = act(bias + sum_k w[:, k] x_{t-W+1+k}); grid (batch, dim blocks, L blocks).
 
     With GRAD, writes instead the gradient before the activation, dout * act'(pre), to out (fp32)."""
-    b = tl.program_id(0)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    t = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
+    b = program_index(0)
+    d = program_index(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    t = program_index(2) * BLOCK_L + tl.arange(0, BLOCK_L)
     mask_d = d < dim
     mask = mask_d[:, None] & (t < L)[None, :]
     seq_t = t  # unused without seq_idx
@@ -111,9 +112,9 @@ def _conv_bwd_kernel(
 ):
     """dx_s = sum_k w[:, k] dpre_{s+W-1-k} (same sequence only); dw, dbias accumulated atomically.
     dpre, dx: (batch, dim, L) with strides s_g*; grid (batch, dim blocks, L blocks)."""
-    b = tl.program_id(0)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    s = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
+    b = program_index(0)
+    d = program_index(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    s = program_index(2) * BLOCK_L + tl.arange(0, BLOCK_L)
     mask_d = d < dim
     mask = mask_d[:, None] & (s < L)[None, :]
     seq_s = s  # unused without seq_idx

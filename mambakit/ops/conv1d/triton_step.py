@@ -10,6 +10,7 @@ import triton.language as tl
 from torch import Tensor
 
 from mambakit.ops._common import custom_op_if_compiling
+from mambakit.ops._triton import program_index
 from mambakit.ops.conv1d import step
 
 BLOCK_D = 64
@@ -20,8 +21,8 @@ def _conv_update_kernel(x_ptr, state_ptr, w_ptr, bias_ptr, out_ptr, dim, s_xb, s
                         W: tl.constexpr, W_P2: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr,
                         SILU: tl.constexpr):
     """state (batch, dim, W) <- [state[:, :, 1:], x]; out = act(sum_k w[:, k] state[:, :, k] + bias)."""
-    b = tl.program_id(0)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    b = program_index(0)
+    d = program_index(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     k = tl.arange(0, W_P2)
     mask_d = d < dim
     shifted = mask_d[:, None] & (k < W - 1)[None, :]

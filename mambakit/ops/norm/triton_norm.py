@@ -16,6 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from mambakit.ops._common import custom_op_if_compiling, eager_autograd
+from mambakit.ops._triton import program_index
 from mambakit.ops.norm import reference
 
 
@@ -27,7 +28,7 @@ def _norm_fwd_kernel(
     STORE_RES: tl.constexpr,
 ):
     """Rows r = (m, g): channels g*group_size + [0, group_size) of row m. Grid (rows,)."""
-    r = tl.program_id(0)
+    r = program_index(0)
     m = r // groups
     c = (r % groups) * group_size + tl.arange(0, BLOCK)
     mask = tl.arange(0, BLOCK) < group_size
@@ -59,7 +60,7 @@ def _norm_bwd_kernel(
 ):
     """Programs stride over rows by a multiple of `groups`, so each program stays on one group g and
     sums its weight gradient in registers. dx is the gradient of s before the gate (x's and residual's)."""
-    pid = tl.program_id(0)
+    pid = program_index(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < group_size
     c = (pid % groups) * group_size + cols

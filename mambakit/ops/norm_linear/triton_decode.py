@@ -17,6 +17,7 @@ import triton.language as tl
 from torch import Tensor
 
 from mambakit.ops._common import custom_op_if_compiling
+from mambakit.ops._triton import program_index
 
 BLOCK_K = 512  # channels per chunk when a group is longer than MAX_ONE_CHUNK
 MAX_ONE_CHUNK = 4096  # channels of a group held at once
@@ -32,8 +33,8 @@ def _norm_linear_kernel(
 ):
     """Grid (cdiv(N, BLOCK_N), rows). out[m, n] = sum_k w[n, k] norm(s[m])[k]. ONE_CHUNK: a group fits in
     BLOCK_K channels, so s and the weight tile are loaded once (the weight first: its load is the long one)."""
-    pid_n = tl.program_id(0)
-    m = tl.program_id(1)
+    pid_n = program_index(0)
+    m = program_index(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = n < N
     acc = tl.zeros((BLOCK_N,), tl.float32)

@@ -27,6 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from mambakit.ops._common import custom_op_if_compiling, eager_autograd
+from mambakit.ops._triton import program_index
 from mambakit.ops.selective_scan import reference
 
 TILE_L = 64  # steps per tile; the backward's checkpoint stride
@@ -125,9 +126,9 @@ def _scan_fwd_kernel(
     N values are adjacent. s_n = 1 is the N stride of A and of the states, passed unspecialized: were the
     compiler to see N contiguous there, it would spread N over threads to vectorize those few accesses.
     """
-    pid_b = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    pid_c = tl.program_id(2)
+    pid_b = program_index(0)
+    pid_d = program_index(1)
+    pid_c = program_index(2)
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     n = tl.arange(0, N_P2)
     mask_d = d < dim
@@ -213,8 +214,8 @@ def _chain_chunks_kernel(hend_ptr, decay_ptr, h0_ptr, n_chunks, s_b, s_c, DN, HA
     hend, decay: (batch, chunks, dim, N) from pass 1; h0: (batch, dim, N). After this kernel hend[:, c]
     holds the true start state of chunk c (hend[:, 0] = h0 or zero).
     """
-    pid_b = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    pid_b = program_index(0)
+    offs = program_index(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < DN
     if HAS_H0:
         h = tl.load(h0_ptr + pid_b * DN + offs, mask=mask, other=0.0)
@@ -245,8 +246,8 @@ def _scan_bwd_kernel(
     du, ddelta, dz are written (batch, dim, L) with dout's strides (s_g*); dB, dC (batch, G, N, L) fp32,
     dA (dim, N), dD, dbias (dim,) fp32 are accumulated atomically; dh0 (batch, dim, N) is written.
     """
-    pid_b = tl.program_id(0)
-    pid_d = tl.program_id(1)
+    pid_b = program_index(0)
+    pid_d = program_index(1)
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     n = tl.arange(0, N_P2)
     mask_d = d < dim

@@ -21,6 +21,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from mambakit.ops._triton import program_index
+
 
 @triton.jit
 def _process_dt(dt, bias, dt_min, dt_max, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr):
@@ -56,8 +58,8 @@ def _chunk_state_fwd(x_ptr, dt_ptr, A_ptr, B_ptr, bias_ptr, seq_ptr, dtp_ptr, cs
                      HAS_SEQ: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr,
                      BN: tl.constexpr, PREC: tl.constexpr):
     """Grid (batch * nheads, nchunks): writes dt, cs (batch, nheads, nchunks, Q) and the local state (P, N)."""
-    c = tl.program_id(1)
-    bh = tl.program_id(0)
+    c = program_index(1)
+    bh = program_index(0)
     b, h = bh // H, bh % H
     g = h // (H // G)
     A = tl.load(A_ptr + h).to(tl.float32)
@@ -127,8 +129,8 @@ def _state_passing(states_ptr, cs_ptr, seq_ptr, init_ptr, final_ptr, other_ptr, 
     gets the gradient of the initial state, and dlast (batch, nheads, nchunks, cdiv(P, BPS)) the
     gradient of each chunk's cs_last through the carry: carry * <S_in, dS_out> (S_in from `other`).
     """
-    bh = tl.program_id(0)
-    pb = tl.program_id(1)
+    bh = program_index(0)
+    pb = program_index(1)
     b, h = bh // H, bh % H
     cols_p = pb * BPS + tl.arange(0, BPS)
     cols_n = tl.arange(0, BN)
@@ -170,10 +172,10 @@ def _chunk_cb(B_ptr, C_ptr, cb_ptr, L, G, N, NCHUNKS, sb_b, sb_t, sc_b, sc_t,
     """Grid (nchunks * NB * NB, batch * ngroups): cb[b, c, g, t, s] = C_t . B_s for the blocks on or
     below the diagonal, computed once per group and read by every head of it (fp32)."""
     NB: tl.constexpr = Q // BT
-    c = tl.program_id(0) // (NB * NB)
-    i = tl.program_id(0) // NB % NB
-    j = tl.program_id(0) % NB
-    bg = tl.program_id(1)
+    c = program_index(0) // (NB * NB)
+    i = program_index(0) // NB % NB
+    j = program_index(0) % NB
+    bg = program_index(1)
     b, g = bg // G, bg % G
     if (j > i) | (c * Q + i * BT >= L):
         return
@@ -202,8 +204,8 @@ def _chunk_scan_fwd(x_ptr, z_ptr, C_ptr, cb_ptr, D_ptr, states_ptr, cs_ptr, dtp_
     chunk run side by side and share its C B^T tiles in L2). x and C rows are strided (s*_b, s*_t); z, y
     and out are contiguous."""
     NB: tl.constexpr = Q // BT
-    c, i = tl.program_id(1) // NB, tl.program_id(1) % NB
-    bh = tl.program_id(0)
+    c, i = program_index(1) // NB, program_index(1) % NB
+    bh = program_index(0)
     b, h = bh // H, bh % H
     g = h // (H // G)
     if c * Q + i * BT >= L:
@@ -272,8 +274,8 @@ def _varlen_states(x_ptr, B_ptr, states_ptr, cs_ptr, dtp_ptr, seq_ptr, cu_ptr, o
                    Q: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     """Grid (num_seqs, nheads), batch 1: the state after the last step e of each packed sequence,
     from the entering state of e's chunk and that chunk's steps of the same sequence up to e."""
-    k = tl.program_id(0)
-    h = tl.program_id(1)
+    k = program_index(0)
+    h = program_index(1)
     g = h // (H // G)
     e = tl.load(cu_ptr + k + 1).to(tl.int32) - 1
     c = e // Q
@@ -315,8 +317,8 @@ def _chunk_dstate_direct(dout_ptr, z_ptr, C_ptr, cs_ptr, seq_ptr, dstates_ptr,
                          BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
     """Grid (batch * nheads, nchunks): sum_t exp(cs_t) dY_t^T C_t, the gradient of the entering
     state through this chunk's own outputs (rows of another sequence excluded)."""
-    c = tl.program_id(1)
-    bh = tl.program_id(0)
+    c = program_index(1)
+    bh = program_index(0)
     b, h = bh // H, bh % H
     g = h // (H // G)
     cols_p, cols_n, rows = tl.arange(0, BP), tl.arange(0, BN), tl.arange(0, BT)
@@ -355,8 +357,8 @@ def _chunk_scan_bwd_dx(x_ptr, z_ptr, dout_ptr, y_ptr, B_ptr, C_ptr, cb_ptr, D_pt
     Also dz and dD (per block).
     """
     NB: tl.constexpr = Q // BT
-    c, k = tl.program_id(1) // NB, tl.program_id(1) % NB
-    bh = tl.program_id(0)
+    c, k = program_index(1) // NB, program_index(1) % NB
+    bh = program_index(0)
     b, h = bh // H, bh % H
     g = h // (H // G)
     bg = b * G + g
@@ -462,10 +464,10 @@ def _chunk_scan_bwd_dbdc(x_ptr, z_ptr, dout_ptr, B_ptr, C_ptr, states_ptr, dstat
     a split of the group's heads. The score gradient dG = (dY x^T) * decay * dt is summed over
     heads before its one product with B (rows k) or C (columns k) per block pair."""
     NB: tl.constexpr = Q // BT
-    c, k = tl.program_id(0) // NB, tl.program_id(0) % NB
-    bg = tl.program_id(1)
+    c, k = program_index(0) // NB, program_index(0) % NB
+    bg = program_index(1)
     b, g = bg // G, bg % G
-    split = tl.program_id(2)
+    split = program_index(2)
     if c * Q + k * BT >= L:
         return
     rows = tl.arange(0, BT)
@@ -558,8 +560,8 @@ def _dt_bwd(dt_ptr, bias_ptr, A_ptr, dtp_ptr, dcs_ptr, ddt_ptr, dstate_w_ptr, dc
 
     a_u enters cs_t for t >= u (da_u: reverse cumsum of dcs), the state weight exp(cs_last - cs_s)
     for s < u (prefix sum of dstate_w before u), and the carry exp(cs_last) for every u."""
-    c = tl.program_id(0)
-    bh = tl.program_id(1)
+    c = program_index(0)
+    bh = program_index(1)
     b, h = bh // H, bh % H
     q = tl.arange(0, Q)
     buf = (bh * NCHUNKS + c) * Q + q

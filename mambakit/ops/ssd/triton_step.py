@@ -13,6 +13,7 @@ import triton.language as tl
 from torch import Tensor
 
 from mambakit.ops._common import custom_op_if_compiling
+from mambakit.ops._triton import program_index
 
 from .reference import DEFAULT_DT_LIMIT
 
@@ -26,10 +27,10 @@ def _ssd_step(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_
               HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
               SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, A_IS_LOG: tl.constexpr, BP: tl.constexpr,
               BN: tl.constexpr):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
+    b = program_index(0)
+    h = program_index(1)
     g = h // (H // G)
-    rows = tl.program_id(2) * BP + tl.arange(0, BP)
+    rows = program_index(2) * BP + tl.arange(0, BP)
     cols = tl.arange(0, BN)
     mrow, mcol = rows < P, cols < N
     dt = tl.load(dt_ptr + b * s_tb + h * s_th).to(tl.float32)
