@@ -38,3 +38,5 @@ for seed in 0 1 2 3 4; do
 done
 wait || true
 "$PYTHON" benchmarks/synth_tasks.py summarize --out "$OUT" | tee "$OUT/summary.txt"
+# Everything in one archive too: a remote runner may bring back only a few files per call.
+tar czf "$OUT/synth-results.tgz" -C "$OUT" --exclude synth-results.tgz .
