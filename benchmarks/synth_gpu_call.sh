@@ -39,4 +39,4 @@ done
 wait || true
 "$PYTHON" benchmarks/synth_tasks.py summarize --out "$OUT" | tee "$OUT/summary.txt"
 # Everything in one archive too: a remote runner may bring back only a few files per call.
-tar czf "$OUT/synth-results.tgz" -C "$OUT" --exclude synth-results.tgz .
+tar czf /tmp/synth-results.tgz -C "$OUT" . && mv /tmp/synth-results.tgz "$OUT/"
