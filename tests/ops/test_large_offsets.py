@@ -7,9 +7,19 @@ import torch
 
 from mambakit.ops import causal_conv1d, rms_norm, rms_norm_gated, selective_scan, ssd
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (a 4.4 GB buffer)")
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (a 4.4 GB buffer)")
 
 BATCH, LENGTH, WIDTH = 2, 2**17, 8448  # the last row's elements lie past 2^31 (BATCH * LENGTH * WIDTH)
+
+
+def test_wide_offsets_follows_the_storage():
+    pytest.importorskip("triton")
+    from mambakit.ops._triton import wide_offsets
+
+    big = torch.empty(2**31, dtype=torch.uint8)  # not touched: no memory is committed
+    small = torch.empty(2**31 // 4 - 1, dtype=torch.float32)
+    assert wide_offsets(None, big) and wide_offsets(big[:8]), "a view into a wide storage is wide"
+    assert not wide_offsets(small, None, torch.empty(0)), "2^31 bytes of fp32 are fewer than 2^31 elements"
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +42,7 @@ def assert_last_row_equal(out, ref):
     torch.testing.assert_close(out[-1:], ref, rtol=1e-3, atol=1e-3)
 
 
+@needs_gpu
 def test_conv1d_on_a_channels_last_view(wide):
     x = wide[..., -256:].transpose(1, 2)  # (batch, dim, L) with the L stride WIDTH
     weight = torch.randn(256, 4, device="cuda", dtype=torch.float16)
@@ -39,6 +50,7 @@ def test_conv1d_on_a_channels_last_view(wide):
     assert_last_row_equal(out, causal_conv1d(*last_row(x), weight, activation="silu"))
 
 
+@needs_gpu
 def test_ssd_on_views(wide):
     nheads, headdim, state = 4, 64, 64
     x, z, B, C, dt = wide[..., -(2 * nheads * headdim + 2 * state + nheads):].split(
@@ -53,6 +65,7 @@ def test_ssd_on_views(wide):
     assert_last_row_equal(out, ref)
 
 
+@needs_gpu
 def test_selective_scan_on_channels_last_views(wide):
     dim, state = 128, 16
     u, delta, z = (v.transpose(1, 2) for v in wide[..., -3 * dim:].split(dim, dim=-1))
@@ -63,6 +76,7 @@ def test_selective_scan_on_channels_last_views(wide):
     assert_last_row_equal(out, ref)
 
 
+@needs_gpu
 def test_norms_on_row_views(wide):
     x, residual, z = wide[..., -768:].split(256, dim=-1)  # rows of stride WIDTH
     weight = torch.rand(256, device="cuda", dtype=torch.float16) + 0.5

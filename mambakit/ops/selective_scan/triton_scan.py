@@ -27,7 +27,7 @@ import triton.language as tl
 from torch import Tensor
 
 from mambakit.ops._common import custom_op_if_compiling, eager_autograd
-from mambakit.ops._triton import program_index
+from mambakit.ops._triton import program_index, wide_offsets
 from mambakit.ops.selective_scan import reference
 
 TILE_L = 64  # steps per tile; the backward's checkpoint stride
@@ -112,7 +112,7 @@ def _scan_fwd_kernel(
     N: tl.constexpr, N_P2: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, UNROLL: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_SEQ_IDX: tl.constexpr, HAS_H0: tl.constexpr, WRITE_OUT: tl.constexpr,
-    WRITE_DECAY: tl.constexpr, WRITE_CKPT: tl.constexpr,
+    WRITE_DECAY: tl.constexpr, WRITE_CKPT: tl.constexpr, WIDE: tl.constexpr,
 ):
     """Scan one chunk of one batch row for BLOCK_D channels (inside one group of B and of C), one step
     at a time: the state (BLOCK_D, N) stays in registers, a channel's N states inside one thread (or two),
@@ -126,9 +126,9 @@ def _scan_fwd_kernel(
     N values are adjacent. s_n = 1 is the N stride of A and of the states, passed unspecialized: were the
     compiler to see N contiguous there, it would spread N over threads to vectorize those few accesses.
     """
-    pid_b = program_index(0)
-    pid_d = program_index(1)
-    pid_c = program_index(2)
+    pid_b = program_index(0, WIDE)
+    pid_d = program_index(1, WIDE)
+    pid_c = program_index(2, WIDE)
     d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     n = tl.arange(0, N_P2)
     mask_d = d < dim
@@ -406,6 +406,7 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_s
     h0 = None if initial_state is None else initial_state.float().contiguous().unsqueeze(1)
     seq = seq_idx if seq_idx is not None else u
     dummy = u
+    wide = wide_offsets(u, delta, z, out, B, C, seq_idx, hend, ckpt)
 
     def launch(start, write_out, write_decay, decay):
         s_start = start.stride() if start is not None else (0, 0, 0, 0)
@@ -422,7 +423,7 @@ def _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_s
             N=N, N_P2=triton.next_power_of_2(N), BLOCK_D=block_d, BLOCK_L=TILE_L, UNROLL=FWD_UNROLL,
             HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
             HAS_SEQ_IDX=seq_idx is not None, HAS_H0=start is not None, WRITE_OUT=write_out,
-            WRITE_DECAY=write_decay, WRITE_CKPT=write_out and save_ckpt,
+            WRITE_DECAY=write_decay, WRITE_CKPT=write_out and save_ckpt, WIDE=wide,
             num_warps=FWD_WARPS,
         )
 
