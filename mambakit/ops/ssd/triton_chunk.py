@@ -56,10 +56,10 @@ def _chunk_state_fwd(x_ptr, dt_ptr, A_ptr, B_ptr, bias_ptr, seq_ptr, dtp_ptr, cs
                      L, H, G, P, N, NCHUNKS, dt_min, dt_max, sx_b, sx_t, sdt_b, sdt_t, sb_b, sb_t,
                      HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr,
                      HAS_SEQ: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr, BP: tl.constexpr,
-                     BN: tl.constexpr, PREC: tl.constexpr):
+                     BN: tl.constexpr, PREC: tl.constexpr, WIDE: tl.constexpr):
     """Grid (batch * nheads, nchunks): writes dt, cs (batch, nheads, nchunks, Q) and the local state (P, N)."""
-    c = program_index(1)
-    bh = program_index(0)
+    c = program_index(1, WIDE)
+    bh = program_index(0, WIDE)
     b, h = bh // H, bh % H
     g = h // (H // G)
     A = tl.load(A_ptr + h).to(tl.float32)
@@ -119,7 +119,7 @@ def _chunk_step_loads(states_ptr, cs_ptr, seq_ptr, other_ptr, i, b, h, bh, tile,
 def _state_passing(states_ptr, cs_ptr, seq_ptr, init_ptr, final_ptr, other_ptr, dlast_ptr,
                    L, H, P, N, NCHUNKS,
                    HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, REVERSE: tl.constexpr,
-                   Q: tl.constexpr, BPS: tl.constexpr, BN: tl.constexpr):
+                   Q: tl.constexpr, BPS: tl.constexpr, BN: tl.constexpr, WIDE: tl.constexpr = True):
     """Grid (batch * nheads, cdiv(P, BPS)). The recurrence over chunks, in place on `states`.
 
     Forward: states holds each chunk's local state and becomes the state entering each chunk;
@@ -129,8 +129,8 @@ def _state_passing(states_ptr, cs_ptr, seq_ptr, init_ptr, final_ptr, other_ptr, 
     gets the gradient of the initial state, and dlast (batch, nheads, nchunks, cdiv(P, BPS)) the
     gradient of each chunk's cs_last through the carry: carry * <S_in, dS_out> (S_in from `other`).
     """
-    bh = program_index(0)
-    pb = program_index(1)
+    bh = program_index(0, WIDE)
+    pb = program_index(1, WIDE)
     b, h = bh // H, bh % H
     cols_p = pb * BPS + tl.arange(0, BPS)
     cols_n = tl.arange(0, BN)
@@ -168,14 +168,14 @@ def _intra_mask(t_rows, t_cols, seq_rows, seq_cols, cs_rows, cs_cols, HAS_SEQ: t
 
 @triton.jit
 def _chunk_cb(B_ptr, C_ptr, cb_ptr, L, G, N, NCHUNKS, sb_b, sb_t, sc_b, sc_t,
-              Q: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+              Q: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, WIDE: tl.constexpr):
     """Grid (nchunks * NB * NB, batch * ngroups): cb[b, c, g, t, s] = C_t . B_s for the blocks on or
     below the diagonal, computed once per group and read by every head of it (fp32)."""
     NB: tl.constexpr = Q // BT
-    c = program_index(0) // (NB * NB)
-    i = program_index(0) // NB % NB
-    j = program_index(0) % NB
-    bg = program_index(1)
+    c = program_index(0, WIDE) // (NB * NB)
+    i = program_index(0, WIDE) // NB % NB
+    j = program_index(0, WIDE) % NB
+    bg = program_index(1, WIDE)
     b, g = bg // G, bg % G
     if (j > i) | (c * Q + i * BT >= L):
         return
@@ -199,13 +199,13 @@ def _chunk_scan_fwd(x_ptr, z_ptr, C_ptr, cb_ptr, D_ptr, states_ptr, cs_ptr, dtp_
                     L, H, G, P, N, NCHUNKS, sx_b, sx_t, sc_b, sc_t,
                     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr,
                     HAS_SEQ: tl.constexpr, STORE_Y: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr,
-                    BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+                    BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, WIDE: tl.constexpr):
     """Grid (batch * nheads, nchunks * Q // BT): the outputs of one block of rows (the heads of a
     chunk run side by side and share its C B^T tiles in L2). x and C rows are strided (s*_b, s*_t); z, y
     and out are contiguous."""
     NB: tl.constexpr = Q // BT
-    c, i = program_index(1) // NB, program_index(1) % NB
-    bh = program_index(0)
+    c, i = program_index(1, WIDE) // NB, program_index(1, WIDE) % NB
+    bh = program_index(0, WIDE)
     b, h = bh // H, bh % H
     g = h // (H // G)
     if c * Q + i * BT >= L:

@@ -14,6 +14,7 @@ import triton
 from torch import Tensor
 
 from .._common import custom_op_if_compiling, eager_autograd
+from .._triton import wide_offsets
 from .reference import DEFAULT_DT_LIMIT
 
 BLOCK_T = 64  # rows per tensor-core block
@@ -87,30 +88,31 @@ def ssd_forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, 
     cs = torch.empty(batch, H, nchunks, Q, **f32)
     states = torch.empty(batch, nchunks, H, P, N, **f32)
     seq = seq_idx.to(torch.int32).contiguous() if seq_idx is not None else none
+    out = x.new_empty(x.shape)  # contiguous, whatever x's strides
+    y = x.new_empty(x.shape) if (z is not None and store_y) else torch.empty(0, device=dev)
+    NB = Q // BT
+    cb = torch.empty(batch, G, nchunks, Q, Q, **f32)
+    wide = wide_offsets(x, dt, B, C, z, out, y, states, cb, initial_states)  # cs, dtp: smaller than out
     prec = _prec(x)
     k._chunk_state_fwd[(batch * H, nchunks)](
         x, dt, A, B, dt_bias if dt_bias is not None else none, seq, dtp, cs, states,
         L, H, G, P, N, nchunks, lo, hi, *x.stride()[:2], *dt.stride()[:2], *B.stride()[:2],
         HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit, HAS_SEQ=seq_idx is not None,
-        Q=Q, BT=BT, BP=BP, BN=BN, PREC=prec, **LAUNCH["chunk_state"])
+        Q=Q, BT=BT, BP=BP, BN=BN, PREC=prec, WIDE=wide, **LAUNCH["chunk_state"])
     final = torch.empty(batch, H, P, N, **f32)
     init = initial_states.contiguous() if initial_states is not None else none
     k._state_passing[(batch * H, triton.cdiv(P, BLOCK_STATE_P))](
         states, cs, seq, init, final, none, none, L, H, P, N, nchunks,
         HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None, REVERSE=False,
-        Q=Q, BPS=BLOCK_STATE_P, BN=BN, num_warps=4)
-    NB = Q // BT
-    cb = torch.empty(batch, G, nchunks, Q, Q, **f32)
+        Q=Q, BPS=BLOCK_STATE_P, BN=BN, WIDE=wide, num_warps=4)
     k._chunk_cb[(nchunks * NB * NB, batch * G)](B, C, cb, L, G, N, nchunks, *B.stride()[:2], *C.stride()[:2],
-                                                Q=Q, BT=BT, BN=BN, PREC=prec, **LAUNCH["chunk_state"])
-    out = x.new_empty(x.shape)  # contiguous, whatever x's strides
-    y = x.new_empty(x.shape) if (z is not None and store_y) else torch.empty(0, device=dev)
+                                                Q=Q, BT=BT, BN=BN, PREC=prec, WIDE=wide, **LAUNCH["chunk_state"])
     Dc = D.contiguous() if D is not None else none
     k._chunk_scan_fwd[(batch * H, nchunks * NB)](
         x, z if z is not None else none, C, cb, Dc, states, cs, dtp, seq, out, y,
         L, H, G, P, N, nchunks, *x.stride()[:2], *C.stride()[:2],
         HAS_Z=z is not None, HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2,
-        HAS_SEQ=seq_idx is not None, STORE_Y=y.numel() > 0, Q=Q, BT=BT, BP=BP, BN=BN, PREC=prec,
+        HAS_SEQ=seq_idx is not None, STORE_Y=y.numel() > 0, Q=Q, BT=BT, BP=BP, BN=BN, PREC=prec, WIDE=wide,
         **LAUNCH["scan_fwd"])
     varlen = torch.empty(0, device=dev)  # outputs of a custom op must not alias one another
     if return_varlen_states:
