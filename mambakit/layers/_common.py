@@ -7,10 +7,13 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from mambakit.ops.conv1d import ConvStep
+
 
 class ProjectedStep:
-    """`step` and `step_from_projection` of a mixer whose decode step starts with `in_proj`; the mixer's
-    `_step(projected, conv_state, ssm_state) -> (batch, d_model)` does the rest (states updated in place)."""
+    """`step`, `step_from_projection` and `in_proj_conv` of a mixer whose decode step starts with `in_proj`
+    and its conv; the mixer's `_step(projected, conv_state, ssm_state, conv_applied) -> (batch, d_model)` does
+    the rest (states updated in place), `_conv_weight()` and `_conv_offset()` describe the conv."""
 
     def step(self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
         """One decoding step. hidden_states: (batch, 1, d_model); conv_state and ssm_state (fp32), as
@@ -18,16 +21,25 @@ class ProjectedStep:
         conv_state, ssm_state)."""
         if hidden_states.shape[1] != 1:
             raise ValueError(f"hidden_states: step decodes one token, expected seqlen 1, got {hidden_states.shape[1]}")
-        out = self._step(self.in_proj(hidden_states.squeeze(1)), conv_state, ssm_state)
+        out = self._step(self.in_proj(hidden_states.squeeze(1)), conv_state, ssm_state, conv_applied=False)
         return out.unsqueeze(1), conv_state, ssm_state
 
-    def step_from_projection(self, projected: torch.Tensor, inference_params) -> torch.Tensor:
+    def step_from_projection(self, projected: torch.Tensor, inference_params, conv_applied: bool = False):
         """A decoding step from in_proj's output (batch, in_proj's out_features) on this layer's cached
-        states (a block fuses its norm into in_proj). Returns (batch, d_model)."""
-        batch = projected.shape[0]
-        conv_state, ssm_state = cached_states(inference_params, self.layer_idx, batch,
-                                              lambda: self.allocate_inference_cache(batch, 1))
-        return self._step(projected, conv_state, ssm_state)
+        states (a block fuses its norm into in_proj); conv_applied: its conv columns already went through
+        `in_proj_conv`'s step. Returns (batch, d_model)."""
+        conv_state, ssm_state = self._decode_states(inference_params, projected.shape[0])
+        return self._step(projected, conv_state, ssm_state, conv_applied=conv_applied)
+
+    def in_proj_conv(self, inference_params, batch: int) -> ConvStep:
+        """The conv step on in_proj's output columns and this layer's cached conv state, for a block that
+        runs it as in_proj's epilogue (`rms_norm_linear(..., conv=)`, then `step_from_projection(...,
+        conv_applied=True)`)."""
+        conv_state, _ = self._decode_states(inference_params, batch)
+        return ConvStep(conv_state, self._conv_weight(), self.conv1d.bias, self.activation, self._conv_offset())
+
+    def _decode_states(self, inference_params, batch: int) -> tuple:
+        return cached_states(inference_params, self.layer_idx, batch, lambda: self.allocate_inference_cache(batch, 1))
 
 
 def check_layer_input(name: str, x, d_model: int, weight: torch.Tensor) -> None:

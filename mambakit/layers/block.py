@@ -55,15 +55,18 @@ class Block(nn.Module):
         if inference_params is None or inference_params.seqlen_offset == 0 or hidden_states.shape[1] != 1:
             return False
         return (self.mlp is None and self.fused_add_norm and isinstance(self.norm, RMSNorm)
-                and hasattr(self.mixer, "step_from_projection")
+                and hasattr(self.mixer, "in_proj_conv")
                 and fusable_linear(getattr(self.mixer, "in_proj", None), hidden_states))
 
     def _fused_step(self, hidden_states: torch.Tensor, residual: torch.Tensor | None, inference_params):
-        """forward's decode step with add + norm + in_proj as one op (one launch for a few rows on CUDA)."""
+        """forward's decode step with add + norm + in_proj + the mixer's conv step as one op (one launch for a
+        few rows on CUDA)."""
+        conv = self.mixer.in_proj_conv(inference_params, hidden_states.shape[0])
         projected, residual = rms_norm_linear(
             hidden_states[:, 0], self.norm.weight, self.mixer.in_proj.weight, self.norm.eps,
-            residual=None if residual is None else residual[:, 0], residual_in_fp32=self.residual_in_fp32)
-        return self.mixer.step_from_projection(projected, inference_params).unsqueeze(1), residual.unsqueeze(1)
+            residual=None if residual is None else residual[:, 0], residual_in_fp32=self.residual_in_fp32, conv=conv)
+        out = self.mixer.step_from_projection(projected, inference_params, conv_applied=True)
+        return out.unsqueeze(1), residual.unsqueeze(1)
 
     def _add_norm(self, norm: nn.Module, hidden_states: torch.Tensor, residual: torch.Tensor | None):
         """(norm(hidden_states + residual), hidden_states + residual), the sum in fp32 if residual_in_fp32."""

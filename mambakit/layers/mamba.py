@@ -137,10 +137,13 @@ class Mamba(ProjectedStep, nn.Module):
             ssm_state.copy_(final_state)
         return self.out_proj(_tokens_by_channels(y)).view(batch, seqlen, self.d_model)
 
-    def _step(self, projected: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
+    def _step(self, projected: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor,
+              conv_applied: bool) -> torch.Tensor:
         """The decode step after in_proj (`ProjectedStep`); the states are updated in place."""
         x, z = projected.chunk(2, dim=-1)  # (batch, d_inner) each
-        x = causal_conv1d_update(x, conv_state, self._conv_weight(), self.conv1d.bias, activation=self.activation)
+        if not conv_applied:
+            x = causal_conv1d_update(x, conv_state, self._conv_weight(), self.conv1d.bias,
+                                     activation=self.activation)
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         # dt_proj and A = -exp(A_log) happen inside the step: fewer launches per token.
         y = selective_state_update(ssm_state, x, dt, None, B, C, self.D.float(), z=z,
@@ -158,6 +161,9 @@ class Mamba(ProjectedStep, nn.Module):
 
     def _conv_weight(self) -> torch.Tensor:
         return self.conv1d.weight.squeeze(1)  # (d_inner, 1, d_conv) -> (d_inner, d_conv)
+
+    def _conv_offset(self) -> int:
+        return 0  # in_proj's x columns come first
 
     def _A(self) -> torch.Tensor:
         return -torch.exp(self.A_log.float())  # (d_inner, d_state), negative: a decaying state

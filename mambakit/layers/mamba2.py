@@ -170,13 +170,15 @@ class Mamba2(ProjectedStep, nn.Module):
         out = self._output(y.flatten(-2), z, z0, x0)
         return out.flatten(0, 1) if flat else out
 
-    def _step(self, projected: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
+    def _step(self, projected: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor,
+              conv_applied: bool) -> torch.Tensor:
         """The decode step after in_proj (`ProjectedStep`); the states are updated in place."""
         d_mlp = self.d_inner - self.d_ssm
         z0, x0, z, xBC, dt = projected.split(
             [d_mlp, d_mlp, self.d_ssm, self.d_ssm + 2 * self.ngroups * self.d_state, self.nheads], dim=-1)
-        xBC = causal_conv1d_update(xBC, conv_state, self._conv_weight(), self.conv1d.bias,
-                                   activation=self.activation)
+        if not conv_applied:
+            xBC = causal_conv1d_update(xBC, conv_state, self._conv_weight(), self.conv1d.bias,
+                                       activation=self.activation)
         x, B, C = xBC.split([self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         y = ssd_state_update(
             ssm_state, x.unflatten(-1, (self.nheads, self.headdim)), dt, None,
@@ -211,6 +213,9 @@ class Mamba2(ProjectedStep, nn.Module):
 
     def _conv_weight(self) -> torch.Tensor:
         return self.conv1d.weight.squeeze(1)  # (conv_dim, 1, d_conv) -> (conv_dim, d_conv)
+
+    def _conv_offset(self) -> int:
+        return 2 * (self.d_inner - self.d_ssm) + self.d_ssm  # in_proj's xBC columns follow z0, x0 and z
 
     def _A(self) -> torch.Tensor:
         return -torch.exp(self.A_log.float())  # (nheads,), negative: a decaying state

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from mambakit.ops import norm_linear
+from mambakit.ops.conv1d import ConvStep
 from mambakit.ops.norm_linear import triton_decode
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -71,6 +72,37 @@ def test_rms_norm_gated_linear(dtype, group_size, gate, chunking):
     assert rel_err(want, exact) < TOL[dtype] and rel_err(got, want) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,width,offset,bias,activation", [(1, 4, 0, True, "silu"), (3, 3, 21, False, None),
+                                                                (2, 4, 33, True, None)])
+def test_conv_step_epilogue(dtype, rows, width, offset, bias, activation):
+    """A conv decode step on 37 of the 70 outputs (a mixer's in_proj and its conv): those columns convolved
+    with the window shifted in place, the others as without it; Triton, reference and a float64 formula."""
+    x, norm_w, weight = make(rows, 300, 70, dtype)
+    dim = 37
+    conv_w = torch.randn(dim, width, device=DEVICE, dtype=dtype)
+    conv_b = torch.randn(dim, device=DEVICE, dtype=dtype) if bias else None
+    state0 = torch.randn(rows, dim, width, device=DEVICE, dtype=dtype)
+    outs, states = {}, {}
+    for backend in ("triton", "reference"):
+        states[backend] = state0.clone()
+        conv = ConvStep(states[backend], conv_w, conv_b, activation, offset)
+        outs[backend], _ = norm_linear.rms_norm_linear(x, norm_w, weight, backend=backend, conv=conv)
+    plain, _ = norm_linear.rms_norm_linear(x, norm_w, weight, backend="triton")
+    linear = float64_norm(x.double(), norm_w, 1e-5, 300) @ weight.double().T
+    cols = slice(offset, offset + dim)
+    window = torch.cat([state0.double()[..., 1:], linear[:, cols, None]], dim=-1)
+    conv_out = (window * conv_w.double()).sum(-1) + (conv_b.double() if bias else 0)
+    exact = linear.clone()
+    exact[:, cols] = conv_out * torch.sigmoid(conv_out) if activation else conv_out
+    others = torch.ones(70, dtype=torch.bool)
+    others[cols] = False
+    assert torch.equal(outs["triton"][:, others], plain[:, others])
+    assert rel_err(outs["reference"], exact) < TOL[dtype] and rel_err(outs["triton"], outs["reference"]) < TOL[dtype]
+    for got in states.values():
+        assert rel_err(got, window) < TOL[dtype] and torch.equal(got[..., :-1], state0[..., 1:])
+
+
 def test_strided_rows_are_read_in_place():
     """x and z as column slices of one projection (Mamba-2 cuts them from in_proj's output)."""
     packed = torch.randn(2, 700, device=DEVICE)
@@ -111,6 +143,13 @@ def test_bad_arguments():
         norm_linear.rms_norm_linear(x, norm_w, weight.double())
     with pytest.raises(ValueError, match=r"residual: expected shape \(2, 64\)"):
         norm_linear.rms_norm_linear(x, norm_w, weight, residual=x[:1])
+    state = torch.zeros(2, 4, 3)
+    with pytest.raises(ValueError, match=r"conv.offset: expected an int in \[0, 4\] \(4 conv channels of 8"):
+        norm_linear.rms_norm_linear(x, norm_w, weight, conv=ConvStep(state, torch.ones(4, 3), offset=5))
+    with pytest.raises(ValueError, match=r"conv.state: expected shape \(2, 4, 3\)"):
+        norm_linear.rms_norm_linear(x, norm_w, weight, conv=ConvStep(state[:1], torch.ones(4, 3)))
+    with pytest.raises(ValueError, match="conv.activation: expected one of"):
+        norm_linear.rms_norm_linear(x, norm_w, weight, conv=ConvStep(state, torch.ones(4, 3), activation="relu"))
     with pytest.raises(ValueError, match="group_size: expected a divisor of hidden size 64, got 24"):
         norm_linear.rms_norm_gated_linear(x, x, norm_w, weight, group_size=24)
 

@@ -4,6 +4,10 @@ Every path has the signature of `causal_conv1d` without `backend` and receives v
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
+
 from mambakit.ops._common import FLOAT_DTYPES, INDEX_DTYPES, check_dtype, check_same_device, check_shape, dispatch
 from mambakit.ops.conv1d import reference, step
 
@@ -86,4 +90,45 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation=None, back
     return update(x, conv_state, weight, bias=bias, activation=activation)
 
 
-__all__ = ["causal_conv1d", "causal_conv1d_fn", "causal_conv1d_update"]
+@dataclass(frozen=True)
+class ConvStep:
+    """A conv decode step on columns offset .. offset + dim of a linear layer's output (a mixer's in_proj),
+    for ops that run it as the linear layer's epilogue (`rms_norm_linear(..., conv=...)`): those columns come
+    out convolved and conv_state takes their values, as `causal_conv1d_update` of them would.
+
+    state: (rows, dim, width), updated in place; weight: (dim, width); bias: (dim,) or None.
+    """
+
+    state: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    activation: str | None = None
+    offset: int = 0
+
+    def check(self, rows: int, features: int, device: torch.device) -> None:
+        """Refuse a step that does not fit a linear output of (rows, features) on `device`, naming the field."""
+        check_shape("conv.weight", self.weight, None, None)
+        dim, width = self.weight.shape
+        check_shape("conv.state", self.state, rows, dim, width)
+        check_shape("conv.bias", self.bias, dim)
+        if isinstance(self.offset, bool) or not isinstance(self.offset, int) or not 0 <= self.offset <= features - dim:
+            raise ValueError(f"conv.offset: expected an int in [0, {features - dim}] ({dim} conv channels of "
+                             f"{features} outputs), got {self.offset!r}")
+        for name, t in dict(state=self.state, weight=self.weight, bias=self.bias).items():
+            check_dtype(f"conv.{name}", t, FLOAT_DTYPES)
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"conv.activation: expected one of {ACTIVATIONS}, got {self.activation!r}")
+        for name, t in dict(state=self.state, weight=self.weight, bias=self.bias).items():
+            if t is not None and t.device != device:
+                raise ValueError(f"conv.{name}: expected a tensor on {device} (the input's device), got {t.device}")
+
+    def apply(self, out: torch.Tensor, backend=None) -> torch.Tensor:
+        """The step on a computed output (the unfused path): out (rows, out_features), returned with its conv
+        columns convolved (in place)."""
+        cols = slice(self.offset, self.offset + self.weight.shape[0])
+        out[:, cols] = causal_conv1d_update(out[:, cols], self.state, self.weight, self.bias,
+                                            activation=self.activation, backend=backend)
+        return out
+
+
+__all__ = ["causal_conv1d", "causal_conv1d_fn", "causal_conv1d_update", "ConvStep"]

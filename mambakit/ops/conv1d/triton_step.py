@@ -17,26 +17,37 @@ BLOCK_D = 64
 
 
 @triton.jit
+def conv_step_channels(x, state_rows, s_sw, w_rows, bias_ptr, mask, W: tl.constexpr, W_P2: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
+    """The step for a block of channels: x (BLOCK,) their new inputs; state_rows and w_rows (BLOCK,) pointers
+    to each channel's window (stride s_sw) and its W contiguous taps; bias_ptr (BLOCK,) to its bias. The
+    window <- [window[1:], x] is stored; returns act(sum_k w[k] window[k] + bias) in fp32."""
+    k = tl.arange(0, W_P2)
+    window = tl.load(state_rows[:, None] + (k + 1)[None, :] * s_sw, mask=mask[:, None] & (k < W - 1)[None, :],
+                     other=0.0)
+    window = tl.where((k == W - 1)[None, :], x[:, None].to(window.dtype), window)
+    taps = mask[:, None] & (k < W)[None, :]
+    tl.store(state_rows[:, None] + k[None, :] * s_sw, window, mask=taps)
+    w = tl.load(w_rows[:, None] + k[None, :], mask=taps, other=0.0)
+    acc = tl.sum(window.to(tl.float32) * w.to(tl.float32), axis=1)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr, mask=mask, other=0.0).to(tl.float32)
+    if SILU:
+        acc *= tl.sigmoid(acc)
+    return acc
+
+
+@triton.jit
 def _conv_update_kernel(x_ptr, state_ptr, w_ptr, bias_ptr, out_ptr, dim, s_xb, s_xd, s_sb, s_sd, s_sw, s_ob,
                         W: tl.constexpr, W_P2: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr,
                         SILU: tl.constexpr):
     """state (batch, dim, W) <- [state[:, :, 1:], x]; out = act(sum_k w[:, k] state[:, :, k] + bias)."""
     b = program_index(0)
     d = program_index(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    k = tl.arange(0, W_P2)
     mask_d = d < dim
-    shifted = mask_d[:, None] & (k < W - 1)[None, :]
-    row = state_ptr + b * s_sb + d[:, None] * s_sd
-    window = tl.load(row + (k + 1)[None, :] * s_sw, mask=shifted, other=0.0)
     x = tl.load(x_ptr + b * s_xb + d * s_xd, mask=mask_d, other=0.0)
-    window = tl.where((k == W - 1)[None, :], x[:, None].to(window.dtype), window)
-    tl.store(row + k[None, :] * s_sw, window, mask=mask_d[:, None] & (k < W)[None, :])
-    w = tl.load(w_ptr + d[:, None] * W + k[None, :], mask=mask_d[:, None] & (k < W)[None, :], other=0.0)
-    acc = tl.sum(window.to(tl.float32) * w.to(tl.float32), axis=1)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
-    if SILU:
-        acc *= tl.sigmoid(acc)
+    acc = conv_step_channels(x, state_ptr + b * s_sb + d * s_sd, s_sw, w_ptr + d * W, bias_ptr + d, mask_d,
+                             W, W_P2, HAS_BIAS, SILU)
     tl.store(out_ptr + b * s_ob + d, acc.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 

@@ -5,6 +5,8 @@ The Triton path fuses the norm into the matrix-vector products (one launch, the 
 stored); it is the default on CUDA for at most MAX_FUSED_ROWS rows, where launches dominate. Otherwise
 (more rows, the CPU, fp64, inputs that need gradients) the two run unfused: the norm op on the same
 `backend`, then F.linear (cuBLAS / oneDNN); `backend="reference"` is the norm's reference then F.linear.
+`rms_norm_linear` also takes the conv decode step that follows a mixer's in_proj (`ConvStep`), fused as
+the kernel's epilogue and otherwise run after the linear layer on the same backend.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from mambakit.ops._common import check_same_device, check_shape, choose_backend
+from mambakit.ops.conv1d import ConvStep
 from mambakit.ops.norm import check_like, check_norm_inputs, rms_norm, rms_norm_gated
 from mambakit.ops.norm import reference as norm_reference
 
@@ -52,23 +55,28 @@ def _unit_stride(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
-def rms_norm_linear(x, norm_weight, weight, eps=1e-5, residual=None, residual_in_fp32=False, backend=None):
+def rms_norm_linear(x, norm_weight, weight, eps=1e-5, residual=None, residual_in_fp32=False, backend=None,
+                    conv: ConvStep | None = None):
     """F.linear(rms_norm(x + residual), weight) and the sum x + residual (a pre-norm block's step).
 
     x, residual: (rows, hidden); norm_weight: (hidden,); weight: (out, hidden), x's dtype. Returns
     (out (rows, out) in x's dtype, summed (rows, hidden) in residual's dtype (x's when None), fp32 when
-    residual_in_fp32), as `rms_norm(..., prenorm=True)` followed by the linear layer.
+    residual_in_fp32), as `rms_norm(..., prenorm=True)` followed by the linear layer, then `conv` (a
+    `ConvStep` on some of out's columns, its state updated in place) when given.
     """
     _check(x, norm_weight, weight, residual=residual)
+    if conv is not None:
+        conv.check(x.shape[0], weight.shape[0], x.device)
     if not _use_triton(backend, x, residual, norm_weight, weight):
         normed, summed = rms_norm(x, norm_weight, eps, residual=residual, prenorm=True,
                                   residual_in_fp32=residual_in_fp32, backend=backend)
-        return F.linear(normed, weight), summed
+        out = F.linear(normed, weight)
+        return (out if conv is None else conv.apply(out, backend)), summed
     from mambakit.ops.norm_linear import triton_decode
 
     return triton_decode.norm_linear(_unit_stride(x), _unit_stride(residual), None, norm_weight.contiguous(),
                                      weight.contiguous(), eps, x.shape[1], False,
-                                     norm_reference.prenorm_residual_dtype(x, residual, residual_in_fp32))
+                                     norm_reference.prenorm_residual_dtype(x, residual, residual_in_fp32), conv)
 
 
 def rms_norm_gated_linear(x, z, norm_weight, weight, eps=1e-5, group_size=None, norm_before_gate=True, backend=None):

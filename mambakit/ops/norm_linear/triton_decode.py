@@ -5,7 +5,8 @@ A program computes BLOCK_N outputs of one row: per normalization group it sums t
 (+ residual) (* silu(z) when the gate comes first), then (in one chunk when the group fits, else
 walking the group's channels in chunks) normalizes them (the norm's output rounded to x's dtype, as the
 unfused norm stores it), and accumulates their dot products with BLOCK_N rows of the weight in fp32.
-The summed residual is stored by the first program of each row.
+The summed residual is stored by the first program of each row. A conv decode step (`ConvStep`) on some
+output columns runs as the epilogue: each program owns its columns, so it updates their windows alone.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from mambakit.ops._common import custom_op_if_compiling
 from mambakit.ops._triton import program_index
+from mambakit.ops.conv1d.triton_step import conv_step_channels
 
 BLOCK_K = 512  # channels per chunk when a group is longer than MAX_ONE_CHUNK
 MAX_ONE_CHUNK = 4096  # channels of a group held at once
@@ -26,10 +28,12 @@ TILE_ELEMENTS = 16384  # weight elements per program at once (BLOCK_N x BLOCK_K)
 
 @triton.jit
 def _norm_linear_kernel(
-    x_ptr, res_ptr, z_ptr, nw_ptr, w_ptr, out_ptr, res_out_ptr, N, group_size, eps,
-    s_x, s_r, s_z, s_o, s_ro, s_w,
+    x_ptr, res_ptr, z_ptr, nw_ptr, w_ptr, out_ptr, res_out_ptr, cs_ptr, cw_ptr, cb_ptr, N, group_size, eps,
+    conv_offset, conv_dim, s_x, s_r, s_z, s_o, s_ro, s_w, s_cb, s_cd, s_cw,
     GROUPS: tl.constexpr, HAS_RES: tl.constexpr, HAS_Z: tl.constexpr, GATE_FIRST: tl.constexpr,
     STORE_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    HAS_CONV: tl.constexpr, CONV_W: tl.constexpr, CONV_W_P2: tl.constexpr, CONV_BIAS: tl.constexpr,
+    CONV_SILU: tl.constexpr,
 ):
     """Grid (cdiv(N, BLOCK_N), rows). out[m, n] = sum_k w[n, k] norm(s[m])[k]. ONE_CHUNK: a group fits in
     BLOCK_K channels, so s and the weight tile are loaded once (the weight first: its load is the long one)."""
@@ -69,7 +73,14 @@ def _norm_linear_kernel(
                 w = tl.load(w_ptr + n[:, None] * s_w + k[None, :], mask=mask_n[:, None] & mask_k[None, :],
                             other=0.0)
                 acc += tl.sum(w.to(tl.float32) * normed[None, :], axis=1)
-    tl.store(out_ptr + m * s_o + n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+    out = acc.to(out_ptr.dtype.element_ty)
+    if HAS_CONV:  # the conv sees the output rounded to its dtype, as when it runs after the linear layer
+        c = n - conv_offset
+        in_conv = mask_n & (c >= 0) & (c < conv_dim)
+        conv = conv_step_channels(out, cs_ptr + m * s_cb + c * s_cd, s_cw, cw_ptr + c * CONV_W, cb_ptr + c,
+                                  in_conv, CONV_W, CONV_W_P2, CONV_BIAS, CONV_SILU)
+        out = tl.where(in_conv, conv.to(out.dtype), out)
+    tl.store(out_ptr + m * s_o + n, out, mask=mask_n)
 
 
 @triton.jit
@@ -106,38 +117,50 @@ def launch_config(group_size: int) -> dict:
 
 
 def _norm_linear(x: Tensor, residual: Optional[Tensor], z: Optional[Tensor], norm_weight: Tensor, weight: Tensor,
-                 eps: float, group_size: int, gate_first: bool, residual_dtype: Optional[torch.dtype]
-                 ) -> tuple[Tensor, Tensor]:
-    """(out (rows, N) in x's dtype, summed residual (rows, K) in residual_dtype, or empty when None)."""
+                 eps: float, group_size: int, gate_first: bool, residual_dtype: Optional[torch.dtype],
+                 conv_state: Optional[Tensor], conv_weight: Optional[Tensor], conv_bias: Optional[Tensor],
+                 conv_offset: int, conv_silu: bool) -> tuple[Tensor, Tensor]:
+    """(out (rows, N) in x's dtype, summed residual (rows, K) in residual_dtype, or empty when None); with
+    conv_state, the conv step on out's columns conv_offset.. (conv_state updated in place)."""
     rows, K = x.shape
     N = weight.shape[0]
     out = torch.empty(rows, N, device=x.device, dtype=x.dtype)
     res_out = (torch.empty(rows, K, device=x.device, dtype=residual_dtype) if residual_dtype is not None
                else torch.empty(0, device=x.device))
     none = x  # never read: its flag is off
+    conv_dim, conv_width = conv_weight.shape if conv_state is not None else (0, 1)
     config = launch_config(group_size)
     _norm_linear_kernel[(triton.cdiv(N, config["BLOCK_N"]), rows)](
         x, residual if residual is not None else none, z if z is not None else none, norm_weight, weight, out,
-        res_out, N, group_size, eps, x.stride(0), residual.stride(0) if residual is not None else 0,
+        res_out, *(t if t is not None else none for t in (conv_state, conv_weight, conv_bias)),
+        N, group_size, eps, conv_offset, conv_dim, x.stride(0), residual.stride(0) if residual is not None else 0,
         z.stride(0) if z is not None else 0, out.stride(0), res_out.stride(0) if residual_dtype is not None else 0,
-        weight.stride(0), GROUPS=K // group_size, HAS_RES=residual is not None, HAS_Z=z is not None,
+        weight.stride(0), *(conv_state.stride() if conv_state is not None else (0, 0, 0)),
+        GROUPS=K // group_size, HAS_RES=residual is not None, HAS_Z=z is not None,
         GATE_FIRST=gate_first, STORE_RES=residual_dtype is not None,
-        ONE_CHUNK=config["BLOCK_K"] >= group_size, **config)
+        ONE_CHUNK=config["BLOCK_K"] >= group_size, HAS_CONV=conv_state is not None, CONV_W=conv_width,
+        CONV_W_P2=triton.next_power_of_2(conv_width), CONV_BIAS=conv_bias is not None, CONV_SILU=conv_silu,
+        **config)
     return out, res_out
 
 
-_norm_linear_op = torch.library.custom_op("mambakit::norm_linear", _norm_linear, mutates_args=())
+_norm_linear_op = torch.library.custom_op("mambakit::norm_linear", _norm_linear, mutates_args=("conv_state",))
 
 
 @_norm_linear_op.register_fake
-def _(x, residual, z, norm_weight, weight, eps, group_size, gate_first, residual_dtype):
+def _(x, residual, z, norm_weight, weight, eps, group_size, gate_first, residual_dtype, conv_state, conv_weight,
+      conv_bias, conv_offset, conv_silu):
     rows, K = x.shape
     res_out = x.new_empty(rows, K, dtype=residual_dtype) if residual_dtype is not None else x.new_empty(0)
     return x.new_empty(rows, weight.shape[0]), res_out
 
 
-def norm_linear(x, residual, z, norm_weight, weight, eps, group_size, gate_first, residual_dtype):
+def norm_linear(x, residual, z, norm_weight, weight, eps, group_size, gate_first, residual_dtype, conv=None):
     """The launch (inputs validated by `mambakit.ops.norm_linear`): x, residual, z (rows, K) with unit
-    stride along K; weight (N, K) contiguous. Returns (out, summed residual or an empty tensor)."""
+    stride along K; weight (N, K) contiguous; conv a `ConvStep` or None. Returns (out, summed residual or an
+    empty tensor)."""
     run = custom_op_if_compiling(_norm_linear_op, _norm_linear)
-    return run(x, residual, z, norm_weight, weight, float(eps), int(group_size), bool(gate_first), residual_dtype)
+    conv_args = ((conv.state, conv.weight.contiguous(), None if conv.bias is None else conv.bias.contiguous(),
+                  conv.offset, conv.activation is not None) if conv is not None else (None, None, None, 0, False))
+    return run(x, residual, z, norm_weight, weight, float(eps), int(group_size), bool(gate_first), residual_dtype,
+               *conv_args)
