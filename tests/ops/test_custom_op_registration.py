@@ -90,10 +90,15 @@ def norm_fwd_samples():
 
 
 def norm_linear_samples():
-    """Decode rows: x and z cut from one projection (Mamba-2's out_proj input), or the residual stream."""
+    """Decode rows: x and z cut from one projection (Mamba-2's out_proj input), or the residual stream; the
+    last five arguments are the conv epilogue (state, weight, bias, offset, silu) or its absence."""
     x, z = (t.squeeze(1) for t in columns(B, 1, H, H))
-    yield x, None, z, torch.randn(H), torch.randn(24, H), 1e-5, H // 2, True, None
-    yield x, torch.randn(B, H), None, torch.randn(H), torch.randn(24, H), 1e-5, H, False, torch.float32
+    no_conv = (None, None, None, 0, False)
+    yield x, None, z, torch.randn(H), torch.randn(24, H), 1e-5, H // 2, True, None, *no_conv
+    yield x, torch.randn(B, H), None, torch.randn(H), torch.randn(24, H), 1e-5, H, False, torch.float32, *no_conv
+    # the conv step as epilogue on output columns 4..12 (Mamba-2's xBC), its state updated in place
+    yield x, torch.randn(B, H), None, torch.randn(H), torch.randn(24, H), 1e-5, H, False, torch.float32, \
+        torch.randn(B, 8, W), torch.randn(8, W), torch.randn(8), 4, True
 
 
 def norm_bwd_samples():
