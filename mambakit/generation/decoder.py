@@ -144,7 +144,9 @@ class Decoder:
         self.graph = None
         self._graph_logits = None
         # Compiled once per decoder (kept, as graph decoders are): dynamo guards on this decoder's buffers.
-        self._step = torch.compile(self._eager_step) if compiled else self._eager_step
+        # The plain function, not the bound method: a decoder that held itself would be a reference cycle,
+        # its cache kept on the GPU until Python's cycle collector runs.
+        self._compiled_step = torch.compile(Decoder._eager_step) if compiled else None
         if graph:
             self._capture()
 
@@ -155,10 +157,10 @@ class Decoder:
         return logits
 
     def advance(self) -> torch.Tensor:
-        if self.graph is None:
-            return self._step()
-        self.graph.replay()
-        return self._graph_logits
+        if self.graph is not None:
+            self.graph.replay()
+            return self._graph_logits
+        return self._compiled_step(self) if self._compiled_step is not None else self._eager_step()
 
     def _capture(self) -> None:
         """Warm up (Triton compiles, cuBLAS picks its kernels) on a side stream, capture one step, then

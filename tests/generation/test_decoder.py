@@ -1,11 +1,13 @@
 """A forward-only Decoder (sampling=None) over a view of a larger cache: what a scheduler that samples
 rows itself builds, one per batch size, all sharing one cache."""
 import dataclasses
+import gc
+import weakref
 
 import pytest
 import torch
 
-from mambakit.generation import InferenceCache, decode_step, prefill
+from mambakit.generation import InferenceCache, decode_step, prefill, release_decoders
 from mambakit.generation.decoder import Decoder
 
 
@@ -42,3 +44,38 @@ def test_forward_only_decoder_on_shared_rows_equals_decode_step(device, make_mod
     # The steps advanced the shared cache itself: its rows hold the reference's states.
     for ours, ref in zip(shared.key_value_memory_dict[0], reference.key_value_memory_dict[0]):
         assert float((ours[:3] - ref).norm() / ref.norm()) < 1e-5
+
+
+@pytest.fixture
+def no_cycle_collector():
+    """Objects then die by reference counting alone: what a reference cycle keeps alive stays alive."""
+    gc.collect()
+    gc.disable()
+    yield
+    gc.enable()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_generate_frees_its_decode_state_without_the_cycle_collector(device, make_model, vocab, no_cycle_collector,
+                                                                      monkeypatch):
+    # A decoder in a reference cycle held its cache (all layers' states for the batch) until gc ran.
+    allocate, made = InferenceCache.allocate.__func__, []
+
+    def recorded(cls, *args, **kwargs):
+        cache = allocate(cls, *args, **kwargs)
+        made.append(weakref.ref(cache))
+        return cache
+
+    monkeypatch.setattr(InferenceCache, "allocate", classmethod(recorded))
+    model = make_model("mamba2").to(device)
+    ids = torch.randint(0, vocab, (3, 5), device=device)
+    model.generate(ids, 5 + int(torch.randint(2, 9, ())), cg=device == "cuda")
+    decoder = Decoder(model, 2, 16, 4, vocab, 1, None, None, None, graph=device == "cuda")
+    decoder_alive = weakref.ref(decoder)
+    del decoder
+    assert decoder_alive() is None
+    release_decoders(model)  # the graph decoders generate keeps for reuse
+    assert len(made) >= 2 and all(cache() is None for cache in made)
+    model_alive = weakref.ref(model)
+    del model
+    assert model_alive() is None
