@@ -6,6 +6,11 @@ number of prompt tokens per iteration, so running streams keep moving) and join,
 advances every row. An SSM row's state has a fixed size, so joining and leaving is a copy of a few
 tensors, with no paged memory.
 
+The decode is pipelined by one step: an iteration queues step t+1 on the device (its input tokens are
+step t's, already there) before it reads step t's tokens back and hands them out, so the host's work
+(delivery, stop checks, joins) runs while the device computes. A row that finished at step t therefore
+computes one more step, whose token is dropped.
+
 A row samples with its own `SamplingConfig`, seed and step counter through `generation.sampling.sample`,
 so its tokens are exactly those `generate` gives for the same prompt and seed, whatever else is in the batch.
 """
@@ -80,6 +85,16 @@ class SchedulerOptions:
 Delivery = tuple[Job, int | None, str | None]
 
 
+@dataclass
+class Pending:
+    """A decode step queued on the device: the jobs of its rows (in row order) and their tokens (-1: NaN
+    logits) on their way into a host buffer; `event` (CUDA) marks the copy done."""
+
+    jobs: list[Job]
+    tokens: torch.Tensor
+    event: torch.cuda.Event | None
+
+
 def deliver_here(deliveries: list[Delivery]) -> None:
     """The default relay: each job's `deliver` runs on the scheduler thread."""
     for job, token, finish in deliveries:
@@ -109,6 +124,11 @@ class Scheduler:
         self.steps = torch.zeros(rows, dtype=torch.long, device=device)
         self.seen = torch.zeros(rows, self.vocab, dtype=torch.bool, device=device)
         self.rows: list[Job] = []  # rows[i] occupies cache row i
+        # Host slots for sampled tokens (pinned on CUDA, so the copy is asynchronous), used in turn: while a
+        # queued step waits for delivery, a join's tokens and the next step's take the two others.
+        self._host_tokens = torch.zeros(3, rows, dtype=torch.long, pin_memory=device.type == "cuda")
+        self._slot = 0
+        self._pending: Pending | None = None
         # With cg, a decoder per bucket of batch sizes (powers of two and max_batch), each over the first rows
         # of the one cache, its step captured as a CUDA graph on CUDA (eager elsewhere); n live rows run the
         # smallest bucket >= n (the rows past n are free, their outputs ignored). Captured now, while the
@@ -186,7 +206,7 @@ class Scheduler:
 
     def _iterate(self) -> bool:
         with self._wake:
-            while not self.rows and not self.waiting and not self._stopping:
+            while not self.rows and not self.waiting and self._pending is None and not self._stopping:
                 self._wake.wait()
             if self._stopping:
                 return False
@@ -203,9 +223,11 @@ class Scheduler:
                         self._outbox.append((job, None, "error"))
             self._relay()  # the first tokens go out before the decode step
             self._leave()
-        if self.rows:
-            self._choose(self._decode(len(self.rows)), 0)
+        queued = self._queue_step() if self.rows else None
+        if self._pending is not None:
+            self._deliver(self._pending)
             self._relay()
+        self._pending = queued
         return True
 
     def _relay(self) -> None:
@@ -257,11 +279,25 @@ class Scheduler:
         self.rows.extend(jobs)
         self.metrics.set_occupancy(len(self.rows))
         self.metrics.add_prompt_tokens(sum(len(job.prompt) for job in jobs))
-        self._choose(logits, start)
+        self._deliver(self._read_back(jobs, self._sample(logits, start)))
 
-    def _choose(self, logits: torch.Tensor, start: int) -> None:
+    def _queue_step(self) -> Pending:
+        """Queue one decode step of the live rows and the copy of its tokens to the host; no sync."""
+        return self._read_back(list(self.rows), self._sample(self._decode(len(self.rows)), 0))
+
+    def _read_back(self, jobs: list[Job], chosen: torch.Tensor) -> Pending:
+        self._slot = (self._slot + 1) % len(self._host_tokens)
+        host = self._host_tokens[self._slot, : len(jobs)]
+        host.copy_(chosen, non_blocking=True)
+        event = None
+        if chosen.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        return Pending(jobs, host, event)
+
+    def _sample(self, logits: torch.Tensor, start: int) -> torch.Tensor:
         """Sample the next token of rows start..start+len(logits)-1, each group of rows sharing a
-        SamplingConfig in one call, then queue the tokens for their jobs (the step's one host sync)."""
+        SamplingConfig in one call, on the device: the tokens, -1 where the logits hold a NaN."""
         end = start + logits.shape[0]
         groups: dict[SamplingConfig, list[int]] = {}
         for row in range(start, end):
@@ -275,12 +311,17 @@ class Scheduler:
             self.tokens[index] = sample(part, config, self.seeds[index], self.steps[index], self.seen[index])
         self.seen[torch.arange(start, end, device=logits.device), self.tokens[start:end]] = True
         self.steps[start:end] += 1
-        broken = logits.isnan().any(dim=-1)
-        chosen = torch.where(broken, -1, self.tokens[start:end]).tolist()
+        return torch.where(logits.isnan().any(dim=-1), -1, self.tokens[start:end])
+
+    def _deliver(self, step: Pending) -> None:
+        """Wait for a step's tokens and queue them for their jobs; jobs that ended meanwhile get none."""
+        if step.event is not None:
+            step.event.synchronize()
+        chosen = step.tokens.tolist()
         now = time.perf_counter()
         outbox = self._outbox
-        for job, token in zip(self.rows[start:end], chosen):
-            if job.cancelled:
+        for job, token in zip(step.jobs, chosen):
+            if job.cancelled or job.finished:  # a cancelled job, or the extra step of one that has ended
                 continue
             if token < 0:  # NaN logits: no token is passed off as a result
                 job.finished = True
