@@ -6,8 +6,10 @@ prefill): wall and GPU-busy time, the host ops that take the most time.
 
     python benchmarks/decode_profile.py --archs mamba,mamba2 --batches 1,64 --variants fused,unfused
 
-Variants: "fused" as `generate` runs; "unfused" with `mambakit.ops.norm_linear.MAX_FUSED_ROWS = 0` (the
-norms and the projections after them as separate launches), for the side-by-side.
+Variants: "fused" as `generate` runs; "serial": the same graph without overlapped launches (no programmatic
+dependent launch, `mambakit.ops._common.overlapped_launches`); "unfused" with
+`mambakit.ops.norm_linear.MAX_FUSED_ROWS = 0` (the norms and the projections after them as separate
+launches), for the side-by-side.
 
 Rows {"arch", "shape", "batch", "variant", "graph_us", "gpu_us", "launches", "kernels": [{"name", "calls", "us"}],
 "first_token": {"wall_ms", "gpu_ms", "host_ops", "python"}}
@@ -22,6 +24,7 @@ import pstats
 import sys
 from collections import defaultdict
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -30,8 +33,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from generation_gpu import VOCAB, build  # noqa: E402  (the generation benchmark's models)
 from mambakit._io import write_json  # noqa: E402
 from mambakit.bench.common import device_slug, environment, format_table  # noqa: E402
+from mambakit.generation import decoder as decoder_module  # noqa: E402
 from mambakit.generation.decoder import get_decoder  # noqa: E402
 from mambakit.ops import norm_linear  # noqa: E402
+from mambakit.ops._common import overlapped_launches  # noqa: E402
 from mambakit.generation.sampling import SamplingConfig  # noqa: E402
 
 STEPS = 20  # profiled / timed steps
@@ -102,10 +107,12 @@ def graph_us(decoder) -> float:
 
 @torch.no_grad()
 def measure(arch: str, shape: str, batch: int, variant: str) -> dict:
-    norm_linear.MAX_FUSED_ROWS = {"fused": FUSED_ROWS, "unfused": 0}[variant]
+    norm_linear.MAX_FUSED_ROWS = {"fused": FUSED_ROWS, "serial": FUSED_ROWS, "unfused": 0}[variant]
     model = build("mambakit", arch, shape, torch.float16)
-    decoders = {graph: get_decoder(model, batch, 4096, 1024, VOCAB, 0, SamplingConfig(), None, None, graph=graph)
-                for graph in (False, True)}
+    overlap = variant != "serial"
+    with mock.patch.object(decoder_module, "overlapped_launches", lambda: overlapped_launches(overlap)):
+        decoders = {graph: get_decoder(model, batch, 4096, 1024, VOCAB, 0, SamplingConfig(), None, None, graph=graph)
+                    for graph in (False, True)}
     for decoder in decoders.values():
         decoder.cache.seqlen_offset = 1  # the mixers' one-token step
         decoder.buffers.budgets.fill_(decoder.buffers.sequence.shape[1])
@@ -120,7 +127,7 @@ def main(argv=None) -> int:
     parser.add_argument("--archs", default="mamba,mamba2")
     parser.add_argument("--shapes", default="130m")
     parser.add_argument("--batches", default="1,64")
-    parser.add_argument("--variants", default="fused", help="comma-separated: fused, unfused")
+    parser.add_argument("--variants", default="fused", help="comma-separated: fused, serial, unfused")
     parser.add_argument("--top", type=int, default=12, help="kernels listed per row")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)

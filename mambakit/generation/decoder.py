@@ -19,6 +19,7 @@ from torch import nn
 
 from mambakit.generation.cache import InferenceCache
 from mambakit.generation.sampling import SamplingConfig, sample
+from mambakit.ops._common import overlapped_launches
 
 # Decoders kept per model: each holds a cache (states for its batch) and, on CUDA, a captured graph.
 MAX_DECODERS_PER_MODEL = 2
@@ -79,7 +80,7 @@ class DecodeBuffers:
         self.seeds.copy_(seeds)
         self.budgets.copy_(budgets)
         self.finished.copy_(budgets == 0)
-        self.prompt_lengths.copy_(torch.tensor([len(p) for p in prompts]))
+        self.prompt_lengths.copy_(torch.tensor([len(p) for p in prompts]), non_blocking=True)
         self.stop_ids.fill_(-1)
         self.stop_ids[: stop_ids.numel()] = stop_ids
         self.pad.fill_(pad)
@@ -164,19 +165,21 @@ class Decoder:
 
     def _capture(self) -> None:
         """Warm up (Triton compiles, cuBLAS picks its kernels) on a side stream, capture one step, then
-        zero what the warm-up wrote."""
+        zero what the warm-up wrote. The graph's kernels overlap their predecessors (`overlapped_launches`):
+        its weights stay fixed and only its steps write the states."""
         self.cache.seqlen_offset = 1  # the mixers take their one-token step path
         self.buffers.budgets.fill_(self.buffers.sequence.shape[1])
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._eager_step()
-                self.buffers.step.zero_()  # buffers may hold a single step
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._graph_logits = self._eager_step()
+        with overlapped_launches():
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._eager_step()
+                    self.buffers.step.zero_()  # buffers may hold a single step
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._graph_logits = self._eager_step()
         self.cache.reset()
 
 

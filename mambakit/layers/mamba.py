@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mambakit.ops import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
+from mambakit.ops.norm_linear import decode_linear
 
 from ._common import (ProjectedStep, cached_states, check_layer_input, conv_history, conv_tail, inverse_softplus_dt,
                       no_weight_decay)
@@ -144,12 +145,12 @@ class Mamba(ProjectedStep, nn.Module):
         if not conv_applied:
             x = causal_conv1d_update(x, conv_state, self._conv_weight(), self.conv1d.bias,
                                      activation=self.activation)
-        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt, B, C = decode_linear(self.x_proj, x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         # dt_proj and A = -exp(A_log) happen inside the step: fewer launches per token.
         y = selective_state_update(ssm_state, x, dt, None, B, C, self.D.float(), z=z,
                                    dt_bias=self.dt_proj.bias, dt_softplus=True, A_log=self.A_log,
                                    dt_proj_weight=self.dt_proj.weight)
-        return self.out_proj(y)
+        return decode_linear(self.out_proj, y)
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None, **kwargs):
         """Zeroed (conv_state (batch, d_inner, d_conv), ssm_state (batch, d_inner, d_state) fp32)."""

@@ -2,14 +2,18 @@
 Triton op eagerly without the custom-op dispatcher."""
 from __future__ import annotations
 
+import contextvars
 import functools
 import os
-from typing import Callable, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
 BACKENDS = ("reference", "cpu", "triton")
 BACKEND_ENV = "MAMBAKIT_BACKEND"
+
+_overlap = contextvars.ContextVar("mambakit_overlapped_launches", default=False)
 
 
 @functools.cache  # asked on every op call: the import statement alone costs microseconds
@@ -120,3 +124,30 @@ def custom_op_if_compiling(custom_op: Callable, eager: Callable) -> Callable:
     computation without the dispatcher, whose host cost (about 0.4 ms a call on an H200 host,
     benchmarks/results/kernels-h200-notes.md) exceeds the GPU time of small launches."""
     return custom_op if torch.compiler.is_compiling() else eager
+
+
+@contextmanager
+def overlapped_launches(enabled: bool = True) -> Iterator[None]:
+    """Inside, the decode kernels (norm + linear, the SSD and selective-scan steps, the conv step) launch with
+    programmatic dependent launch (sm_90 and later): each starts while the kernel before it runs and loads what
+    that kernel cannot be writing (weights, its own recurrent state) before waiting for its inputs. Only for a
+    sequence of decode steps whose weights stay fixed and whose states only those steps write: the decode step
+    a `Decoder` captures in a CUDA graph."""
+    token = _overlap.set(enabled)
+    try:
+        yield
+    finally:
+        _overlap.reset(token)
+
+
+def overlap(device: torch.device) -> bool:
+    """Whether kernels launched now on `device` overlap their predecessor (see `overlapped_launches`)."""
+    return _overlap.get() and device.type == "cuda" and _supports_pdl(device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _supports_pdl(index: int | None) -> bool:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return torch.cuda.get_device_capability(index)[0] >= 9
+

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 INT32_ELEMENTS = 2**31
 
@@ -22,3 +23,13 @@ def program_index(axis: tl.constexpr, WIDE: tl.constexpr = True):
 def wide_offsets(*tensors: torch.Tensor | None) -> bool:
     """True when a kernel's offsets into one of these tensors (views: into its storage) can reach 2^31 elements."""
     return any(t is not None and t.untyped_storage().nbytes() >= INT32_ELEMENTS * t.element_size() for t in tensors)
+
+
+@triton.jit
+def wait_for_inputs(PDL: tl.constexpr):
+    """Under programmatic dependent launch (`mambakit.ops._common.overlapped_launches`): wait until the kernel
+    before this one has finished (its outputs are this one's inputs, its inputs may be overwritten), then let
+    the next kernel start its loads."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()

@@ -99,11 +99,13 @@ def test_block_passes_cache_and_mixer_arguments(cache_params, rel):
 @pytest.mark.parametrize("layer", ["Mamba1", "Mamba2"])
 def test_decode_step_with_the_norm_fused_into_the_projections(layer, monkeypatch):
     """On the Triton path (the interpreter here), a decode step runs the block's add + norm inside the
-    mixer's in_proj, the conv step as its epilogue (and Mamba-2's gated norm inside out_proj): the logits
+    mixer's in_proj, the conv step as its epilogue, Mamba-2's gated norm inside out_proj (Mamba-1's x_proj
+    and out_proj in the same kernel without norm): the logits
     match the unfused step's."""
     from mambakit import MambaConfig, MambaLMHeadModel
     from mambakit.layers import block as block_module
     from mambakit.layers import mamba2 as mamba2_module
+    from mambakit.ops import norm_linear
     from mambakit.ops.norm_linear import triton_decode
 
     pytest.importorskip("triton")
@@ -123,9 +125,9 @@ def test_decode_step_with_the_norm_fused_into_the_projections(layer, monkeypatch
     fused = triton_decode.norm_linear
     monkeypatch.setattr(triton_decode, "norm_linear", lambda *a, **k: fused_calls.append(1) or fused(*a, **k))
     got = scores()
-    per_step = 2 * (2 if layer == "Mamba2" else 1)  # per layer: in_proj (+ out_proj)
+    per_step = 2 * (2 if layer == "Mamba2" else 3)  # per layer: in_proj, out_proj (Mamba-1: x_proj too)
     assert len(fused_calls) == 2 * per_step  # steps 2 and 3 (the first token comes from the prefill)
-    for module in (block_module, mamba2_module):
+    for module in (block_module, mamba2_module, norm_linear):
         monkeypatch.setattr(module, "fusable_linear", lambda *a: False)
     want = scores()
     assert ((got - want).norm() / want.norm()).item() < 1e-5

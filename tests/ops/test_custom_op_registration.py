@@ -99,6 +99,7 @@ def norm_linear_samples():
     # the conv step as epilogue on output columns 4..12 (Mamba-2's xBC), its state updated in place
     yield x, torch.randn(B, H), None, torch.randn(H), torch.randn(24, H), 1e-5, H, False, torch.float32, \
         torch.randn(B, 8, W), torch.randn(8, W), torch.randn(8), 4, True
+    yield x, None, None, None, torch.randn(3, H), 0.0, H, False, None, *no_conv  # no norm: a linear layer alone
 
 
 def norm_bwd_samples():

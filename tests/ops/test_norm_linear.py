@@ -114,6 +114,38 @@ def test_strided_rows_are_read_in_place():
     assert rel_err(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("out", [3, 37, 700])
+def test_decode_linear_is_the_linear_layer(out):
+    """Without the norm, the kernel is the linear layer: x a column slice of a wider projection (Mamba-1's
+    x_proj input), 3 to 700 outputs (one or two per program)."""
+    packed = torch.randn(2, 700, device=DEVICE)
+    x = packed[:, 50:350]
+    linear = torch.nn.Linear(300, out, bias=False, device=DEVICE)
+    with torch.no_grad():
+        got = norm_linear.decode_linear(linear, x, backend="triton")
+        want = (x.double() @ linear.weight.double().T)
+    assert got.shape == (2, out) and rel_err(got, want) < 1e-5
+
+
+def test_decode_linear_falls_back_to_the_module(monkeypatch):
+    """A biased linear, more rows than MAX_FUSED_ROWS, or inputs needing gradients run the module itself."""
+    calls = []
+    fused = triton_decode.norm_linear
+    monkeypatch.setattr(triton_decode, "norm_linear", lambda *a: calls.append(a[0].shape[0]) or fused(*a))
+    plain = torch.nn.Linear(64, 8, bias=False, device=DEVICE)
+    biased = torch.nn.Linear(64, 8, device=DEVICE)
+    many = torch.randn(norm_linear.MAX_FUSED_ROWS + 1, 64, device=DEVICE)
+    x = torch.randn(2, 64, device=DEVICE)
+    with torch.no_grad():
+        assert torch.equal(norm_linear.decode_linear(biased, x, backend="triton"), biased(x))
+        assert torch.equal(norm_linear.decode_linear(plain, many), plain(many))
+    assert torch.equal(norm_linear.decode_linear(plain, x, backend="triton"), plain(x))  # weight needs grad
+    assert calls == []
+    with torch.no_grad():
+        norm_linear.decode_linear(plain, x, backend="triton")
+    assert calls == [2]
+
+
 def test_default_path(monkeypatch):
     """Triton by default only for few rows without gradients: more rows, or inputs that need gradients,
     take the reference (the fused kernel has no backward)."""

@@ -9,8 +9,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mambakit.ops._common import custom_op_if_compiling
-from mambakit.ops._triton import program_index
+from mambakit.ops._common import custom_op_if_compiling, overlap
+from mambakit.ops._triton import program_index, wait_for_inputs
 from mambakit.ops.conv1d import step
 
 BLOCK_D = 64
@@ -40,11 +40,12 @@ def conv_step_channels(x, state_rows, s_sw, w_rows, bias_ptr, mask, W: tl.conste
 @triton.jit
 def _conv_update_kernel(x_ptr, state_ptr, w_ptr, bias_ptr, out_ptr, dim, s_xb, s_xd, s_sb, s_sd, s_sw, s_ob,
                         W: tl.constexpr, W_P2: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        SILU: tl.constexpr):
+                        SILU: tl.constexpr, PDL: tl.constexpr):
     """state (batch, dim, W) <- [state[:, :, 1:], x]; out = act(sum_k w[:, k] state[:, :, k] + bias)."""
     b = program_index(0)
     d = program_index(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = d < dim
+    wait_for_inputs(PDL)
     x = tl.load(x_ptr + b * s_xb + d * s_xd, mask=mask_d, other=0.0)
     acc = conv_step_channels(x, state_ptr + b * s_sb + d * s_sd, s_sw, w_ptr + d * W, bias_ptr + d, mask_d,
                              W, W_P2, HAS_BIAS, SILU)
@@ -56,10 +57,11 @@ def _conv_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[T
     batch, dim = x.shape
     width = weight.shape[1]
     out = x.new_empty(x.shape)  # contiguous: the kernel writes it with unit stride along dim
+    pdl = overlap(x.device)
     _conv_update_kernel[(batch, triton.cdiv(dim, BLOCK_D))](
         x, conv_state, weight, bias if bias is not None else weight, out, dim, *x.stride(),
         *conv_state.stride(), out.stride(0), W=width, W_P2=triton.next_power_of_2(width), BLOCK_D=BLOCK_D,
-        HAS_BIAS=bias is not None, SILU=silu,
+        HAS_BIAS=bias is not None, SILU=silu, PDL=pdl, launch_pdl=pdl,
     )
     return out
 

@@ -101,4 +101,19 @@ def rms_norm_gated_linear(x, z, norm_weight, weight, eps=1e-5, group_size=None, 
     return out
 
 
-__all__ = ["rms_norm_linear", "rms_norm_gated_linear", "fusable_linear", "MAX_FUSED_ROWS"]
+def decode_linear(linear: torch.nn.Module, x: torch.Tensor, backend=None) -> torch.Tensor:
+    """linear(x) for x (rows, in): on the Triton path (CUDA, at most MAX_FUSED_ROWS rows) a `fusable_linear`
+    with at most MAX_ONE_CHUNK inputs runs in the same kernel as the fused ops, without the norm (a decode
+    step's launches then all overlap their predecessors in a CUDA graph); otherwise the module itself."""
+    if x.dim() != 2 or not fusable_linear(linear, x) or not _use_triton(backend, x, linear.weight):
+        return linear(x)
+    from mambakit.ops.norm_linear import triton_decode
+
+    if x.shape[1] > triton_decode.MAX_ONE_CHUNK:
+        return linear(x)
+    out, _ = triton_decode.norm_linear(_unit_stride(x), None, None, None, linear.weight.contiguous(), 0.0,
+                                       x.shape[1], False, None)
+    return out
+
+
+__all__ = ["rms_norm_linear", "rms_norm_gated_linear", "decode_linear", "fusable_linear", "MAX_FUSED_ROWS"]

@@ -17,13 +17,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mambakit.ops._common import custom_op_if_compiling
-from mambakit.ops._triton import program_index
+from mambakit.ops._common import custom_op_if_compiling, overlap
+from mambakit.ops._triton import program_index, wait_for_inputs
 from mambakit.ops.conv1d.triton_step import conv_step_channels
 
 BLOCK_K = 512  # channels per chunk when a group is longer than MAX_ONE_CHUNK
 MAX_ONE_CHUNK = 4096  # channels of a group held at once
 TILE_ELEMENTS = 16384  # weight elements per program at once (BLOCK_N x BLOCK_K)
+MIN_PROGRAMS = 256  # about two per SM of an H100/H200
 
 
 @triton.jit
@@ -33,28 +34,33 @@ def _norm_linear_kernel(
     GROUPS: tl.constexpr, HAS_RES: tl.constexpr, HAS_Z: tl.constexpr, GATE_FIRST: tl.constexpr,
     STORE_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_CHUNK: tl.constexpr,
     HAS_CONV: tl.constexpr, CONV_W: tl.constexpr, CONV_W_P2: tl.constexpr, CONV_BIAS: tl.constexpr,
-    CONV_SILU: tl.constexpr,
+    CONV_SILU: tl.constexpr, PDL: tl.constexpr, NORM: tl.constexpr,
 ):
     """Grid (cdiv(N, BLOCK_N), rows). out[m, n] = sum_k w[n, k] norm(s[m])[k]. ONE_CHUNK: a group fits in
-    BLOCK_K channels, so s and the weight tile are loaded once (the weight first: its load is the long one)."""
+    BLOCK_K channels, so s and the weight tile are loaded once (the weight first: its load is the long one, and
+    under PDL it overlaps the kernel before). NORM=False: a plain linear layer, out = x w^T."""
     pid_n = program_index(0)
     m = program_index(1)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = n < N
     acc = tl.zeros((BLOCK_N,), tl.float32)
+    tl.static_assert(NORM or ONE_CHUNK, "a linear layer without norm is one chunk")
     for g in range(GROUPS):
         if ONE_CHUNK:
             k = g * group_size + tl.arange(0, BLOCK_K)
             mask_k = tl.arange(0, BLOCK_K) < group_size
             w = tl.load(w_ptr + n[:, None] * s_w + k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            wait_for_inputs(PDL)
             s = _summed(x_ptr, res_ptr, z_ptr, m, k, mask_k, s_x, s_r, s_z, HAS_RES, HAS_Z, GATE_FIRST)
             if STORE_RES:
                 if pid_n == 0:
                     tl.store(res_out_ptr + m * s_ro + k, s.to(res_out_ptr.dtype.element_ty), mask=mask_k)
-            rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=0) / group_size + eps)
-            normed = _normalized(s, rstd, nw_ptr, z_ptr, m, k, mask_k, s_z, HAS_Z, GATE_FIRST, x_ptr)
-            acc += tl.sum(w.to(tl.float32) * normed[None, :], axis=1)
+            if NORM:
+                rstd = 1.0 / tl.sqrt(tl.sum(s * s, axis=0) / group_size + eps)
+                s = _normalized(s, rstd, nw_ptr, z_ptr, m, k, mask_k, s_z, HAS_Z, GATE_FIRST, x_ptr)
+            acc += tl.sum(w.to(tl.float32) * s[None, :], axis=1)
         else:
+            wait_for_inputs(PDL)
             sumsq = tl.zeros((BLOCK_K,), tl.float32)
             for k0 in range(0, group_size, BLOCK_K):
                 k = g * group_size + k0 + tl.arange(0, BLOCK_K)
@@ -106,22 +112,26 @@ def _summed(x_ptr, res_ptr, z_ptr, m, k, mask_k, s_x, s_r, s_z, HAS_RES: tl.cons
     return s
 
 
-def launch_config(group_size: int) -> dict:
+def launch_config(group_size: int, N: int) -> dict:
     """Tile and warps, from an H200 sweep at the 130M and 1.4B decode shapes (benchmarks/norm_linear_sweep.py):
-    a whole group in one chunk beats chunks of 256 or 512 at every shape, 4 or 8 outputs per program
-    alike; the tile is kept at TILE_ELEMENTS (registers), longer groups walk in chunks of BLOCK_K."""
+    a whole group in one chunk beats chunks of 256 or 512 at every shape; the tile is kept at TILE_ELEMENTS
+    (registers), longer groups walk in chunks of BLOCK_K; fewer outputs per program for narrow layers, so that
+    at least MIN_PROGRAMS programs share the weight read."""
     block_k = triton.next_power_of_2(group_size)
     if block_k > MAX_ONE_CHUNK:
         return dict(BLOCK_N=4, BLOCK_K=BLOCK_K, num_warps=4)
-    return dict(BLOCK_N=max(4, min(8, TILE_ELEMENTS // block_k)), BLOCK_K=block_k, num_warps=4)
+    narrow = 1 << max(N // MIN_PROGRAMS, 1).bit_length() - 1  # the power of two at most N / MIN_PROGRAMS
+    return dict(BLOCK_N=min(8, TILE_ELEMENTS // block_k, narrow), BLOCK_K=block_k, num_warps=4)
 
 
-def _norm_linear(x: Tensor, residual: Optional[Tensor], z: Optional[Tensor], norm_weight: Tensor, weight: Tensor,
+def _norm_linear(x: Tensor, residual: Optional[Tensor], z: Optional[Tensor], norm_weight: Optional[Tensor],
+                 weight: Tensor,
                  eps: float, group_size: int, gate_first: bool, residual_dtype: Optional[torch.dtype],
                  conv_state: Optional[Tensor], conv_weight: Optional[Tensor], conv_bias: Optional[Tensor],
                  conv_offset: int, conv_silu: bool) -> tuple[Tensor, Tensor]:
     """(out (rows, N) in x's dtype, summed residual (rows, K) in residual_dtype, or empty when None); with
-    conv_state, the conv step on out's columns conv_offset.. (conv_state updated in place)."""
+    conv_state, the conv step on out's columns conv_offset.. (conv_state updated in place). norm_weight None:
+    no norm (a plain linear layer: one group of at most MAX_ONE_CHUNK channels)."""
     rows, K = x.shape
     N = weight.shape[0]
     out = torch.empty(rows, N, device=x.device, dtype=x.dtype)
@@ -129,9 +139,11 @@ def _norm_linear(x: Tensor, residual: Optional[Tensor], z: Optional[Tensor], nor
                else torch.empty(0, device=x.device))
     none = x  # never read: its flag is off
     conv_dim, conv_width = conv_weight.shape if conv_state is not None else (0, 1)
-    config = launch_config(group_size)
+    config = launch_config(group_size, N)
+    pdl = overlap(x.device)
     _norm_linear_kernel[(triton.cdiv(N, config["BLOCK_N"]), rows)](
-        x, residual if residual is not None else none, z if z is not None else none, norm_weight, weight, out,
+        x, residual if residual is not None else none, z if z is not None else none,
+        norm_weight if norm_weight is not None else none, weight, out,
         res_out, *(t if t is not None else none for t in (conv_state, conv_weight, conv_bias)),
         N, group_size, eps, conv_offset, conv_dim, x.stride(0), residual.stride(0) if residual is not None else 0,
         z.stride(0) if z is not None else 0, out.stride(0), res_out.stride(0) if residual_dtype is not None else 0,
@@ -140,7 +152,7 @@ def _norm_linear(x: Tensor, residual: Optional[Tensor], z: Optional[Tensor], nor
         GATE_FIRST=gate_first, STORE_RES=residual_dtype is not None,
         ONE_CHUNK=config["BLOCK_K"] >= group_size, HAS_CONV=conv_state is not None, CONV_W=conv_width,
         CONV_W_P2=triton.next_power_of_2(conv_width), CONV_BIAS=conv_bias is not None, CONV_SILU=conv_silu,
-        **config)
+        PDL=pdl, launch_pdl=pdl, NORM=norm_weight is not None, **config)
     return out, res_out
 
 
@@ -157,8 +169,8 @@ def _(x, residual, z, norm_weight, weight, eps, group_size, gate_first, residual
 
 def norm_linear(x, residual, z, norm_weight, weight, eps, group_size, gate_first, residual_dtype, conv=None):
     """The launch (inputs validated by `mambakit.ops.norm_linear`): x, residual, z (rows, K) with unit
-    stride along K; weight (N, K) contiguous; conv a `ConvStep` or None. Returns (out, summed residual or an
-    empty tensor)."""
+    stride along K; weight (N, K) contiguous; norm_weight (K,) or None (no norm); conv a `ConvStep` or None.
+    Returns (out, summed residual or an empty tensor)."""
     run = custom_op_if_compiling(_norm_linear_op, _norm_linear)
     conv_args = ((conv.state, conv.weight.contiguous(), None if conv.bias is None else conv.bias.contiguous(),
                   conv.offset, conv.activation is not None) if conv is not None else (None, None, None, 0, False))

@@ -9,8 +9,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mambakit.ops._common import custom_op_if_compiling
-from mambakit.ops._triton import program_index
+from mambakit.ops._common import custom_op_if_compiling, overlap
+from mambakit.ops._triton import program_index, wait_for_inputs
 from mambakit.ops.selective_scan import step
 
 BLOCK_D = 32
@@ -23,7 +23,7 @@ def _state_update_kernel(
     s_Bb, s_Bg, s_Bn, s_Cb, s_Cg, s_Cn, s_Ad, s_An, s_wd, s_wr,
     N: tl.constexpr, N_P2: tl.constexpr, BLOCK_D: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, A_IS_LOG: tl.constexpr, DT_PROJ: tl.constexpr,
-    R_P2: tl.constexpr,
+    R_P2: tl.constexpr, PDL: tl.constexpr,
 ):
     """state (batch, dim, N) <- exp(dt A) state + dt B x; out = (C.state + D x) silu(z). Grid (batch, dim blocks).
     A_IS_LOG: A holds A_log (A = -exp). DT_PROJ: dt holds (batch, rank) and dt = W dt with W (dim, rank)."""
@@ -32,12 +32,21 @@ def _state_update_kernel(
     n = tl.arange(0, N_P2)
     mask_d = d < dim
     mask = mask_d[:, None] & (n < N)[None, :]
-    x = tl.load(x_ptr + b * s_xb + d * s_xd, mask=mask_d, other=0.0).to(tl.float32)
+    # Weights, then the state (only decode steps write it, and the kernel before is never one): under PDL
+    # these loads overlap that kernel.
+    A = tl.load(A_ptr + d[:, None] * s_Ad + n[None, :] * s_An, mask=mask, other=0.0).to(tl.float32)
+    if A_IS_LOG:
+        A = -tl.exp(A)
     if DT_PROJ:
         r = tl.arange(0, R_P2)
-        low = tl.load(dt_ptr + b * s_tb + r * s_td, mask=r < rank, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + d[:, None] * s_wd + r[None, :] * s_wr, mask=mask_d[:, None] & (r < rank)[None, :],
                     other=0.0).to(tl.float32)
+    state_ptrs = state_ptr + b * s_sb + d[:, None] * s_sd + n[None, :] * s_sn
+    h = tl.load(state_ptrs, mask=mask, other=0.0)
+    wait_for_inputs(PDL)
+    x = tl.load(x_ptr + b * s_xb + d * s_xd, mask=mask_d, other=0.0).to(tl.float32)
+    if DT_PROJ:
+        low = tl.load(dt_ptr + b * s_tb + r * s_td, mask=r < rank, other=0.0).to(tl.float32)
         dt = tl.sum(w * low[None, :], axis=1)
     else:
         dt = tl.load(dt_ptr + b * s_tb + d * s_td, mask=mask_d, other=0.0).to(tl.float32)
@@ -45,13 +54,8 @@ def _state_update_kernel(
         dt += tl.load(bias_ptr + d, mask=mask_d, other=0.0).to(tl.float32)
     if SOFTPLUS:
         dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt)))
-    A = tl.load(A_ptr + d[:, None] * s_Ad + n[None, :] * s_An, mask=mask, other=0.0).to(tl.float32)
-    if A_IS_LOG:
-        A = -tl.exp(A)
     Bv = tl.load(B_ptr + b * s_Bb + (d // b_per_group)[:, None] * s_Bg + n[None, :] * s_Bn, mask=mask, other=0.0)
     Cv = tl.load(C_ptr + b * s_Cb + (d // c_per_group)[:, None] * s_Cg + n[None, :] * s_Cn, mask=mask, other=0.0)
-    state_ptrs = state_ptr + b * s_sb + d[:, None] * s_sd + n[None, :] * s_sn
-    h = tl.load(state_ptrs, mask=mask, other=0.0)
     h = tl.exp(dt[:, None] * A) * h + (dt * x)[:, None] * Bv.to(tl.float32)
     tl.store(state_ptrs, h, mask=mask)
     y = tl.sum(h * Cv.to(tl.float32), axis=1)
@@ -74,6 +78,7 @@ def _state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C:
     out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     dummy = out
     rank = dt_proj_weight.shape[1] if dt_proj_weight is not None else 1
+    pdl = overlap(state.device)
     _state_update_kernel[(batch, triton.cdiv(dim, BLOCK_D))](
         state, x, dt, A, B3, C3, D if D is not None else dummy, z if z is not None else dummy,
         dt_bias if dt_bias is not None else dummy, dt_proj_weight if dt_proj_weight is not None else dummy, out,
@@ -82,7 +87,7 @@ def _state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C:
         *(dt_proj_weight.stride() if dt_proj_weight is not None else (0, 0)),
         N=N, N_P2=triton.next_power_of_2(N), BLOCK_D=BLOCK_D, HAS_D=D is not None, HAS_Z=z is not None,
         HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, A_IS_LOG=A_is_log, DT_PROJ=dt_proj_weight is not None,
-        R_P2=triton.next_power_of_2(rank),
+        R_P2=triton.next_power_of_2(rank), PDL=pdl, launch_pdl=pdl,
     )
     return out
 

@@ -12,8 +12,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mambakit.ops._common import custom_op_if_compiling
-from mambakit.ops._triton import program_index
+from mambakit.ops._common import custom_op_if_compiling, overlap
+from mambakit.ops._triton import program_index, wait_for_inputs
 
 from .reference import DEFAULT_DT_LIMIT
 
@@ -26,13 +26,21 @@ def _ssd_step(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_
               s_zb, s_zh, s_zp,
               HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
               SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, A_IS_LOG: tl.constexpr, BP: tl.constexpr,
-              BN: tl.constexpr):
+              BN: tl.constexpr, PDL: tl.constexpr):
     b = program_index(0)
     h = program_index(1)
     g = h // (H // G)
     rows = program_index(2) * BP + tl.arange(0, BP)
     cols = tl.arange(0, BN)
     mrow, mcol = rows < P, cols < N
+    A = tl.load(A_ptr + h).to(tl.float32)
+    if A_IS_LOG:
+        A = -tl.exp(A)
+    tile = state_ptr + ((b * H + h) * P + rows[:, None]) * N + cols[None, :]
+    mask = mrow[:, None] & mcol[None, :]
+    # Only decode steps write the state, and the kernel before is never one: under PDL its load overlaps that kernel.
+    s = tl.load(tile, mask=mask, other=0.0)
+    wait_for_inputs(PDL)
     dt = tl.load(dt_ptr + b * s_tb + h * s_th).to(tl.float32)
     if HAS_BIAS:
         dt += tl.load(bias_ptr + h).to(tl.float32)
@@ -40,16 +48,11 @@ def _ssd_step(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_
         dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)
     if HAS_LIMIT:
         dt = tl.minimum(tl.maximum(dt, dt_min), dt_max)
-    A = tl.load(A_ptr + h).to(tl.float32)
-    if A_IS_LOG:
-        A = -tl.exp(A)
     decay = tl.exp(dt * A)
     x = tl.load(x_ptr + b * s_xb + h * s_xh + rows * s_xp, mask=mrow, other=0.0).to(tl.float32)
     Bv = tl.load(B_ptr + b * s_Bb + g * s_Bg + cols * s_Bn, mask=mcol, other=0.0).to(tl.float32)
     Cv = tl.load(C_ptr + b * s_Cb + g * s_Cg + cols * s_Cn, mask=mcol, other=0.0).to(tl.float32)
-    tile = state_ptr + ((b * H + h) * P + rows[:, None]) * N + cols[None, :]
-    mask = mrow[:, None] & mcol[None, :]
-    s = tl.load(tile, mask=mask, other=0.0) * decay + (dt * x)[:, None] * Bv[None, :]
+    s = s * decay + (dt * x)[:, None] * Bv[None, :]
     tl.store(tile, s, mask=mask)
     y = tl.sum(s * Cv[None, :], axis=1)
     if HAS_D:
@@ -73,6 +76,7 @@ def _ssd_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: T
     none = state.new_empty(0)
     has_limit = (dt_min, dt_max) != DEFAULT_DT_LIMIT
     out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    pdl = overlap(state.device)
     _ssd_step[(batch, H, triton.cdiv(P, BLOCK_P))](
         state, x, dt, A.contiguous(), B, C, D.contiguous() if D is not None else none,
         z if z is not None else none, dt_bias.contiguous() if dt_bias is not None else none, out, H, G, P, N,
@@ -80,7 +84,7 @@ def _ssd_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: T
         *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *(z.stride() if z is not None else (0, 0, 0)),
         HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2, HAS_Z=z is not None,
         HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_LIMIT=has_limit, A_IS_LOG=A_is_log,
-        BP=BLOCK_P, BN=max(16, triton.next_power_of_2(N)), num_warps=4)
+        BP=BLOCK_P, BN=max(16, triton.next_power_of_2(N)), PDL=pdl, launch_pdl=pdl, num_warps=4)
     return out
 
 
