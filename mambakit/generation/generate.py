@@ -196,7 +196,7 @@ def prefill(model: nn.Module, cache: InferenceCache, prompts: list[torch.Tensor]
             cache.write_rows(rows, target)
         for r, row_logits in zip(rows, logits):
             last_logits[r] = row_logits
-    cache.lengths_per_sample.copy_(torch.tensor([len(p) for p in prompts], device=cache.lengths_per_sample.device))
+    cache.lengths_per_sample.copy_(torch.tensor([len(p) for p in prompts]), non_blocking=True)  # no wait on the GPU
     cache.seqlen_offset = max(groups)
     return torch.stack(last_logits)
 
@@ -261,8 +261,7 @@ def vocab_size(model: nn.Module) -> int:
 
 
 def check_token_ids(prompts: list[torch.Tensor], vocab: int) -> None:
-    lo = min(int(p.min()) for p in prompts)
-    hi = max(int(p.max()) for p in prompts)
+    lo, hi = torch.stack(torch.aminmax(torch.cat(prompts))).tolist()  # one host sync for every row
     if lo < 0 or hi >= vocab:
         raise ValueError(f"input_ids: expected token ids in [0, {vocab}), got values in [{lo}, {hi}]")
 
