@@ -86,11 +86,12 @@ def first_new_token_after(tokens: list[int], at_most: int) -> int:
 def test_an_hf_export_generates_in_transformers_what_it_generates_in_mambakit(kind, tmp_path, tiny):
     model = tiny.build(kind, tie_embeddings=False)  # vocab 101 in 104 rows
     vocab = model.config.vocab_size
-    with torch.no_grad():  # padding rows whose logits dwarf the real ones: a model free to emit them would
-        direction = torch.randn(model.config.d_model)
+    prompt = torch.randint(0, vocab - len(SPECIALS), (1, 7))
+    with torch.no_grad():  # padding rows whose logits dwarf the real ones: a model free to emit them would;
+        # along the prompt's last hidden state (a random direction could be orthogonal to it, and lose)
+        direction = model.backbone(prompt)[0, -1]
         scale = 1000 * model.lm_head.weight[:vocab].norm(dim=1).mean() / direction.norm()
         model.lm_head.weight[vocab:] = torch.stack([scale * direction, -scale * direction, scale * direction])
-    prompt = torch.randint(0, vocab - len(SPECIALS), (1, 7))
     with torch.no_grad():
         assert model(prompt).logits[0, -1].argmax() >= vocab  # the premise: unmasked, padding would win
     free = model.generate(prompt, max_new_tokens=10)[0, 7:].tolist()
