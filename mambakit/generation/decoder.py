@@ -92,7 +92,18 @@ class DecodeBuffers:
             self.teacher.copy_(teacher)
 
     def choose(self, logits: torch.Tensor, config: SamplingConfig) -> None:
-        """Pick and record the tokens of the current position from logits (B, V); advance `step`."""
+        """Pick and record the tokens of the current position from logits (B, V); advance `step`. Greedy
+        decoding on CUDA (no teacher tokens, no repetition penalty) runs it all as one Triton launch."""
+        if logits.is_cuda and config.greedy and config.repetition_penalty == 1.0 and self.teacher is None:
+            from mambakit.generation.triton_greedy import greedy_choose
+
+            greedy_choose(logits, self)
+            self.step.add_(1)
+        else:
+            self.choose_with_torch_ops(logits, config)
+
+    def choose_with_torch_ops(self, logits: torch.Tensor, config: SamplingConfig) -> None:
+        """`choose` as torch ops, for every sampling option (the reference of the one-launch greedy path)."""
         t = self.step
         tokens = sample(logits, config, self.seeds, t, self.seen)
         if self.teacher is not None:
