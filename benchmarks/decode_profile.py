@@ -22,7 +22,6 @@ import argparse
 import cProfile
 import pstats
 import sys
-from collections import defaultdict
 from pathlib import Path
 from unittest import mock
 
@@ -32,7 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).parent))
 from generation_gpu import VOCAB, build  # noqa: E402  (the generation benchmark's models)
 from mambakit._io import write_json  # noqa: E402
-from mambakit.bench.common import device_slug, environment, format_table  # noqa: E402
+from mambakit.bench.common import device_slug, environment, format_table, gpu_kernel_times  # noqa: E402
 from mambakit.generation import decoder as decoder_module  # noqa: E402
 from mambakit.generation.decoder import get_decoder  # noqa: E402
 from mambakit.ops import norm_linear  # noqa: E402
@@ -47,18 +46,8 @@ def step_kernels(decoder) -> tuple[list[dict], float, int]:
     """(kernels by GPU time, GPU us per step, launches per step) of STEPS eager steps."""
     decoder.advance()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(STEPS):
-            decoder.advance()
-        torch.cuda.synchronize()
-    calls, us = defaultdict(int), defaultdict(float)
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            calls[event.name] += 1
-            us[event.name] += event.device_time
-    kernels = sorted(({"name": n[:80], "calls": calls[n] / STEPS, "us": us[n] / STEPS} for n in calls),
-                     key=lambda k: -k["us"])
-    return kernels, sum(us.values()) / STEPS, round(sum(calls.values()) / STEPS)
+    kernels, us, launches = gpu_kernel_times(decoder.advance, STEPS)
+    return kernels, us, round(launches)
 
 
 def first_token_profile(model, batch: int, prompt: int = 2048) -> dict:

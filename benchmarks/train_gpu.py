@@ -25,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from generation_gpu import SHAPES, VOCAB, build, mamba_config_fields  # noqa: E402  (the generation benchmark's models)
 
-from mambakit.bench.common import device_slug, format_table, save_rows  # noqa: E402
+from mambakit.bench.common import device_slug, format_table, gpu_kernel_times, save_rows  # noqa: E402
 from mambakit.ops import linear_cross_entropy  # noqa: E402
 
 COLUMNS = ["impl", "arch", "shape", "compiled", "seq_len", "batch", "tok_s", "step_ms", "peak_gb"]
@@ -41,7 +41,15 @@ def build_for_training(impl: str, arch: str, size: str):
     return build(impl, arch, size, torch.float32)
 
 
-def measure(impl: str, arch: str, size: str, compiled: bool, seq_len: int, batch: int, steps: int) -> dict:
+def kernel_profile(step, steps: int = 2, top: int = 30) -> dict:
+    """GPU ms per step, split by kernel (the `top` longest), over `steps` profiled steps."""
+    kernels, us, launches = gpu_kernel_times(step, steps)
+    return {"gpu_ms": us / 1000, "launches": launches,
+            "kernels": [{"name": k["name"], "calls": k["calls"], "ms": k["us"] / 1000} for k in kernels[:top]]}
+
+
+def measure(impl: str, arch: str, size: str, compiled: bool, seq_len: int, batch: int, steps: int,
+            with_profile: bool = False) -> dict:
     model = build_for_training(impl, arch, size).train()
     if compiled:
         model.backbone.compile()  # in place, as `mambakit train --compile` does
@@ -74,6 +82,8 @@ def measure(impl: str, arch: str, size: str, compiled: bool, seq_len: int, batch
     ms = statistics.median(times)
     row = dict(impl=impl, arch=arch, compiled=compiled, shape=size, seq_len=seq_len, batch=batch,
                tok_s=batch * seq_len / ms * 1000, step_ms=ms, peak_gb=torch.cuda.max_memory_allocated() / 1e9)
+    if with_profile:
+        row["profile"] = kernel_profile(step)
     del model, optimizer
     torch.cuda.empty_cache()
     return row
@@ -88,6 +98,8 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", choices=["no", "yes", "both"], default="both",
                         help="mambakit eager, compiled, or both")
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--profile", action="store_true",
+                        help="add each row's GPU time per step by kernel (torch profiler, two more steps)")
     parser.add_argument("--official", help="folder holding the built official mamba_ssm (put on sys.path)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -102,7 +114,7 @@ def main(argv=None) -> int:
             for arch in (["llama"] if impl == "transformers" else args.archs.split(",")):
                 for comp in (compiled if impl == "mambakit" else [False]):
                     try:
-                        row = measure(impl, arch, args.size, comp, seq_len, batch, args.steps)
+                        row = measure(impl, arch, args.size, comp, seq_len, batch, args.steps, args.profile)
                     except torch.OutOfMemoryError:
                         row = dict(impl=impl, arch=arch, compiled=comp, shape=args.size, seq_len=seq_len,
                                    batch=batch, oom=True)
@@ -111,7 +123,9 @@ def main(argv=None) -> int:
                         row = dict(impl=impl, arch=arch, compiled=comp, shape=args.size, seq_len=seq_len,
                                    batch=batch, error=f"{type(e).__name__}: {str(e)[:300]}")
                         torch.cuda.empty_cache()
-                    print(row, flush=True)
+                    print({k: v for k, v in row.items() if k != "profile"}, flush=True)
+                    for kernel in row.get("profile", {}).get("kernels", []):
+                        print(f"    {kernel['ms']:8.3f} ms {kernel['calls']:6.0f}x  {kernel['name']}")
                     rows.append(row)
                     save_rows(out, [row])
     print(format_table(rows, COLUMNS))

@@ -22,6 +22,27 @@ def time_ms(fn: Callable[[], object], warmup_ms: int = 50, rep_ms: int = 200) ->
     return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
+def gpu_kernel_times(run: Callable[[], object], repeats: int) -> tuple[list[dict], float, float]:
+    """`run()` `repeats` times under the torch profiler: (kernels by GPU time, each {"name", "calls", "us"}
+    per run; GPU us per run; launches per run)."""
+    from collections import defaultdict
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            run()
+        torch.cuda.synchronize()
+    calls, us = defaultdict(int), defaultdict(float)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            calls[event.name] += 1
+            us[event.name] += event.device_time
+    kernels = sorted(({"name": n[:90], "calls": calls[n] / repeats, "us": us[n] / repeats} for n in calls),
+                     key=lambda k: -k["us"])
+    return kernels, sum(us.values()) / repeats, sum(calls.values()) / repeats
+
+
 class LargestTensor(TorchDispatchMode):
     """While active, records the largest tensor any op produces: `largest_numel` elements, `largest_bytes`."""
 
