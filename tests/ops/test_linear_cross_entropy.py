@@ -46,6 +46,40 @@ def test_matches_plain_cross_entropy_fp32(chunk_size, reduction):
         assert rel_err(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_triton_chunk_loss_matches_plain_cross_entropy(dtype, tol):
+    """The Triton chunk loss (the CPU interpreter here) over a vocabulary wider than its block, ragged chunks."""
+    from mambakit.ops.linear_cross_entropy import triton_softmax_ce
+
+    vocab = triton_softmax_ce.BLOCK_V + 1 + int(torch.randint(0, 300, ()))
+    hidden, weight, labels = make(21, 16, vocab, dtype=dtype)
+    loss, grads = value_and_grads(linear_cross_entropy, hidden, weight, labels, 1.0, chunk_size=8, backend="triton")
+    ref_loss, ref_grads = value_and_grads(plain, hidden, weight, labels, 1.0)
+    assert rel_err(loss, ref_loss) < tol
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == want.dtype
+        assert rel_err(got, want) < tol
+
+
+def test_triton_chunk_loss_equals_the_torch_ops_on_masked_logits():
+    """Both chunk losses on logits with -inf entries (masked vocabulary) and large magnitudes: same loss and
+    gradient, finite, the gradient rows summing to zero."""
+    from mambakit.ops.linear_cross_entropy import chunked, triton_softmax_ce
+
+    rows, vocab = 6, 3000
+    logits = torch.randn(rows, vocab) * 30
+    logits[torch.rand(rows, vocab) < 0.3] = float("-inf")
+    targets = torch.randint(0, vocab, (rows,))
+    logits[torch.arange(rows), targets] = torch.randn(rows) * 30  # the target itself is never masked
+    weights = torch.rand(rows)
+    ref_loss, ref_grad = chunked.softmax_cross_entropy(logits.clone(), targets, weights, True)
+    loss, grad = triton_softmax_ce.softmax_cross_entropy(logits.clone(), targets, weights, True)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert rel_err(loss, ref_loss) < 1e-5
+    assert rel_err(grad, ref_grad) < 1e-5
+    assert grad.sum(dim=1).abs().max() < 1e-4
+
+
 def test_other_ignore_index():
     hidden, weight, labels = make(40, 16, 31, ignored=0.0)
     labels[::3] = 5  # a real class used as the ignore index
