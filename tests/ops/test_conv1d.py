@@ -121,10 +121,19 @@ def test_seq_idx_equals_separate_sequences(backend, length):
         assert torch.equal(final[row:row + 1], alone_final)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_gradients_match_float64_loop(backend):
-    batch, dim, length, width = 2, 3, 11, 4
-    leaves = dict(x=torch.randn(batch, dim, length), weight=torch.randn(dim, width), bias=torch.randn(dim),
+@pytest.mark.parametrize("backend, tiny_tiles, channels_last", [(backend, False, False) for backend in BACKENDS] + (
+    [("triton", True, False), ("triton", True, True)] if "triton" in BACKENDS else []))
+def test_gradients_match_float64_loop(backend, tiny_tiles, channels_last, monkeypatch):
+    """tiny_tiles: Triton tiles of 2 channels x 4 steps, so that a sequence spans several programs in both
+    directions (the real tiles exceed these test shapes)."""
+    if tiny_tiles:
+        from mambakit.ops.conv1d import triton_conv
+
+        for name, value in dict(BLOCK_D=2, BLOCK_L=4, CHANNELS_LAST_BLOCK_D=2, CHANNELS_LAST_BLOCK_L=4).items():
+            monkeypatch.setattr(triton_conv, name, value)
+    batch, dim, length, width = 2, 3, 19 if tiny_tiles else 11, 4
+    x = torch.randn(batch, length, dim).transpose(1, 2) if channels_last else torch.randn(batch, dim, length)
+    leaves = dict(x=x, weight=torch.randn(dim, width), bias=torch.randn(dim),
                   initial_states=torch.randn(batch, dim, width - 1))
     leaves = {k: v.requires_grad_() for k, v in leaves.items()}
     seq_idx = torch.stack([random_segments(length), torch.zeros(length, dtype=torch.int32)])

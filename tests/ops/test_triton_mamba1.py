@@ -290,8 +290,11 @@ def test_conv_matches_loop(width, init, seq, silu):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_conv_gpu_real_shapes(dtype):
-    x = torch.randn(4, 1536, 2047, device=DEVICE, dtype=dtype)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv_gpu_real_shapes(dtype, channels_last):
+    """Mamba-1's channels and length; channels_last: laid out as Mamba-2's slice of its in_proj output."""
+    x = (torch.randn(4, 2047, 1536, device=DEVICE, dtype=dtype).transpose(1, 2) if channels_last
+         else torch.randn(4, 1536, 2047, device=DEVICE, dtype=dtype))
     weight, bias = torch.randn(1536, 4, device=DEVICE, dtype=dtype), torch.randn(1536, device=DEVICE, dtype=dtype)
     seq_idx = torch.randint(0, 4, (4, 2047), device=DEVICE).sort(dim=1).values.int()
     args = dict(seq_idx=seq_idx, activation="silu")

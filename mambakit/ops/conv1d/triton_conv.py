@@ -24,7 +24,9 @@ from mambakit.ops._triton import program_index
 from mambakit.ops.conv1d import reference
 
 BLOCK_D, BLOCK_L = 16, 128
-CHANNELS_LAST_BLOCK_D, CHANNELS_LAST_BLOCK_L = 64, 32
+# H200, Mamba-2 130M training shape (batch 8 x 2048, 1792 channels, a view of in_proj's output), 7 tiles
+# tried: forward 0.135 ms at 64 x 32, 0.090 at 128 x 32; backward 0.72 -> 0.61 ms.
+CHANNELS_LAST_BLOCK_D, CHANNELS_LAST_BLOCK_L = 128, 32
 
 
 def _channels_last(x: Tensor) -> bool:
