@@ -28,16 +28,12 @@ from generation_gpu import SHAPES, VOCAB, build, mamba_config_fields  # noqa: E4
 from mambakit.bench.common import device_slug, format_table, gpu_kernel_times, save_rows  # noqa: E402
 from mambakit.ops import linear_cross_entropy  # noqa: E402
 
-COLUMNS = ["impl", "arch", "shape", "compiled", "seq_len", "batch", "tok_s", "step_ms", "peak_gb"]
+COLUMNS = ["impl", "arch", "shape", "compiled", "graph", "seq_len", "batch", "tok_s", "step_ms", "host_ms", "peak_gb"]
 
 
 def build_for_training(impl: str, arch: str, size: str):
-    """fp32 weights (autocast computes in bf16); the official Mamba-2 with its default, fused training path."""
-    if impl == "official" and arch == "mamba2":
-        from mamba_ssm.models.config_mamba import MambaConfig as OfficialConfig
-        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel as OfficialModel
-
-        return OfficialModel(OfficialConfig(**mamba_config_fields(arch, size)), device="cuda")
+    """fp32 weights (autocast computes in bf16); the official Mamba-2 without its fused training path, which
+    needs the causal-conv1d package (not installed), as in generation_gpu."""
     return build(impl, arch, size, torch.float32)
 
 
@@ -49,19 +45,23 @@ def kernel_profile(step, steps: int = 2, top: int = 30) -> dict:
 
 
 def measure(impl: str, arch: str, size: str, compiled: bool, seq_len: int, batch: int, steps: int,
-            with_profile: bool = False) -> dict:
+            with_profile: bool = False, loss_backend: str | None = None, graphed: bool = False) -> dict:
+    """graphed: the whole step (forward, backward, AdamW with capturable state) captured once in a CUDA graph
+    and replayed, so the host launches nothing per step."""
     model = build_for_training(impl, arch, size).train()
     if compiled:
         model.backbone.compile()  # in place, as `mambakit train --compile` does
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=graphed)
     ids = torch.randint(0, VOCAB, (batch, seq_len + 1), device="cuda")
     inputs, targets = ids[:, :-1], ids[:, 1:]
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        # Under graph capture the autocast cache of bf16 weight copies must be off (they'd be freed at exit).
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graphed):
             if impl == "mambakit":
                 hidden = model.backbone(inputs)
-                loss = linear_cross_entropy(hidden.flatten(0, 1), model.lm_head.weight, targets.flatten())
+                loss = linear_cross_entropy(hidden.flatten(0, 1), model.lm_head.weight, targets.flatten(),
+                                            backend=loss_backend)
             else:
                 logits = model(inputs).logits
                 loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
@@ -69,19 +69,30 @@ def measure(impl: str, arch: str, size: str, compiled: bool, seq_len: int, batch
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(3):  # warm-up: kernels compiled, autotuned, graphs traced
-        step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (kernels compiled, autotuned) off the default stream, as capture wants
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
+    torch.cuda.reset_peak_memory_stats()  # before the capture: the graph's private pool is what a step holds
+    if graphed:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        step = graph.replay
+    times, host_times = [], []
     for _ in range(steps):
         start = time.perf_counter()
         step()
+        host_times.append((time.perf_counter() - start) * 1000)  # the host's share: launches queued, no wait
         torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1000)
     ms = statistics.median(times)
-    row = dict(impl=impl, arch=arch, compiled=compiled, shape=size, seq_len=seq_len, batch=batch,
-               tok_s=batch * seq_len / ms * 1000, step_ms=ms, peak_gb=torch.cuda.max_memory_allocated() / 1e9)
+    row = dict(impl=impl, arch=arch, compiled=compiled, **({"graph": True} if graphed else {}), shape=size,
+               seq_len=seq_len, batch=batch, tok_s=batch * seq_len / ms * 1000, step_ms=ms,
+               host_ms=statistics.median(host_times), peak_gb=torch.cuda.max_memory_allocated() / 1e9)
     if with_profile:
         row["profile"] = kernel_profile(step)
     del model, optimizer
@@ -100,6 +111,10 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--profile", action="store_true",
                         help="add each row's GPU time per step by kernel (torch profiler, two more steps)")
+    parser.add_argument("--graph", action="store_true",
+                        help="also mambakit's eager step captured whole in one CUDA graph and replayed")
+    parser.add_argument("--loss-backend", choices=["reference", "triton"],
+                        help="mambakit's chunk loss (linear_cross_entropy's backend; default: Triton on CUDA)")
     parser.add_argument("--official", help="folder holding the built official mamba_ssm (put on sys.path)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -112,9 +127,11 @@ def main(argv=None) -> int:
     for seq_len, batch in shapes:
         for impl in args.impls.split(","):
             for arch in (["llama"] if impl == "transformers" else args.archs.split(",")):
-                for comp in (compiled if impl == "mambakit" else [False]):
+                variants = [(comp, False) for comp in compiled] + ([(False, True)] if args.graph else [])
+                for comp, graphed in (variants if impl == "mambakit" else [(False, False)]):
                     try:
-                        row = measure(impl, arch, args.size, comp, seq_len, batch, args.steps, args.profile)
+                        row = measure(impl, arch, args.size, comp, seq_len, batch, args.steps, args.profile,
+                                      args.loss_backend, graphed)
                     except torch.OutOfMemoryError:
                         row = dict(impl=impl, arch=arch, compiled=comp, shape=args.size, seq_len=seq_len,
                                    batch=batch, oom=True)
