@@ -58,6 +58,7 @@ CASES = [
     (new_run("--eval-sequences -1"), 2, "eval_sequences"),
     (new_run("--save-interval 0"), 2, "save_interval"),
     (new_run("--max-time -5"), 2, "max_time"),
+    (new_run("--cuda-graph"), 2, "cuda_graph"),
     (new_run("--nonfinite-patience 0"), 2, "nonfinite_patience"),
     (new_run("--train-tokenizer 5"), 2, "train_tokenizer"),
     (new_run("--tokenizer {file}"), 2, "tokenizer"),

@@ -87,6 +87,9 @@ OPTIONS = [
     ("--fsdp", "fsdp", dict(action=argparse.BooleanOptionalAction, help="shard the model over processes (FSDP2)")),
     ("--compile", "compile", dict(action=argparse.BooleanOptionalAction,
                                   help="torch.compile the model for the train step (off; not with --fsdp)")),
+    ("--cuda-graph", "cuda_graph", dict(action=argparse.BooleanOptionalAction,
+                                        help="replay each train step from CUDA graphs, no Python launches per "
+                                             "step (off; one process on CUDA, not with --compile)")),
     ("--log-interval", "log_interval", dict(type=int, help="steps between metrics lines (10)")),
     ("--eval-interval", "eval_interval", dict(type=int, help="steps between validations (500)")),
     ("--eval-sequences", "eval_sequences", dict(type=int, help="validation sequences per evaluation (256)")),

@@ -146,9 +146,10 @@ def load_trainer_state(folder: str | os.PathLike) -> dict:
 
 
 def portable_optimizer_state(optim_state: dict, current_groups: list[dict]) -> dict:
-    """A saved optimizer state with the device-specific options of the current optimizer's groups."""
+    """A saved optimizer state with the device-specific options of the current optimizer's groups, and their
+    learning rate (the schedule sets it every step; a float, or a device tensor under CUDA graphs)."""
     for saved, current in zip(optim_state["param_groups"], current_groups):
-        for key in _DEVICE_OPTIONS:
+        for key in _DEVICE_OPTIONS + ("lr",):
             if key in current:
                 saved[key] = current[key]
     return optim_state

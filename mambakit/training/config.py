@@ -90,6 +90,7 @@ class TrainConfig:
     bf16: bool = True  # bf16 autocast on CUDA (CPU runs fp32)
     fsdp: bool = False  # shard parameters and optimizer state (FSDP2) instead of replicating (DDP)
     compile: bool = False  # torch.compile the model's backbone for the train step (not with fsdp)
+    cuda_graph: bool = False  # replay each train step from CUDA graphs (one process on CUDA; not with compile)
     log_interval: int = 10
     eval_interval: int = 500
     eval_sequences: int = 256
@@ -110,6 +111,9 @@ class TrainConfig:
         if self.compile and self.fsdp:
             raise ValueError("compile: not supported with fsdp (FSDP2's per-block hooks inside one compiled "
                              "backbone are untested); got compile=True and fsdp=True")
+        if self.cuda_graph and (self.compile or self.device == "cpu"):
+            raise ValueError(f"cuda_graph: needs a CUDA device and no compile, got device {self.device!r} and "
+                             f"compile={self.compile}")
         if self.arch == "hybrid" and not self.attn_layer_idx:
             raise ValueError("attn_layer_idx: the hybrid arch needs attention layer indices, got none")
         for f in dataclasses.fields(self):

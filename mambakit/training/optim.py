@@ -25,9 +25,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95)) -> torch.optim.AdamW:
-    """AdamW over `param_groups(model, weight_decay)`; the fused kernel on CUDA."""
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95),
+                    capturable: bool = False) -> torch.optim.AdamW:
+    """AdamW over `param_groups(model, weight_decay)`; the fused kernel on CUDA. capturable (CUDA): its step
+    counts and learning rate live on the device, so that a CUDA graph can replay the step."""
     fused = all(p.is_cuda for p in model.parameters())
+    if capturable:
+        device = next(model.parameters()).device
+        return torch.optim.AdamW(param_groups(model, weight_decay), lr=torch.tensor(lr, device=device),
+                                 betas=tuple(betas), fused=True, capturable=True)
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), fused=fused or None)
 
 
@@ -58,8 +64,12 @@ class CosineSchedule:
         return floor + (self.peak_lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
-        """Set every group's learning rate for `step`; returns it."""
+        """Set every group's learning rate for `step` (filled in place where it is a tensor: a captured
+        optimizer step reads it there); returns it."""
         lr = self.lr(step)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
         return lr

@@ -25,6 +25,7 @@ from mambakit.data import Batch, PackedDataset, build_token_file, rank_sample_of
 from mambakit.ops import linear_cross_entropy
 from mambakit.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from mambakit.training import checkpoint as ckpt
+from mambakit.training import graphs
 from mambakit.training.config import TrainConfig
 from mambakit.training.distributed import Dist, wrap_model
 from mambakit.training.lock import RunLock
@@ -167,7 +168,12 @@ class Trainer:
         self.fused_loss = not self.dist.enabled  # DDP and FSDP need the model's own forward
         if _resume_from is not None and config.fsdp:
             self._load_weights(_resume_from)
-        self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay, config.betas)
+        if config.cuda_graph and (self.device.type != "cuda" or self.dist.enabled):
+            raise ValueError(f"cuda_graph: needs one process on a CUDA device, got {self.dist.world_size} process(es) "
+                             f"on {self.device.type}")
+        self.optimizer = build_optimizer(self.model, config.lr, config.weight_decay, config.betas,
+                                         capturable=config.cuda_graph)
+        self._graphs, self._warm_steps = None, 0
         total = config.total_steps()
         self.schedule = CosineSchedule(config.lr, total, min(total, math.ceil(config.warmup_fraction * total)),
                                        config.min_lr_ratio)
@@ -247,7 +253,9 @@ class Trainer:
 
     def _autocast(self):
         use = self.config.bf16 and self.device.type == "cuda"
-        return torch.autocast("cuda", dtype=torch.bfloat16) if use else contextlib.nullcontext()
+        # Graph capture needs autocast's cache of bf16 weight copies off (they would be freed inside the graph).
+        return (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not self.config.cuda_graph) if use
+                else contextlib.nullcontext())
 
     def _gradient_sync(self, enabled: bool):
         """Context for one micro-batch's forward and backward; skips the gradient all-reduce when not
@@ -264,23 +272,45 @@ class Trainer:
         cfg, d = self.config, self.dist
         self.schedule.apply(self.optimizer, self.step)
         first = self.step * cfg.batch_size
+        batches = [self.dataset.train_batch(rank_sample_offset(first, micro, d.rank, d.world_size, self.micro_batch),
+                                            self.micro_batch).to(self.device) for micro in range(self.grad_accum)]
+        if self._graphs is not None:
+            result = self._graphs.replay(batches)
+        elif cfg.cuda_graph:
+            result = graphs.warm_up(lambda: self._eager_step(batches))
+            self._warm_steps += 1
+            if self._warm_steps == graphs.WARMUP_STEPS:
+                self._graphs = graphs.StepGraphs(lambda batch: self._micro_step(batch, True), self._optimizer_step,
+                                                 batches[0], self.grad_accum)
+        else:
+            result = self._eager_step(batches)
+        self.step += 1
+        return result
+
+    def _eager_step(self, batches: list[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
         total = torch.zeros((), device=self.device)
-        for micro in range(self.grad_accum):
-            start = rank_sample_offset(first, micro, d.rank, d.world_size, self.micro_batch)
-            batch = self.dataset.train_batch(start, self.micro_batch).to(self.device)
-            with self._gradient_sync(micro == self.grad_accum - 1):
-                with self._autocast():
-                    loss = lm_loss(self.wrapped, batch, self.fused_loss)
-                (loss / self.grad_accum).backward()
-            total += loss.detach()
+        for i, batch in enumerate(batches):
+            total += self._micro_step(batch, i == len(batches) - 1)
+        return total / len(batches), self._optimizer_step()
+
+    def _micro_step(self, batch: Batch, sync_gradients: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch (gradients accumulated); returns its loss, detached."""
+        with self._gradient_sync(sync_gradients):
+            with self._autocast():
+                loss = lm_loss(self.wrapped, batch, self.fused_loss)
+            (loss / self.grad_accum).backward()
+        return loss.detach()
+
+    def _optimizer_step(self) -> torch.Tensor:
+        """Clip, step and zero the gradients; returns the gradient norm before clipping."""
         # grad_clip 0 is no clipping; the norm is still computed for the log.
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or math.inf)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip or math.inf)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor over the shards
             grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        return total / self.grad_accum, grad_norm
+        # Under CUDA graphs the gradients stay allocated: the captured backward accumulates into them.
+        self.optimizer.zero_grad(set_to_none=not self.config.cuda_graph)
+        return grad_norm
 
     @torch.no_grad()
     def evaluate(self) -> dict:

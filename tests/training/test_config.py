@@ -28,6 +28,8 @@ from mambakit.training.distributed import check_device
     (dict(max_time=0.0), "max_time"),
     (dict(nonfinite_patience=0), "nonfinite_patience"),
     (dict(seq_len=2.5), "seq_len"),
+    (dict(cuda_graph=True, device="cpu"), "cuda_graph"),
+    (dict(cuda_graph=True, compile=True), "cuda_graph"),
 ])
 def test_bad_settings_are_refused_by_name(fields, name):
     with pytest.raises(ValueError, match=rf"^{name}: "):

@@ -52,3 +52,18 @@ def test_schedule_refuses_impossible_settings():
         CosineSchedule(1e-3, total_steps=10, warmup_steps=20)
     with pytest.raises(ValueError, match="min_ratio"):
         CosineSchedule(1e-3, total_steps=10, min_ratio=2.0)
+
+
+def test_schedule_fills_a_tensor_learning_rate_in_place():
+    """A captured optimizer step (CUDA graphs) reads the learning rate from its tensor: the schedule must
+    write into that tensor, not replace it; float learning rates are replaced."""
+    model = torch.nn.Linear(3, 2)
+    lr = torch.tensor(1.0)
+    tensor_opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    float_opt = torch.optim.AdamW(model.parameters(), lr=1.0)
+    schedule = CosineSchedule(2e-3, total_steps=10, warmup_steps=4)
+    step = int(torch.randint(0, 10, ()))
+    schedule.apply(tensor_opt, step)
+    schedule.apply(float_opt, step)
+    assert tensor_opt.param_groups[0]["lr"] is lr and lr.item() == pytest.approx(schedule.lr(step))
+    assert float_opt.param_groups[0]["lr"] == schedule.lr(step)
