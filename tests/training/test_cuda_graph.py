@@ -18,10 +18,12 @@ def test_cuda_graph_without_a_gpu_is_refused_by_name(corpus, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("arch", ["mamba", "mamba2"])
-def test_graph_replayed_steps_follow_the_eager_trainer_cuda(arch, corpus, tmp_path):
+@pytest.mark.parametrize("arch, extra", [("mamba", {}), ("mamba2", {}), ("mamba2", dict(use_seq_idx=True)),
+                                         ("hybrid", dict(attn_layer_idx=[1])), ("transformer", {})])
+def test_graph_replayed_steps_follow_the_eager_trainer_cuda(arch, extra, corpus, tmp_path):
     steps = 6
-    fields = dict(arch=arch, device="cuda", d_model=64, batch_size=4, micro_batch_size=2, max_tokens=4 * 32 * 12)
+    fields = dict(arch=arch, device="cuda", d_model=64, batch_size=4, micro_batch_size=2, max_tokens=4 * 32 * 12,
+                  **extra)
     trainers, losses = {}, {}
     for graphed in (False, True):
         trainer = Trainer(tiny_config(corpus, cuda_graph=graphed, **fields), tmp_path / f"run-{graphed}", quiet=True)
