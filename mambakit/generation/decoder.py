@@ -29,6 +29,14 @@ STOP_ID_SLOTS = 8
 _decoders: "weakref.WeakKeyDictionary[nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
 
 
+def _argmax_keys(batch: int, device: torch.device) -> torch.Tensor | None:
+    if device.type != "cuda":
+        return None
+    from mambakit.generation.triton_greedy import argmax_keys
+
+    return argmax_keys(batch, device)
+
+
 @dataclass
 class DecodeBuffers:
     """Device tensors of one decode loop (batch B, at most S steps, vocab V).
@@ -36,7 +44,8 @@ class DecodeBuffers:
     tokens (B,): the last chosen tokens; finished (B,) bool; step () int64: positions chosen so far;
     sequence, active, finished_at (B, S): per step the token, whether the row produced it, whether it
     stopped there; seeds, budgets, prompt_lengths (B,); stop_ids (K,), -1 padded; pad () int64;
-    seen (B, V) bool (repetition penalty) or None; teacher (B, T) or None; nan () bool: NaN logits seen.
+    seen (B, V) bool (repetition penalty) or None; teacher (B, T) or None; nan () bool: NaN logits seen;
+    argmax_keys (B, 2) int64: the one-launch greedy choice's scratch on CUDA (`triton_greedy`), else None.
     """
 
     tokens: torch.Tensor
@@ -53,6 +62,7 @@ class DecodeBuffers:
     seen: torch.Tensor | None
     teacher: torch.Tensor | None
     nan: torch.Tensor
+    argmax_keys: torch.Tensor | None = None
 
     @classmethod
     def allocate(cls, batch: int, steps: int, vocab: int, stop_slots: int, device: torch.device,
@@ -67,7 +77,8 @@ class DecodeBuffers:
                    active=bools(batch, steps), finished_at=bools(batch, steps), seeds=longs(batch),
                    budgets=longs(batch), prompt_lengths=longs(batch), stop_ids=longs(stop_slots), pad=longs(),
                    seen=bools(batch, vocab) if repetition_penalty else None,
-                   teacher=longs(batch, teacher_len) if teacher_len is not None else None, nan=bools())
+                   teacher=longs(batch, teacher_len) if teacher_len is not None else None, nan=bools(),
+                   argmax_keys=_argmax_keys(batch, device))
 
     def load(self, prompts: list[torch.Tensor], seeds: torch.Tensor, budgets: torch.Tensor, stop_ids: torch.Tensor,
              pad: int, teacher: torch.Tensor | None) -> None:
@@ -94,7 +105,7 @@ class DecodeBuffers:
     def choose(self, logits: torch.Tensor, config: SamplingConfig) -> None:
         """Pick and record the tokens of the current position from logits (B, V); advance `step`. Greedy
         decoding on CUDA (no teacher tokens, no repetition penalty) runs it all as one Triton launch."""
-        if logits.is_cuda and config.greedy and config.repetition_penalty == 1.0 and self.teacher is None:
+        if self.argmax_keys is not None and config.greedy and config.repetition_penalty == 1.0 and self.teacher is None:
             from mambakit.generation.triton_greedy import greedy_choose
 
             greedy_choose(logits, self)
