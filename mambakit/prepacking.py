@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mambakit.ops._common import custom_op_if_compiling
 from mambakit.quantization import InferenceLinear, replace_inference_linears
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
@@ -24,6 +25,21 @@ PACKED_DTYPES = (torch.float32, torch.bfloat16)
 def prepack_available() -> bool:
     """True when this torch build has the oneDNN linear ops (x86 and most ARM builds do)."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _packed_linear(rows: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """rows (n, in) dense, packed_weight (out, in) in oneDNN's layout, bias (out,) or None -> (n, out)."""
+    return torch.ops.mkldnn._linear_pointwise(rows, packed_weight, bias, "none", [], "")
+
+
+# A custom op for torch.compile: inductor has no lowering for oneDNN's product on a packed weight that is a graph
+# input (it packs weights itself only when freezing), so the compiled step calls it as one opaque node.
+_packed_linear_op = torch.library.custom_op("mambakit::packed_linear", _packed_linear, mutates_args=())
+
+
+@_packed_linear_op.register_fake
+def _(rows, packed_weight, bias):
+    return rows.new_empty(rows.shape[0], packed_weight.shape[0])
 
 
 class PackedLinear(InferenceLinear):
@@ -50,10 +66,9 @@ class PackedLinear(InferenceLinear):
         bias = None if linear.bias is None else linear.bias.detach().to(weight.dtype)
         return cls(torch.ops.mkldnn._reorder_linear_weight(weight.contiguous()), bias)
 
-    @torch.compiler.disable  # dynamo cannot trace oneDNN's packed weight: a compiled step calls this eagerly
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).contiguous()  # the kernel reads dense rows
-        y = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.bias, "none", [], "")
+        y = custom_op_if_compiling(_packed_linear_op, _packed_linear)(rows, self.packed_weight, self.bias)
         return y.view(*x.shape[:-1], self.out_features)
 
 

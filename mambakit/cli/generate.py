@@ -42,9 +42,8 @@ def register(subparsers) -> None:
     parser.add_argument("--prefill-chunk", type=int, default=8192, metavar="TOKENS",
                         help="prefill a longer prompt in pieces of this many tokens, bounding memory (8192)")
     parser.add_argument("--compile", action="store_true",
-                        help="decode through torch.compile where the step runs eagerly (the CPU; instead of "
-                             "prepacking): faster tokens after a first compilation of tens of seconds (needs a C++ "
-                             "compiler)")
+                        help="decode through torch.compile where the step runs eagerly (the CPU): faster tokens "
+                             "after a first compilation of tens of seconds (needs a C++ compiler)")
     parser.set_defaults(func=run)
 
 
@@ -107,8 +106,7 @@ def load_model(args: argparse.Namespace):
     model = MambaLMHeadModel.from_pretrained(args.model, device=device, dtype=dtype).eval()
     if args.quantize is not None:
         quantize(model, args.quantize)
-    compiled = getattr(args, "compile", False)  # oneDNN's packed weights break a compiled step into pieces
-    if device.type == "cpu" and dtype in PACKED_DTYPES and not (args.no_prepack or compiled) and prepack_available():
+    if device.type == "cpu" and dtype in PACKED_DTYPES and not args.no_prepack and prepack_available():
         prepack(model)  # lossless: whatever quantize left in floating point
     return model, load_tokenizer(args.tokenizer if args.tokenizer is not None else args.model)
 

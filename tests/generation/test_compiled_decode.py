@@ -27,6 +27,30 @@ def test_compiled_decode_equals_eager(layer):
     assert torch.equal(again, model.generate(ids, 14))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layer", ["Mamba1", "Mamba2"])
+def test_compiled_decode_of_a_prepacked_model_equals_eager(layer, dtype):
+    """oneDNN's products on prepacked weights run inside the compiled step (one custom op each, no graph break)."""
+    from torch._dynamo.utils import counters
+
+    from mambakit import prepack
+    from mambakit.prepacking import prepack_available
+
+    if not prepack_available():
+        pytest.skip("this torch build has no oneDNN linear ops")
+    config = MambaConfig(d_model=32, n_layer=2, vocab_size=61, ssm_cfg={"layer": layer, **(
+        {"headdim": 8, "chunk_size": 8} if layer == "Mamba2" else {})}, rms_norm=True, fused_add_norm=True,
+        residual_in_fp32=True)
+    model = prepack(MambaLMHeadModel(config, dtype=dtype).eval())
+    ids = torch.randint(0, 61, (3, 5))
+    want = model.generate(ids, 13)
+    torch._dynamo.reset()
+    counters.clear()  # this call's graph breaks alone
+    got = model.generate(ids, 13, compile=True)
+    assert torch.equal(got, want)
+    assert not counters["graph_break"]  # the packed products run inside the compiled graph
+
+
 def test_compile_must_be_a_bool():
     model = MambaLMHeadModel(MambaConfig(d_model=16, n_layer=1, vocab_size=11)).eval()
     with pytest.raises(ValueError, match="compile: expected True or False, got 'yes'"):
