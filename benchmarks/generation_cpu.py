@@ -2,7 +2,7 @@
 weights (saved once with `save_pretrained(format="hf")`, loaded by both), greedy decoding, fp32, bf16 and
 int8 weight-only (ours), batch 1 and 8. Ours runs as `mambakit generate` does on the CPU: floating-point
 linear layers prepacked for oneDNN (`mambakit.prepack`); the `-plain` variants leave them as they are, the
-`-compiled` ones decode through torch.compile (`generate(compile=True)`, unprepacked, as `--compile` runs).
+`-compiled` ones decode through torch.compile (`generate(compile=True)`, prepacked, as `--compile` runs).
 Every row runs in a fresh process, so that its resident memory is its own; the machine's memory bandwidth
 is measured first and each decode speed is set against the floor it implies (decode reads every weight
 once per step: floor = bandwidth / weight bytes per step).
