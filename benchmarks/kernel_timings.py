@@ -1,6 +1,6 @@
 """Kernel benchmarks on a GPU, side by side in one process (the same as `mambakit bench`).
 
-    python benchmarks/kernels.py --ops selective_scan,ssd --lengths 512,2048,8192,32768
+    python benchmarks/kernel_timings.py --ops selective_scan,ssd --lengths 512,2048,8192,32768
 
 Each op lives in `mambakit.bench.<op>` with `run(lengths, args) -> list[dict]`; rows are merged into
 benchmarks/results/kernels-<gpu>.json and a table is printed last.
