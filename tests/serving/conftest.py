@@ -47,11 +47,15 @@ def expected(model, prompts, max_tokens, seed=0, ignore_eos=False, **sampling):
     """generate()'s answers for `prompts` (token-id lists) in one call, with the server's defaults mapped as
     it maps them (OpenAI's: sampling with temperature 1, top_p 1, no top-k). max_tokens: an int or one per
     prompt (a row's first k tokens do not depend on its budget); seed: an int (row b: seed + b) or one per
-    prompt. Returns (texts, new-token counts)."""
+    prompt. Returns (texts, new-token counts, finish reasons: "stop" when the answer ends on the end-of-text
+    token, even as its last allowed token, else "length")."""
     sampling = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, **sampling}
     budgets = [max_tokens] * len(prompts) if isinstance(max_tokens, int) else max_tokens
     out = generate(model, prompts, max_new_tokens=max(budgets), seed=seed, return_dict_in_generate=True,
                    eos_token_id=[] if ignore_eos else None, tokenizer=ByteTokenizer(), **sampling)
     tokenizer = ByteTokenizer()
     news = [seq[len(p):len(p) + k] for seq, p, k in zip(out.sequences, prompts, budgets)]
-    return [tokenizer.decode(new) for new in news], [len(new) for new in news]
+    ended = [len(new) < k or (not ignore_eos and int(new[-1]) == tokenizer.eos_token_id)
+             for new, k in zip(news, budgets)]
+    return ([tokenizer.decode(new) for new in news], [len(new) for new in news],
+            ["stop" if end else "length" for end in ended])

@@ -49,7 +49,7 @@ def test_32_concurrent_clients_get_their_generate_answers(model, cg, clients):
     answers = [None] * clients
     for sampling in (greedy, sampled):
         rows = [i for i, body in enumerate(bodies) if body["temperature"] == sampling["temperature"]]
-        texts, _ = expected(model, [bodies[i]["prompt"] for i in rows], [bodies[i]["max_tokens"] for i in rows],
+        texts, _, _ = expected(model, [bodies[i]["prompt"] for i in rows], [bodies[i]["max_tokens"] for i in rows],
                             seed=[bodies[i]["seed"] for i in rows], **sampling)
         for i, text in zip(rows, texts):
             answers[i] = text
@@ -68,7 +68,7 @@ def test_32_concurrent_clients_get_their_generate_answers(model, cg, clients):
 
 def test_a_request_arriving_mid_stream_joins_the_running_batch(model):
     prompt = [random.randrange(256) for _ in range(5)]
-    (late_text,), _ = expected(model, [prompt], 8, seed=1)
+    (late_text,), _, _ = expected(model, [prompt], 8, seed=1)
     with running_server(model, max_batch=4) as (url, _), httpx.Client(base_url=url, timeout=30) as client:
         long_body = {"prompt": "x", "max_tokens": MAX_TOKENS, "ignore_eos": True, "stream": True}
         with client.stream("POST", "/v1/completions", json=long_body) as stream:
