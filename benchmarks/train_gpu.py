@@ -27,6 +27,7 @@ from generation_gpu import SHAPES, VOCAB, build, mamba_config_fields  # noqa: E4
 
 from mambakit.bench.common import device_slug, format_table, gpu_kernel_times, save_rows  # noqa: E402
 from mambakit.ops import linear_cross_entropy  # noqa: E402
+from mambakit.training.graphs import warm_up  # noqa: E402
 
 COLUMNS = ["impl", "arch", "shape", "compiled", "graph", "seq_len", "batch", "tok_s", "step_ms", "host_ms", "peak_gb"]
 
@@ -69,12 +70,8 @@ def measure(impl: str, arch: str, size: str, compiled: bool, seq_len: int, batch
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up (kernels compiled, autotuned) off the default stream, as capture wants
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
+    for _ in range(3):  # kernels compiled, autotuned; off the default stream, as capture wants
+        warm_up(step)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()  # before the capture: the graph's private pool is what a step holds
     if graphed:

@@ -9,12 +9,13 @@ of the gradients. Inputs are copied into the graphs' own batch tensors before ea
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 
 from mambakit.data import Batch
 
+T = TypeVar("T")
 WARMUP_STEPS = 2  # eager steps on a side stream before capture: optimizer state and library workspaces exist
 
 
@@ -52,7 +53,7 @@ class StepGraphs:
         return self.mean_loss.clone(), self.grad_norm.clone()
 
 
-def warm_up(step: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+def warm_up(step: Callable[[], T]) -> T:
     """Run one eager step on a side stream, as graph capture wants its warm-up (stream-ordered with the rest)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
