@@ -9,7 +9,8 @@ subprocess (so that the clients do not share the server's interpreter).
 
 Per concurrency level: total generated tokens/s, time to first token (p50/p99), time per output token
 after the first (p50/p99, per request) and the server's CPU time per generated token (Linux), split into
-its main thread (uvicorn's event loop: HTTP, SSE, delivery) and the others (the scheduler, torch's threads). Bounded: --requests per client and --max-seconds per level.
+its main thread (uvicorn's event loop: HTTP, SSE, delivery) and the others (the scheduler, torch's
+threads). Bounded: --requests per client and --max-seconds per level.
 Rows are merged into benchmarks/results/serve_load-<device>.json and a table is printed last.
 """
 from __future__ import annotations
