@@ -272,7 +272,9 @@ class Scheduler:
         start = len(self.rows)
         rows = list(range(start, start + len(jobs)))
         device = self.tokens.device
-        prompts = [torch.tensor(job.prompt, dtype=torch.long, device=device) for job in jobs]
+        # Every prompt in one host-to-device copy (one copy per prompt cost a launch and a staging copy each).
+        flat = torch.tensor([token for job in jobs for token in job.prompt], dtype=torch.long, device=device)
+        prompts = list(flat.split([len(job.prompt) for job in jobs]))
         part = InferenceCache.allocate(self.model, len(jobs), self.options.max_seqlen)
         logits = prefill(self.model, part, prompts, prefill_chunk=self.options.prefill_chunk)[:, : self.vocab]
         self.cache.write_rows(rows, part)
