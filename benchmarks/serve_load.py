@@ -207,13 +207,17 @@ def serve_subprocess(model, checkpoint: str, args) -> Iterator[tuple[str, int]]:
 
 
 def source_commit() -> str | None:
-    """The checkout's commit (a '+' when its files differ from it): the server code a row measured."""
+    """The checkout's commit (a '+' when its files differ from it): the server code a row measured; None
+    outside a git checkout (or without git)."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True)
-    head = git("rev-parse", "--short", "HEAD")
-    if head.returncode != 0:
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        if head.returncode != 0:
+            return None
+        return head.stdout.strip() + ("+" if git("status", "--porcelain", "--untracked-files=no").stdout else "")
+    except OSError:  # no git on this machine
         return None
-    return head.stdout.strip() + ("+" if git("status", "--porcelain", "--untracked-files=no").stdout else "")
 
 
 def main() -> None:
