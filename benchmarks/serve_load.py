@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -207,17 +208,25 @@ def serve_subprocess(model, checkpoint: str, args) -> Iterator[tuple[str, int]]:
 
 
 def source_commit() -> str | None:
-    """The checkout's commit (a '+' when its files differ from it): the server code a row measured; None
-    outside a git checkout (or without git)."""
+    """The checkout's commit (a '+' when the package or the benchmark scripts differ from it, results files
+    aside): the server code a row measured; None outside a git checkout (or without git)."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True)
     try:
         head = git("rev-parse", "--short", "HEAD")
         if head.returncode != 0:
             return None
-        return head.stdout.strip() + ("+" if git("status", "--porcelain", "--untracked-files=no").stdout else "")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)mambakit", ":(top)benchmarks/*.py")
+        return head.stdout.strip() + ("+" if changed.stdout else "")
     except OSError:  # no git on this machine
         return None
+
+
+def http_stack() -> str:
+    """The HTTP parser and event loop that uvicorn picks here (the compiled ones when they are installed)."""
+    parser = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    return f"{parser}+{loop}"
 
 
 def main() -> None:
@@ -244,7 +253,8 @@ def main() -> None:
     model = MambaLMHeadModel(MambaConfig(**SHAPES[args.shape]), device=device, dtype=dtype).eval()
     prompt = torch.randint(0, model.config.vocab_size, (args.prompt_len,)).tolist()
     common = {"shape": args.shape, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-              "dtype": str(dtype).removeprefix("torch."), "max_batch": args.max_batch, "commit": source_commit()}
+              "dtype": str(dtype).removeprefix("torch."), "max_batch": args.max_batch, "commit": source_commit(),
+              "http_stack": http_stack()}
     base = {**common, "mode": "generate one at a time", "concurrency": 1, "client_processes": 0,
             "requests_per_client": args.baseline_requests,
             **one_at_a_time(model, prompt, args.new_tokens, args.baseline_requests)}
