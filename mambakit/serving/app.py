@@ -95,7 +95,7 @@ def create_app(scheduler: Scheduler, served: ServedModel, metrics: Metrics) -> F
     async def _answer(request: Request, parsed: CompletionRequest, chat: bool):
         run = Run(scheduler, served, parsed)
         if parsed.stream:
-            return StreamingResponse(_sse(run, request, chat), media_type="text/event-stream")
+            return EventStream(_sse(run, request, chat), media_type="text/event-stream")
         try:
             async for _ in run.events(request):
                 pass
@@ -104,6 +104,14 @@ def create_app(scheduler: Scheduler, served: ServedModel, metrics: Metrics) -> F
         return _full_response(run, chat)
 
     return app
+
+
+class EventStream(StreamingResponse):
+    """A StreamingResponse without starlette's disconnect-listening task (a task group and a second receiver a
+    request): `Run.events` already ends the stream when the client goes away."""
+
+    async def __call__(self, scope, receive, send):
+        await self.stream_response(send)
 
 
 class CountRequests:
