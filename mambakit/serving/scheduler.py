@@ -125,7 +125,8 @@ class Scheduler:
         device = self.cache.lengths_per_sample.device
         rows = options.max_batch
         # Per cache row: the token to feed next, steps sampled (its job's `sampled`, on the device), the uniform
-        # draws of steps sampled rounded down to DRAW_WINDOW onwards, tokens seen (rows with a repetition penalty).
+        # draws of the DRAW_WINDOW steps around its next one (column steps % DRAW_WINDOW; sampled rows), tokens
+        # seen (rows with a repetition penalty).
         self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
         self.steps = torch.zeros(rows, dtype=torch.long, device=device)
         self.draws = torch.zeros(rows, DRAW_WINDOW, dtype=torch.float64, device=device)
@@ -271,9 +272,8 @@ class Scheduler:
         """Prefill `jobs` into the rows after the live ones and choose their first tokens."""
         start = len(self.rows)
         rows = list(range(start, start + len(jobs)))
-        device = self.tokens.device
         # Every prompt in one host-to-device copy (one copy per prompt cost a launch and a staging copy each).
-        flat = torch.tensor([token for job in jobs for token in job.prompt], dtype=torch.long, device=device)
+        flat = self._upload([token for job in jobs for token in job.prompt])
         prompts = list(flat.split([len(job.prompt) for job in jobs]))
         part = InferenceCache.allocate(self.model, len(jobs), self.options.max_seqlen)
         logits = prefill(self.model, part, prompts, prefill_chunk=self.options.prefill_chunk)[:, : self.vocab]
@@ -309,7 +309,7 @@ class Scheduler:
         SamplingConfig in one call, on the device: the tokens, -1 where the logits hold a NaN."""
         end = start + logits.shape[0]
         groups: dict[SamplingConfig, list[int]] = {}
-        drawn_out = []  # (row, step) of sampled rows whose draws are used up (or not drawn yet: a row that just joined)
+        drawn_out = []  # (row, step) of sampled rows whose draws are used up (or not drawn yet: a new row)
         for row in range(start, end):
             job = self.rows[row]
             groups.setdefault(job.sampling, []).append(row)
@@ -326,7 +326,7 @@ class Scheduler:
             if len(rows) == end - start:  # one group (the usual case): slices, no index tensor to upload
                 index, part, part_draws = slice(start, end), logits, draws
             else:
-                index = torch.tensor(rows, device=logits.device)
+                index = self._upload(rows)
                 part, part_draws = logits[index - start], None if draws is None else draws[index - start]
             penalty = config.repetition_penalty != 1.0
             self.tokens[index] = sample_with_draws(part, config, part_draws, self.seen[index] if penalty else None)
@@ -337,11 +337,17 @@ class Scheduler:
 
     def _draw(self, rows: list[tuple[int, int]]) -> None:
         """The uniform draws of DRAW_WINDOW steps of each (row, first step), in one call."""
-        device = self.draws.device
-        seeds = torch.tensor([[self.rows[row].seed] for row, _ in rows], device=device)
-        first = torch.tensor([[step] for _, step in rows], device=device)
-        index = torch.tensor([row for row, _ in rows], device=device)
-        self.draws[index] = uniform(seeds, first + torch.arange(DRAW_WINDOW, device=device))
+        index, seeds, first = self._upload([[row, self.rows[row].seed, step] for row, step in rows]).unbind(1)
+        window = torch.arange(DRAW_WINDOW, device=self.draws.device)
+        self.draws[index] = uniform(seeds[:, None], first[:, None] + window)
+
+    def _upload(self, values: list) -> torch.Tensor:
+        """Host ints as an int64 tensor on the scheduler's device, without waiting for the device: a plain copy
+        to a GPU synchronizes its stream; a non-blocking one from pinned memory does not."""
+        host = torch.tensor(values, dtype=torch.long)
+        if not self.tokens.is_cuda:
+            return host
+        return host.pin_memory().to(self.tokens.device, non_blocking=True)
 
     def _deliver(self, step: Pending) -> None:
         """Wait for a step's tokens and queue them for their jobs; jobs that ended meanwhile get none."""
