@@ -7,14 +7,17 @@ subprocess (so that the clients do not share the server's interpreter).
     python benchmarks/serve_load.py --shape micro --concurrency 64              # the server's overhead, CPU
     python benchmarks/serve_load.py --shape 130m --device cuda --concurrency 1,16,64
 
-Per concurrency level: total generated tokens/s, time to first token (p50/p99) and time per output token
-after the first (p50/p99, per request). Bounded: --requests per client and --max-seconds per level.
+Per concurrency level: total generated tokens/s, time to first token (p50/p99), time per output token
+after the first (p50/p99, per request) and the server's CPU time per generated token (Linux), split into
+its main thread (uvicorn's event loop: HTTP, SSE, delivery) and the others (the scheduler, torch's
+threads). Bounded: --requests per client and --max-seconds per level.
 Rows are merged into benchmarks/results/serve_load-<device>.json and a table is printed last.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -48,7 +51,8 @@ SHAPES = {
                  ssm_cfg={"layer": "Mamba2", "d_state": 128, "headdim": 64}),
 }
 COLUMNS = ["shape", "mode", "concurrency", "client_processes", "requests_per_client", "prompt_len", "new_tokens", "total_tok_s",
-           "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "speedup"]
+           "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "loop_cpu_per_token_us",
+           "other_cpu_per_token_us", "speedup"]
 
 
 def word_tokenizer(vocab_size: int) -> HFTokenizer:
@@ -111,20 +115,47 @@ def client_process(url: str, clients: int, requests: int, body: dict, start_at: 
     return results, start, time.time()
 
 
+def thread_cpu_seconds(pid: int) -> tuple[float, float] | None:
+    """CPU seconds (user + system) process `pid` spent so far in its main thread and in all its others,
+    from /proc (None where there is none)."""
+    tasks = Path(f"/proc/{pid}/task")
+    if not tasks.is_dir():
+        return None
+    main = others = 0.0
+    for task in tasks.iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
+        seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        if int(task.name) == pid:
+            main += seconds
+        else:
+            others += seconds
+    return main, others
+
+
 def offered_load(pool: ProcessPoolExecutor, url: str, concurrency: int, requests: int, body: dict,
-                 max_seconds: float) -> dict:
+                 max_seconds: float, server_pid: int) -> dict:
     """`concurrency` clients spread over the pool's processes (an HTTP client parses a chunk per token: one
-    process alone would be the bottleneck): tokens/s over the wall time and latency percentiles."""
+    process alone would be the bottleneck): tokens/s over the wall time, latency percentiles and the
+    server's CPU time per generated token (the host cost, whatever the clients' share of the machine)."""
     processes = pool._max_workers
     shares = [n for n in (concurrency // processes + (i < concurrency % processes) for i in range(processes)) if n]
     start_at = time.time() + 0.2
+    cpu_before = thread_cpu_seconds(server_pid)
     runs = [f.result() for f in [pool.submit(client_process, url, n, requests, body, start_at, max_seconds)
                                  for n in shares]]
+    cpu_after = thread_cpu_seconds(server_pid)
     ttft, tpot, tokens = zip(*(r for results, _, _ in runs for r in results))
     wall = max(end for _, _, end in runs) - min(start for _, start, _ in runs)
-    return {"total_tok_s": sum(tokens) / wall, "client_processes": len(shares),
-            "ttft_p50_ms": 1e3 * percentile(ttft, 0.5), "ttft_p99_ms": 1e3 * percentile(ttft, 0.99),
-            "tpot_p50_ms": 1e3 * percentile(tpot, 0.5), "tpot_p99_ms": 1e3 * percentile(tpot, 0.99)}
+    figures = {"total_tok_s": sum(tokens) / wall, "client_processes": len(shares),
+               "ttft_p50_ms": 1e3 * percentile(ttft, 0.5), "ttft_p99_ms": 1e3 * percentile(ttft, 0.99),
+               "tpot_p50_ms": 1e3 * percentile(tpot, 0.5), "tpot_p99_ms": 1e3 * percentile(tpot, 0.99)}
+    if cpu_before is not None and cpu_after is not None:
+        figures["loop_cpu_per_token_us"] = 1e6 * (cpu_after[0] - cpu_before[0]) / sum(tokens)
+        figures["other_cpu_per_token_us"] = 1e6 * (cpu_after[1] - cpu_before[1]) / sum(tokens)
+    return figures
 
 
 def one_at_a_time(model, prompt: list[int], new_tokens: int, requests: int) -> dict:
@@ -148,8 +179,8 @@ def one_at_a_time(model, prompt: list[int], new_tokens: int, requests: int) -> d
 
 
 @contextmanager
-def serve_subprocess(model, checkpoint: str, args) -> Iterator[str]:
-    """`mambakit serve` on a free port over `model` saved to `checkpoint`; yields its base URL."""
+def serve_subprocess(model, checkpoint: str, args) -> Iterator[tuple[str, int]]:
+    """`mambakit serve` on a free port over `model` saved to `checkpoint`; yields its base URL and process id."""
     model.save_pretrained(checkpoint)
     word_tokenizer(model.config.vocab_size).save(checkpoint)
     with socket.socket() as s:
@@ -170,10 +201,32 @@ def serve_subprocess(model, checkpoint: str, args) -> Iterator[str]:
                     break
             except httpx.TransportError:
                 time.sleep(0.2)
-        yield url
+        yield url, process.pid
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(60)
+
+
+def source_commit() -> str | None:
+    """The checkout's commit (a '+' when the package or the benchmark scripts differ from it, results files
+    aside): the server code a row measured; None outside a git checkout (or without git)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True)
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        if head.returncode != 0:
+            return None
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)mambakit", ":(top)benchmarks/*.py")
+        return head.stdout.strip() + ("+" if changed.stdout else "")
+    except OSError:  # no git on this machine
+        return None
+
+
+def http_stack() -> str:
+    """The HTTP parser and event loop that uvicorn picks here (the compiled ones when they are installed)."""
+    parser = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    return f"{parser}+{loop}"
 
 
 def main() -> None:
@@ -200,7 +253,8 @@ def main() -> None:
     model = MambaLMHeadModel(MambaConfig(**SHAPES[args.shape]), device=device, dtype=dtype).eval()
     prompt = torch.randint(0, model.config.vocab_size, (args.prompt_len,)).tolist()
     common = {"shape": args.shape, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-              "dtype": str(dtype).removeprefix("torch."), "max_batch": args.max_batch}
+              "dtype": str(dtype).removeprefix("torch."), "max_batch": args.max_batch, "commit": source_commit(),
+              "http_stack": http_stack()}
     base = {**common, "mode": "generate one at a time", "concurrency": 1, "client_processes": 0,
             "requests_per_client": args.baseline_requests,
             **one_at_a_time(model, prompt, args.new_tokens, args.baseline_requests)}
@@ -208,10 +262,10 @@ def main() -> None:
     body = {"prompt": prompt, "max_tokens": args.new_tokens, "ignore_eos": True, "temperature": 1.0, "stream": True,
             "stream_options": {"include_usage": True}}
     pool = ProcessPoolExecutor(args.client_processes, mp_context=multiprocessing.get_context("spawn"))
-    with pool, tempfile.TemporaryDirectory() as checkpoint, serve_subprocess(model, checkpoint, args) as url:
-        offered_load(pool, url, args.client_processes, 1, body, args.max_seconds)  # warm-up, every process too
+    with pool, tempfile.TemporaryDirectory() as checkpoint, serve_subprocess(model, checkpoint, args) as (url, pid):
+        offered_load(pool, url, args.client_processes, 1, body, args.max_seconds, pid)  # warm-up, every process too
         for concurrency in (int(c) for c in args.concurrency.split(",")):
-            figures = offered_load(pool, url, concurrency, args.requests, body, args.max_seconds)
+            figures = offered_load(pool, url, concurrency, args.requests, body, args.max_seconds, pid)
             rows.append({**common, "mode": "server", "concurrency": concurrency,
                          "requests_per_client": args.requests, **figures})
     slug = device_slug() if device.type == "cuda" else "cpu"

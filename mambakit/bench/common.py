@@ -115,7 +115,7 @@ def device_slug() -> str:
     return "cpu" if not torch.cuda.is_available() else name.split()[-1]
 
 
-MEASURED_SUFFIXES = ("_ms", "_gbs", "_gb", "tok_s", "_err")
+MEASURED_SUFFIXES = ("_ms", "_us", "_gbs", "_gb", "tok_s", "_err")
 
 
 def row_key(row: dict) -> tuple:

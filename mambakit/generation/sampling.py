@@ -89,7 +89,8 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
 
 
 def uniform(seeds: torch.Tensor, step: torch.Tensor | int) -> torch.Tensor:
-    """Deterministic uniform draws in [0, 1): (batch,) float64 from seeds (batch,) int64 and a step counter."""
+    """Deterministic uniform draws in [0, 1): (batch,) float64 from seeds (batch,) int64 and a step counter
+    (an int, or a tensor broadcast against seeds: seeds (B, 1) and steps (1, S) give every row's S draws)."""
     h = _hash32(torch.as_tensor(step, dtype=torch.long, device=seeds.device) & _MASK32)
     h = _hash32(h ^ ((seeds >> 32) & _MASK32))
     h = _hash32(h ^ (seeds & _MASK32))
@@ -122,14 +123,23 @@ def filtered_probs(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor
 def sample(logits: torch.Tensor, config: SamplingConfig, seeds: torch.Tensor, step: torch.Tensor | int,
            seen: torch.Tensor | None = None) -> torch.Tensor:
     """Next tokens (batch,) int64 from logits (batch, vocab); `seen` (batch, vocab) bool for the repetition penalty."""
+    return sample_with_draws(logits, config, None if config.greedy else uniform(seeds, step), seen)
+
+
+def sample_with_draws(logits: torch.Tensor, config: SamplingConfig, draws: torch.Tensor | None,
+                      seen: torch.Tensor | None = None) -> torch.Tensor:
+    """`sample` with its draws given: uniform(seeds, step) (batch,) float64, computed ahead by a caller that
+    draws many steps in one call (None when config.greedy: no draw is used)."""
     if config.repetition_penalty != 1.0:
         if seen is None:
             raise ValueError("seen: required when repetition_penalty != 1")
         logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
     if config.greedy:
         return logits.argmax(dim=-1)
+    if draws is None:
+        raise ValueError("draws: required unless the sampling is greedy")
     cdf = torch.cumsum(filtered_probs(logits, config).double(), dim=-1)
-    target = uniform(seeds, step) * cdf[:, -1]
+    target = draws * cdf[:, -1]
     # The first token whose cumulative probability exceeds the target: never a zero-probability one.
     index = torch.searchsorted(cdf, target[:, None], right=True)
     return index.squeeze(-1).clamp_(max=logits.shape[-1] - 1)

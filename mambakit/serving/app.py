@@ -9,6 +9,7 @@ import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii as encode_json_string  # json.dumps' own, for a str
 from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
@@ -93,7 +94,7 @@ def create_app(scheduler: Scheduler, served: ServedModel, metrics: Metrics) -> F
     async def _answer(request: Request, parsed: CompletionRequest, chat: bool):
         run = Run(scheduler, served, parsed)
         if parsed.stream:
-            return StreamingResponse(_sse(run, request, chat), media_type="text/event-stream")
+            return EventStream(_sse(run, request, chat), media_type="text/event-stream")
         try:
             async for _ in run.events(request):
                 pass
@@ -102,6 +103,14 @@ def create_app(scheduler: Scheduler, served: ServedModel, metrics: Metrics) -> F
         return _full_response(run, chat)
 
     return app
+
+
+class EventStream(StreamingResponse):
+    """A StreamingResponse without starlette's disconnect-listening task (a task group and a second receiver a
+    request): `Run.events` already ends the stream when the client goes away."""
+
+    async def __call__(self, scope, receive, send):
+        await self.stream_response(send)
 
 
 class CountRequests:
@@ -245,33 +254,57 @@ def _full_response(run: Run, chat: bool) -> dict:
             "created": int(time.time()), "model": run.model_name, "choices": choices, "usage": run.usage()}
 
 
+class ChunkFormat:
+    """The SSE chunks of one stream, as `json.dumps` writes them. A token's chunk (the hot path: one per
+    token per stream) is its template's constant parts around the index, text and finish reason (one
+    json.dumps of a string instead of a dict's), the parts cut from json.dumps of a chunk with marker values."""
+
+    MARKERS = ("\x00index", "\x00piece", "\x00finish")
+
+    def __init__(self, run: Run, chat: bool):
+        self.head = {"id": ("chatcmpl-" if chat else "cmpl-") + run.id,
+                     "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
+                     "model": run.model_name}
+        self.include_usage, self.chat = run.parsed.include_usage, chat
+        template = self.chunk([self.choice(*self.MARKERS)])
+        for marker in self.MARKERS:
+            template = template.replace(json.dumps(marker), "\x00")
+        self.parts = template.split("\x00")
+
+    def choice(self, index, piece, finish) -> dict:
+        content = {"delta": {"content": piece}} if self.chat else {"text": piece, "logprobs": None}
+        return {"index": index, **content, "finish_reason": finish}
+
+    def chunk(self, choices: list[dict], usage: dict | None = None) -> str:
+        """Any chunk: these choices (and the usage where the request asked for it in every chunk)."""
+        body = {**self.head, "choices": choices}
+        if self.include_usage:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"
+
+    def token(self, index: int, piece: str, finish: str | None) -> str:
+        """The chunk of one choice's new text, equal to chunk([choice(index, piece, finish)])."""
+        head, after_index, after_piece, tail = self.parts
+        finish = "null" if finish is None else encode_json_string(finish)
+        return f"{head}{index}{after_index}{encode_json_string(piece)}{after_piece}{finish}{tail}"
+
+
 async def _sse(run: Run, request: Request, chat: bool) -> AsyncIterator[str]:
     """The OpenAI event stream: one chunk per generated token, its text possibly '' (as vLLM: a client sees
     every token arrive; the chunks that arrived together are written together), a last one per choice with
     its finish_reason, a usage chunk when asked (stream_options.include_usage), then [DONE]."""
-    def chunk(choices, usage=None):
-        body = {"id": ("chatcmpl-" if chat else "cmpl-") + run.id,
-                "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
-                "model": run.model_name, "choices": choices}
-        if run.parsed.include_usage:
-            body["usage"] = usage
-        return f"data: {json.dumps(body)}\n\n"
-
+    chunks = ChunkFormat(run, chat)
     if chat:
-        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                     for i in range(len(run.jobs))])
-    def content(piece):
-        return {"delta": {"content": piece}} if chat else {"text": piece, "logprobs": None}
-
+        yield chunks.chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                            for i in range(len(run.jobs))])
     try:
         async for batch in run.events(request):  # one write per batch, one chunk per token in it
-            yield "".join(chunk([{"index": index, **content(piece), "finish_reason": finish}])
-                          for index, piece, finish in batch)
+            yield "".join(chunks.token(index, piece, finish) for index, piece, finish in batch)
     except ClientGone:
         return
     except RequestError as e:
         yield f"data: {json.dumps(e.body())}\n\n"
         return
     if run.parsed.include_usage:
-        yield chunk([], run.usage())
+        yield chunks.chunk([], run.usage())
     yield "data: [DONE]\n\n"

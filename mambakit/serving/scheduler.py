@@ -11,8 +11,10 @@ step t's, already there) before it reads step t's tokens back and hands them out
 (delivery, stop checks, joins) runs while the device computes. A row that finished at step t therefore
 computes one more step, whose token is dropped.
 
-A row samples with its own `SamplingConfig`, seed and step counter through `generation.sampling.sample`,
+A row samples with its own `SamplingConfig`, seed and step counter as `generation.sampling.sample` does,
 so its tokens are exactly those `generate` gives for the same prompt and seed, whatever else is in the batch.
+Its uniform draws are computed DRAW_WINDOW steps at a time in one call (a draw is ~60 tiny tensor ops: one
+call a step was most of a step's launches on a GPU); a step gathers them.
 """
 from __future__ import annotations
 
@@ -28,14 +30,17 @@ from typing import Callable
 import torch
 from torch import nn
 
-from mambakit.generation import InferenceCache, SamplingConfig, StopStringWatch, decode_step, prefill, sample
+from mambakit.generation import InferenceCache, SamplingConfig, StopStringWatch, decode_step, prefill
 from mambakit.generation.decoder import Decoder
 from mambakit.generation.generate import vocab_size
+from mambakit.generation.sampling import sample_with_draws, uniform
 from mambakit.serving.metrics import Metrics
 from mambakit.serving.protocol import RequestError
 
 # Prompt tokens prefilled per iteration at most (one prompt at least): bounds the stall of running streams.
 PREFILL_TOKENS_PER_ITERATION = 4096
+# Steps of uniform draws a sampled row gets per call of `uniform`.
+DRAW_WINDOW = 64
 
 
 @dataclass
@@ -59,6 +64,7 @@ class Job:
     stop_watch: StopStringWatch | None = field(default=None, repr=False)  # set at the join when stop_strings
     cancelled: bool = False
     finished: bool = False
+    sampled: int = 0  # steps sampled for its row so far (a pipelined extra one included)
 
 
 @dataclass(frozen=True)
@@ -118,10 +124,12 @@ class Scheduler:
         self.cache = InferenceCache.allocate(model, options.max_batch, options.max_seqlen)
         device = self.cache.lengths_per_sample.device
         rows = options.max_batch
-        # Per cache row: the token to feed next, its seed, tokens generated so far, tokens seen (repetition penalty).
+        # Per cache row: the token to feed next, steps sampled (its job's `sampled`, on the device), the uniform
+        # draws of the DRAW_WINDOW steps around its next one (column steps % DRAW_WINDOW; sampled rows), tokens
+        # seen (rows with a repetition penalty).
         self.tokens = torch.zeros(rows, dtype=torch.long, device=device)
-        self.seeds = torch.zeros(rows, dtype=torch.long, device=device)
         self.steps = torch.zeros(rows, dtype=torch.long, device=device)
+        self.draws = torch.zeros(rows, DRAW_WINDOW, dtype=torch.float64, device=device)
         self.seen = torch.zeros(rows, self.vocab, dtype=torch.bool, device=device)
         self.rows: list[Job] = []  # rows[i] occupies cache row i
         # Host slots for sampled tokens (pinned on CUDA, so the copy is asynchronous), used in turn: while a
@@ -264,16 +272,17 @@ class Scheduler:
         """Prefill `jobs` into the rows after the live ones and choose their first tokens."""
         start = len(self.rows)
         rows = list(range(start, start + len(jobs)))
-        device = self.tokens.device
-        prompts = [torch.tensor(job.prompt, dtype=torch.long, device=device) for job in jobs]
+        # Every prompt in one host-to-device copy (one copy per prompt cost a launch and a staging copy each).
+        flat = self._upload([token for job in jobs for token in job.prompt])
+        prompts = list(flat.split([len(job.prompt) for job in jobs]))
         part = InferenceCache.allocate(self.model, len(jobs), self.options.max_seqlen)
         logits = prefill(self.model, part, prompts, prefill_chunk=self.options.prefill_chunk)[:, : self.vocab]
         self.cache.write_rows(rows, part)
-        self.seeds[start:start + len(jobs)] = torch.tensor([job.seed for job in jobs], device=device)
         self.steps[start:start + len(jobs)] = 0
-        self.seen[start:start + len(jobs)] = False
-        for row, prompt in zip(rows, prompts):
-            self.seen[row, prompt] = True
+        for row, prompt, job in zip(rows, prompts, jobs):
+            if job.sampling.repetition_penalty != 1.0:
+                self.seen[row] = False
+                self.seen[row, prompt] = True
         for job in jobs:
             job.stop_watch = StopStringWatch(self.tokenizer, job.stop_strings) if job.stop_strings else None
         self.rows.extend(jobs)
@@ -300,18 +309,45 @@ class Scheduler:
         SamplingConfig in one call, on the device: the tokens, -1 where the logits hold a NaN."""
         end = start + logits.shape[0]
         groups: dict[SamplingConfig, list[int]] = {}
+        drawn_out = []  # (row, step) of sampled rows whose draws are used up (or not drawn yet: a new row)
         for row in range(start, end):
-            groups.setdefault(self.rows[row].sampling, []).append(row)
+            job = self.rows[row]
+            groups.setdefault(job.sampling, []).append(row)
+            if not job.sampling.greedy and job.sampled % DRAW_WINDOW == 0:
+                drawn_out.append((row, job.sampled))
+            job.sampled += 1
+        if drawn_out:
+            self._draw(drawn_out)
+        draws = None
+        if not all(config.greedy for config in groups):
+            column = self.steps[start:end].remainder(DRAW_WINDOW)[:, None]
+            draws = self.draws[start:end].gather(1, column).squeeze(1)
         for config, rows in groups.items():
             if len(rows) == end - start:  # one group (the usual case): slices, no index tensor to upload
-                index, part = slice(start, end), logits
+                index, part, part_draws = slice(start, end), logits, draws
             else:
-                index = torch.tensor(rows, device=logits.device)
-                part = logits[index - start]
-            self.tokens[index] = sample(part, config, self.seeds[index], self.steps[index], self.seen[index])
-        self.seen[torch.arange(start, end, device=logits.device), self.tokens[start:end]] = True
+                index = self._upload(rows)
+                part, part_draws = logits[index - start], None if draws is None else draws[index - start]
+            penalty = config.repetition_penalty != 1.0
+            self.tokens[index] = sample_with_draws(part, config, part_draws, self.seen[index] if penalty else None)
+            if penalty:
+                self.seen[index] = self.seen[index].scatter(1, self.tokens[index, None], True)
         self.steps[start:end] += 1
         return torch.where(logits.isnan().any(dim=-1), -1, self.tokens[start:end])
+
+    def _draw(self, rows: list[tuple[int, int]]) -> None:
+        """The uniform draws of DRAW_WINDOW steps of each (row, first step), in one call."""
+        index, seeds, first = self._upload([[row, self.rows[row].seed, step] for row, step in rows]).unbind(1)
+        window = torch.arange(DRAW_WINDOW, device=self.draws.device)
+        self.draws[index] = uniform(seeds[:, None], first[:, None] + window)
+
+    def _upload(self, values: list) -> torch.Tensor:
+        """Host ints as an int64 tensor on the scheduler's device, without waiting for the device: a plain copy
+        to a GPU synchronizes its stream; a non-blocking one from pinned memory does not."""
+        host = torch.tensor(values, dtype=torch.long)
+        if not self.tokens.is_cuda:
+            return host
+        return host.pin_memory().to(self.tokens.device, non_blocking=True)
 
     def _deliver(self, step: Pending) -> None:
         """Wait for a step's tokens and queue them for their jobs; jobs that ended meanwhile get none."""
@@ -353,7 +389,7 @@ class Scheduler:
             last = len(self.rows) - 1
             if row != last:
                 self.cache.write_rows([row], self.cache.select([last]))
-                for buffer in (self.tokens, self.seeds, self.steps, self.seen):
+                for buffer in (self.tokens, self.steps, self.draws, self.seen):
                     buffer[row] = buffer[last]
                 self.rows[row] = self.rows[last]
             self.rows.pop()

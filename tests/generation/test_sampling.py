@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from mambakit.generation.sampling import SamplingConfig, filtered_probs, row_seeds, sample, uniform
+from mambakit.generation.sampling import SamplingConfig, filtered_probs, row_seeds, sample, sample_with_draws, uniform
 
 
 def kept_by_top_p(probs: torch.Tensor, top_p: float) -> set[int]:
@@ -132,3 +132,23 @@ def test_row_seeds():
     with pytest.raises(ValueError, match="seed"):
         row_seeds(1.5, 1, torch.device("cpu"))
     assert math.isfinite(float(uniform(row_seeds(2**63 - 1, 1, torch.device("cpu")), 0)[0]))
+
+
+def test_draws_of_many_steps_in_one_call_are_each_steps_draws():
+    seeds = torch.randint(0, 2**63 - 1, (5,))
+    steps = torch.randint(0, 2**40, (1,)) + torch.arange(7)
+    table = uniform(seeds[:, None], steps[None, :])
+    assert table.shape == (5, 7)
+    for j, step in enumerate(steps):
+        assert torch.equal(table[:, j], uniform(seeds, int(step)))
+
+
+def test_sample_with_draws_given_is_sample():
+    logits = torch.randn(6, 50) * 3
+    seeds, step = torch.randint(0, 2**62, (6,)), torch.randint(0, 1000, (6,))
+    for config in (SamplingConfig(top_k=0), SamplingConfig(top_k=7, temperature=0.7, top_p=0.9, min_p=0.02),
+                   SamplingConfig(top_k=1)):
+        draws = None if config.greedy else uniform(seeds, step)
+        assert torch.equal(sample_with_draws(logits, config, draws), sample(logits, config, seeds, step))
+    with pytest.raises(ValueError, match="draws"):
+        sample_with_draws(logits, SamplingConfig(top_k=0), None)

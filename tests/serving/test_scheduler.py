@@ -9,6 +9,7 @@ import torch
 
 from mambakit.generation import SamplingConfig, generate
 from mambakit.serving import Job, Metrics, Scheduler, SchedulerOptions
+from mambakit.serving.scheduler import DRAW_WINDOW
 from mambakit.tokenizer import ByteTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "generation"))
@@ -36,6 +37,33 @@ def test_rows_joining_and_leaving_get_their_generate_tokens(kind):
     for i, job in enumerate(jobs):
         out = generate(model, [prompts[i]], max_new_tokens=budgets[i], seed=40 + i, eos_token_id=[], top_k=0,
                        temperature=0.9, top_p=0.95, repetition_penalty=1.1)[0]
+        assert job.generated == out[len(prompts[i]):]
+
+
+def test_mixed_sampling_over_many_draw_windows_gets_generate_tokens():
+    """Rows of different sampling options share the batch, join at different steps (their draw windows
+    run out at different iterations) and move rows as others leave; each still gets generate's tokens."""
+    model = tiny_model("mamba2")
+    options = [dict(top_k=0, temperature=0.8, top_p=0.9), dict(top_k=1), dict(top_k=0, repetition_penalty=1.3),
+               dict(top_k=5, temperature=1.2, min_p=0.05)]
+    budgets = [2 * DRAW_WINDOW + 5, 7, DRAW_WINDOW + 1, 30, DRAW_WINDOW, DRAW_WINDOW - 1, 3 * DRAW_WINDOW]
+    prompts = [torch.randint(0, 256, (torch.randint(1, 20, ()).item(),)).tolist() for _ in budgets]
+    seeds = torch.randint(0, 2**40, (len(budgets),)).tolist()
+    scheduler = Scheduler(model, SchedulerOptions(max_batch=3, max_seqlen=256), ByteTokenizer(), Metrics())
+    done = threading.Semaphore(0)
+    jobs = [Job(p, k, SamplingConfig(**options[i % len(options)]), seed, frozenset(), (),
+                lambda token, finish: finish and done.release())
+            for i, (p, k, seed) in enumerate(zip(prompts, budgets, seeds))]
+    scheduler.start()
+    try:
+        scheduler.submit(jobs)  # three rows at a time: the others join as rows leave
+        for _ in jobs:
+            assert done.acquire(timeout=120)
+    finally:
+        scheduler.stop()
+    for i, job in enumerate(jobs):
+        out = generate(model, [prompts[i]], max_new_tokens=budgets[i], seed=seeds[i], eos_token_id=[],
+                       **options[i % len(options)])[0]
         assert job.generated == out[len(prompts[i]):]
 
 
