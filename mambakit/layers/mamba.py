@@ -11,11 +11,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mambakit.ops import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
+from mambakit.ops import causal_conv1d, selective_scan
+from mambakit.ops.conv1d import causal_conv1d_update_unchecked
+from mambakit.ops.selective_scan import selective_state_update_unchecked
 from mambakit.ops.norm_linear import decode_linear
 
-from ._common import (ProjectedStep, cached_states, check_layer_input, conv_history, conv_tail, inverse_softplus_dt,
-                      no_weight_decay)
+from ._common import (ParameterDerived, ProjectedStep, cached_states, check_layer_input, conv_history, conv_tail,
+                      inverse_softplus_dt, negative_exp, no_weight_decay)
 
 
 def _channels_first(linear: nn.Module, tokens: torch.Tensor, batch: int, with_bias: bool = True) -> torch.Tensor:
@@ -94,6 +96,7 @@ class Mamba(ProjectedStep, nn.Module):
         self.A_log = no_weight_decay(nn.Parameter(torch.log(A)))
         self.D = no_weight_decay(nn.Parameter(torch.ones(self.d_inner, device=device)))
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+        self._A_from_log = ParameterDerived(negative_exp)
 
     def forward(self, hidden_states: torch.Tensor, inference_params=None, seq_idx: torch.Tensor | None = None):
         """hidden_states: (batch, seqlen, d_model); seq_idx: (batch, seqlen) int32 index of packed
@@ -143,13 +146,12 @@ class Mamba(ProjectedStep, nn.Module):
         """The decode step after in_proj (`ProjectedStep`); the states are updated in place."""
         x, z = projected.chunk(2, dim=-1)  # (batch, d_inner) each
         if not conv_applied:
-            x = causal_conv1d_update(x, conv_state, self._conv_weight(), self.conv1d.bias,
-                                     activation=self.activation)
+            x = causal_conv1d_update_unchecked(x, conv_state, self._conv_weight(), self.conv1d.bias, self.activation)
         dt, B, C = decode_linear(self.x_proj, x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        # dt_proj and A = -exp(A_log) happen inside the step: fewer launches per token.
-        y = selective_state_update(ssm_state, x, dt, None, B, C, self.D.float(), z=z,
-                                   dt_bias=self.dt_proj.bias, dt_softplus=True, A_log=self.A_log,
-                                   dt_proj_weight=self.dt_proj.weight)
+        # dt_proj happens inside the step, and so does A = -exp(A_log) on CUDA: fewer launches per token.
+        A, A_log = self._step_A()
+        y = selective_state_update_unchecked(ssm_state, x, dt, A, B, C, self.D.float(), z=z, dt_bias=self.dt_proj.bias,
+                                             dt_softplus=True, A_log=A_log, dt_proj_weight=self.dt_proj.weight)
         return decode_linear(self.out_proj, y)
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None, **kwargs):
@@ -167,4 +169,4 @@ class Mamba(ProjectedStep, nn.Module):
         return 0  # in_proj's x columns come first
 
     def _A(self) -> torch.Tensor:
-        return -torch.exp(self.A_log.float())  # (d_inner, d_state), negative: a decaying state
+        return self._A_from_log(self.A_log)  # (d_inner, d_state), negative: a decaying state
