@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from mambakit.ops._common import FLOAT_DTYPES, check_dtype, check_shape
 from mambakit.ops.conv1d import ConvStep
 
 
@@ -43,14 +44,30 @@ class ProjectedStep:
     """`step`, `step_from_projection` and `in_proj_conv` of a mixer whose decode step starts with `in_proj`
     and its conv; the mixer's `_step(projected, conv_state, ssm_state, conv_applied) -> (batch, d_model)` does
     the rest (states updated in place), `_conv_weight()` and `_conv_offset()` describe the conv, `A_log` and
-    `_A()` its state matrix."""
+    `_A()` its state matrix, `_state_shapes(batch)` its (conv_state, ssm_state) shapes."""
 
     def step(self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
         """One decoding step. hidden_states: (batch, 1, d_model); conv_state and ssm_state (fp32), as
         `allocate_inference_cache` makes them, are updated in place. Returns (out (batch, 1, d_model),
         conv_state, ssm_state)."""
+        check_layer_input("hidden_states", hidden_states, self.d_model, self.conv1d.weight)
         if hidden_states.shape[1] != 1:
             raise ValueError(f"hidden_states: step decodes one token, expected seqlen 1, got {hidden_states.shape[1]}")
+        # The step ops run unchecked (their arguments are this layer's own): the caller's states are checked here.
+        conv_shape, ssm_shape = self._state_shapes(hidden_states.shape[0])
+        for name, state, shape in (("conv_state", conv_state, conv_shape), ("ssm_state", ssm_state, ssm_shape)):
+            check_shape(name, state, *shape)
+            if state.device != hidden_states.device:
+                raise ValueError(f"{name}: expected a tensor on {hidden_states.device} (the input's), "
+                                 f"got {state.device}")
+            if not state.is_contiguous():
+                raise ValueError(f"{name}: expected a contiguous tensor (it is updated in place)")
+        check_dtype("conv_state", conv_state, FLOAT_DTYPES)
+        check_dtype("ssm_state", ssm_state, (torch.float32, torch.float64))
+        return self._decode_token(hidden_states, conv_state, ssm_state)
+
+    def _decode_token(self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
+        """`step` on states known to fit (the layer's cached ones)."""
         out = self._step(self.in_proj(hidden_states.squeeze(1)), conv_state, ssm_state, conv_applied=False)
         return out.unsqueeze(1), conv_state, ssm_state
 

@@ -114,7 +114,7 @@ class Mamba(ProjectedStep, nn.Module):
                                                   lambda: self.allocate_inference_cache(batch, seqlen))
             continuing = inference_params.seqlen_offset > 0
             if continuing and seqlen == 1:
-                out, _, _ = self.step(hidden_states, conv_state, ssm_state)
+                out, _, _ = self._decode_token(hidden_states, conv_state, ssm_state)
                 return out
 
         # Projections as weight @ (features, tokens): the outputs come (batch, channels, seqlen) with steps
@@ -158,9 +158,13 @@ class Mamba(ProjectedStep, nn.Module):
         """Zeroed (conv_state (batch, d_inner, d_conv), ssm_state (batch, d_inner, d_state) fp32)."""
         device = self.A_log.device  # A_log is always a float parameter (out_proj may be quantized)
         conv_dtype = self.conv1d.weight.dtype if dtype is None else dtype
-        conv_state = torch.zeros(batch_size, self.d_inner, self.d_conv, device=device, dtype=conv_dtype)
-        ssm_state = torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=torch.float32)
+        conv_shape, ssm_shape = self._state_shapes(batch_size)
+        conv_state = torch.zeros(conv_shape, device=device, dtype=conv_dtype)
+        ssm_state = torch.zeros(ssm_shape, device=device, dtype=torch.float32)
         return conv_state, ssm_state
+
+    def _state_shapes(self, batch: int) -> tuple:
+        return (batch, self.d_inner, self.d_conv), (batch, self.d_inner, self.d_state)
 
     def _conv_weight(self) -> torch.Tensor:
         return self.conv1d.weight.squeeze(1)  # (d_inner, 1, d_conv) -> (d_inner, d_conv)

@@ -137,7 +137,7 @@ class Mamba2(ProjectedStep, nn.Module):
                                                   lambda: self.allocate_inference_cache(cache_batch, length))
             continuing = inference_params.seqlen_offset > 0
             if continuing and length == 1:
-                out, _, _ = self.step(hidden, conv_state, ssm_state)
+                out, _, _ = self._decode_token(hidden, conv_state, ssm_state)
                 return out.flatten(0, 1) if flat else out
             if continuing and cu_seqlens is not None:
                 raise ValueError("cu_seqlens: packed sequences cannot continue from cached states, expected "
@@ -209,10 +209,13 @@ class Mamba2(ProjectedStep, nn.Module):
         """Zeroed (conv_state (batch, conv_dim, d_conv), ssm_state (batch, nheads, headdim, d_state) fp32)."""
         device = self.A_log.device  # A_log is always a float parameter (out_proj may be quantized)
         conv_dtype = self.conv1d.weight.dtype if dtype is None else dtype
-        conv_state = torch.zeros(batch_size, self.conv1d.weight.shape[0], self.d_conv, device=device, dtype=conv_dtype)
-        ssm_state = torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device,
-                                dtype=torch.float32)
+        conv_shape, ssm_shape = self._state_shapes(batch_size)
+        conv_state = torch.zeros(conv_shape, device=device, dtype=conv_dtype)
+        ssm_state = torch.zeros(ssm_shape, device=device, dtype=torch.float32)
         return conv_state, ssm_state
+
+    def _state_shapes(self, batch: int) -> tuple:
+        return (batch, self.conv1d.weight.shape[0], self.d_conv), (batch, self.nheads, self.headdim, self.d_state)
 
     def _conv_weight(self) -> torch.Tensor:
         return self.conv1d.weight.squeeze(1)  # (conv_dim, 1, d_conv) -> (conv_dim, d_conv)
