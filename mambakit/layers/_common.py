@@ -7,20 +7,67 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from mambakit.ops._common import FLOAT_DTYPES, check_dtype, check_shape
 from mambakit.ops.conv1d import ConvStep
+
+
+def negative_exp(A_log: torch.Tensor) -> torch.Tensor:
+    """A = -exp(A_log) in fp32: a mixer's negative (decaying) state matrix from its log parametrization."""
+    return -torch.exp(A_log.float())
+
+
+class ParameterDerived:
+    """fn(param), kept and reused while `param` is unchanged: a value that a CPU decode step would otherwise
+    recompute every token (A = -exp(A_log)). Recomputed when the parameter changes in place (its version counter
+    moves: optimizer steps, load_state_dict) or is replaced (a new address: the entry keeps the old tensor
+    alive, so its address cannot come back), or when inference mode is switched (inference tensors cannot be
+    saved for backward). Not cached while gradients flow to the parameter, under torch.compile (which fuses fn
+    into the step) and on CUDA (the Triton steps derive A in registers, and a captured graph must read the
+    parameter itself, not a copy that later updates would leave stale)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
+        self.fn = fn
+        self._entry = None  # (key, source, value), replaced as a whole: concurrent callers see one entry
+
+    def __call__(self, param: torch.Tensor) -> torch.Tensor:
+        if param.is_cuda or torch.compiler.is_compiling() or (param.requires_grad and torch.is_grad_enabled()):
+            return self.fn(param)
+        key = (param.data_ptr(), param._version, param.dtype, param.device, param.shape,
+               torch.is_inference_mode_enabled())
+        entry = self._entry
+        if entry is None or entry[0] != key:
+            entry = self._entry = (key, param.detach(), self.fn(param.detach()))
+        return entry[2]
 
 
 class ProjectedStep:
     """`step`, `step_from_projection` and `in_proj_conv` of a mixer whose decode step starts with `in_proj`
     and its conv; the mixer's `_step(projected, conv_state, ssm_state, conv_applied) -> (batch, d_model)` does
-    the rest (states updated in place), `_conv_weight()` and `_conv_offset()` describe the conv."""
+    the rest (states updated in place), `_conv_weight()` and `_conv_offset()` describe the conv, `A_log` and
+    `_A()` its state matrix, `_state_shapes(batch)` its (conv_state, ssm_state) shapes."""
 
     def step(self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
         """One decoding step. hidden_states: (batch, 1, d_model); conv_state and ssm_state (fp32), as
         `allocate_inference_cache` makes them, are updated in place. Returns (out (batch, 1, d_model),
         conv_state, ssm_state)."""
+        check_layer_input("hidden_states", hidden_states, self.d_model, self.conv1d.weight)
         if hidden_states.shape[1] != 1:
             raise ValueError(f"hidden_states: step decodes one token, expected seqlen 1, got {hidden_states.shape[1]}")
+        # The step ops run unchecked (their arguments are this layer's own): the caller's states are checked here.
+        conv_shape, ssm_shape = self._state_shapes(hidden_states.shape[0])
+        for name, state, shape in (("conv_state", conv_state, conv_shape), ("ssm_state", ssm_state, ssm_shape)):
+            check_shape(name, state, *shape)
+            if state.device != hidden_states.device:
+                raise ValueError(f"{name}: expected a tensor on {hidden_states.device} (the input's), "
+                                 f"got {state.device}")
+            if not state.is_contiguous():
+                raise ValueError(f"{name}: expected a contiguous tensor (it is updated in place)")
+        check_dtype("conv_state", conv_state, FLOAT_DTYPES)
+        check_dtype("ssm_state", ssm_state, (torch.float32, torch.float64))
+        return self._decode_token(hidden_states, conv_state, ssm_state)
+
+    def _decode_token(self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
+        """`step` on states known to fit (the layer's cached ones)."""
         out = self._step(self.in_proj(hidden_states.squeeze(1)), conv_state, ssm_state, conv_applied=False)
         return out.unsqueeze(1), conv_state, ssm_state
 
@@ -37,6 +84,11 @@ class ProjectedStep:
         conv_applied=True)`)."""
         conv_state, _ = self._decode_states(inference_params, batch)
         return ConvStep(conv_state, self._conv_weight(), self.conv1d.bias, self.activation, self._conv_offset())
+
+    def _step_A(self) -> tuple:
+        """(A, A_log) for the step op: A_log alone on CUDA (the Triton step derives A in registers, and a captured
+        graph must read the parameter), else the layer's kept A = -exp(A_log) (`ParameterDerived`)."""
+        return (None, self.A_log) if self.A_log.is_cuda else (self._A(), None)
 
     def _decode_states(self, inference_params, batch: int) -> tuple:
         return cached_states(inference_params, self.layer_idx, batch, lambda: self.allocate_inference_cache(batch, 1))
@@ -85,6 +137,8 @@ def cached_states(inference_params, layer_idx: int | None, batch: int, allocate:
     rows = min(s.shape[0] for s in states if s is not None)
     if rows < batch:
         raise ValueError(f"inference_params: layer {layer_idx} caches {rows} rows, the input has batch {batch}")
+    if rows == batch and all(s is None or s.shape[0] == batch for s in states):
+        return tuple(states)  # no views to make: this runs per layer and token
     return tuple(None if s is None else s[:batch] for s in states)
 
 

@@ -11,11 +11,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mambakit.ops import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
+from mambakit.ops import causal_conv1d, selective_scan
+from mambakit.ops.conv1d import causal_conv1d_update_unchecked
+from mambakit.ops.selective_scan import selective_state_update_unchecked
 from mambakit.ops.norm_linear import decode_linear
 
-from ._common import (ProjectedStep, cached_states, check_layer_input, conv_history, conv_tail, inverse_softplus_dt,
-                      no_weight_decay)
+from ._common import (ParameterDerived, ProjectedStep, cached_states, check_layer_input, conv_history, conv_tail,
+                      inverse_softplus_dt, negative_exp, no_weight_decay)
 
 
 def _channels_first(linear: nn.Module, tokens: torch.Tensor, batch: int, with_bias: bool = True) -> torch.Tensor:
@@ -94,6 +96,7 @@ class Mamba(ProjectedStep, nn.Module):
         self.A_log = no_weight_decay(nn.Parameter(torch.log(A)))
         self.D = no_weight_decay(nn.Parameter(torch.ones(self.d_inner, device=device)))
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+        self._A_from_log = ParameterDerived(negative_exp)
 
     def forward(self, hidden_states: torch.Tensor, inference_params=None, seq_idx: torch.Tensor | None = None):
         """hidden_states: (batch, seqlen, d_model); seq_idx: (batch, seqlen) int32 index of packed
@@ -111,7 +114,7 @@ class Mamba(ProjectedStep, nn.Module):
                                                   lambda: self.allocate_inference_cache(batch, seqlen))
             continuing = inference_params.seqlen_offset > 0
             if continuing and seqlen == 1:
-                out, _, _ = self.step(hidden_states, conv_state, ssm_state)
+                out, _, _ = self._decode_token(hidden_states, conv_state, ssm_state)
                 return out
 
         # Projections as weight @ (features, tokens): the outputs come (batch, channels, seqlen) with steps
@@ -143,22 +146,25 @@ class Mamba(ProjectedStep, nn.Module):
         """The decode step after in_proj (`ProjectedStep`); the states are updated in place."""
         x, z = projected.chunk(2, dim=-1)  # (batch, d_inner) each
         if not conv_applied:
-            x = causal_conv1d_update(x, conv_state, self._conv_weight(), self.conv1d.bias,
-                                     activation=self.activation)
+            x = causal_conv1d_update_unchecked(x, conv_state, self._conv_weight(), self.conv1d.bias, self.activation)
         dt, B, C = decode_linear(self.x_proj, x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        # dt_proj and A = -exp(A_log) happen inside the step: fewer launches per token.
-        y = selective_state_update(ssm_state, x, dt, None, B, C, self.D.float(), z=z,
-                                   dt_bias=self.dt_proj.bias, dt_softplus=True, A_log=self.A_log,
-                                   dt_proj_weight=self.dt_proj.weight)
+        # dt_proj happens inside the step, and so does A = -exp(A_log) on CUDA: fewer launches per token.
+        A, A_log = self._step_A()
+        y = selective_state_update_unchecked(ssm_state, x, dt, A, B, C, self.D.float(), z=z, dt_bias=self.dt_proj.bias,
+                                             dt_softplus=True, A_log=A_log, dt_proj_weight=self.dt_proj.weight)
         return decode_linear(self.out_proj, y)
 
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None, **kwargs):
         """Zeroed (conv_state (batch, d_inner, d_conv), ssm_state (batch, d_inner, d_state) fp32)."""
         device = self.A_log.device  # A_log is always a float parameter (out_proj may be quantized)
         conv_dtype = self.conv1d.weight.dtype if dtype is None else dtype
-        conv_state = torch.zeros(batch_size, self.d_inner, self.d_conv, device=device, dtype=conv_dtype)
-        ssm_state = torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=torch.float32)
+        conv_shape, ssm_shape = self._state_shapes(batch_size)
+        conv_state = torch.zeros(conv_shape, device=device, dtype=conv_dtype)
+        ssm_state = torch.zeros(ssm_shape, device=device, dtype=torch.float32)
         return conv_state, ssm_state
+
+    def _state_shapes(self, batch: int) -> tuple:
+        return (batch, self.d_inner, self.d_conv), (batch, self.d_inner, self.d_state)
 
     def _conv_weight(self) -> torch.Tensor:
         return self.conv1d.weight.squeeze(1)  # (d_inner, 1, d_conv) -> (d_inner, d_conv)
@@ -167,4 +173,4 @@ class Mamba(ProjectedStep, nn.Module):
         return 0  # in_proj's x columns come first
 
     def _A(self) -> torch.Tensor:
-        return -torch.exp(self.A_log.float())  # (d_inner, d_state), negative: a decaying state
+        return self._A_from_log(self.A_log)  # (d_inner, d_state), negative: a decaying state

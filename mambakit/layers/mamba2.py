@@ -10,12 +10,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mambakit.ops import RMSNormGated, causal_conv1d, causal_conv1d_update, ssd, ssd_state_update
+from mambakit.ops import RMSNormGated, causal_conv1d, ssd
+from mambakit.ops.conv1d import causal_conv1d_update_unchecked
 from mambakit.ops.norm_linear import fusable_linear, rms_norm_gated_linear
-from mambakit.ops.ssd import seq_idx_from_cu_seqlens
+from mambakit.ops.ssd import seq_idx_from_cu_seqlens, ssd_state_update_unchecked
 
-from ._common import (ProjectedStep, cached_states, check_layer_input, conv_history, conv_tail, conv_tails_varlen,
-                      inverse_softplus_dt, no_weight_decay)
+from ._common import (ParameterDerived, ProjectedStep, cached_states, check_layer_input, conv_history, conv_tail,
+                      conv_tails_varlen, inverse_softplus_dt, negative_exp, no_weight_decay)
 
 
 class Mamba2(ProjectedStep, nn.Module):
@@ -88,6 +89,7 @@ class Mamba2(ProjectedStep, nn.Module):
             self.norm = RMSNormGated(self.d_ssm, eps=1e-5, norm_before_gate=norm_before_gate,
                                      group_size=self.d_ssm // ngroups, **factory)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **factory)
+        self._A_from_log = ParameterDerived(negative_exp)
 
     def _check_sizes(self) -> None:
         for name in ("d_model", "d_state", "d_conv", "headdim", "ngroups"):
@@ -135,7 +137,7 @@ class Mamba2(ProjectedStep, nn.Module):
                                                   lambda: self.allocate_inference_cache(cache_batch, length))
             continuing = inference_params.seqlen_offset > 0
             if continuing and length == 1:
-                out, _, _ = self.step(hidden, conv_state, ssm_state)
+                out, _, _ = self._decode_token(hidden, conv_state, ssm_state)
                 return out.flatten(0, 1) if flat else out
             if continuing and cu_seqlens is not None:
                 raise ValueError("cu_seqlens: packed sequences cannot continue from cached states, expected "
@@ -177,14 +179,15 @@ class Mamba2(ProjectedStep, nn.Module):
         z0, x0, z, xBC, dt = projected.split(
             [d_mlp, d_mlp, self.d_ssm, self.d_ssm + 2 * self.ngroups * self.d_state, self.nheads], dim=-1)
         if not conv_applied:
-            xBC = causal_conv1d_update(xBC, conv_state, self._conv_weight(), self.conv1d.bias,
-                                       activation=self.activation)
+            xBC = causal_conv1d_update_unchecked(xBC, conv_state, self._conv_weight(), self.conv1d.bias,
+                                                 self.activation)
         x, B, C = xBC.split([self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
-        y = ssd_state_update(
-            ssm_state, x.unflatten(-1, (self.nheads, self.headdim)), dt, None,
+        A, A_log = self._step_A()
+        y = ssd_state_update_unchecked(
+            ssm_state, x.unflatten(-1, (self.nheads, self.headdim)), dt, A,
             B.unflatten(-1, (self.ngroups, self.d_state)), C.unflatten(-1, (self.ngroups, self.d_state)),
             D=self._D(), z=None if self.rmsnorm else z.unflatten(-1, (self.nheads, self.headdim)),
-            dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit, A_log=self.A_log,
+            dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit, A_log=A_log,
         )
         y = y.flatten(-2)
         if self.rmsnorm and d_mlp == 0 and fusable_linear(self.out_proj, y):
@@ -206,10 +209,13 @@ class Mamba2(ProjectedStep, nn.Module):
         """Zeroed (conv_state (batch, conv_dim, d_conv), ssm_state (batch, nheads, headdim, d_state) fp32)."""
         device = self.A_log.device  # A_log is always a float parameter (out_proj may be quantized)
         conv_dtype = self.conv1d.weight.dtype if dtype is None else dtype
-        conv_state = torch.zeros(batch_size, self.conv1d.weight.shape[0], self.d_conv, device=device, dtype=conv_dtype)
-        ssm_state = torch.zeros(batch_size, self.nheads, self.headdim, self.d_state, device=device,
-                                dtype=torch.float32)
+        conv_shape, ssm_shape = self._state_shapes(batch_size)
+        conv_state = torch.zeros(conv_shape, device=device, dtype=conv_dtype)
+        ssm_state = torch.zeros(ssm_shape, device=device, dtype=torch.float32)
         return conv_state, ssm_state
+
+    def _state_shapes(self, batch: int) -> tuple:
+        return (batch, self.conv1d.weight.shape[0], self.d_conv), (batch, self.nheads, self.headdim, self.d_state)
 
     def _conv_weight(self) -> torch.Tensor:
         return self.conv1d.weight.squeeze(1)  # (conv_dim, 1, d_conv) -> (conv_dim, d_conv)
@@ -218,7 +224,7 @@ class Mamba2(ProjectedStep, nn.Module):
         return 2 * (self.d_inner - self.d_ssm) + self.d_ssm  # in_proj's xBC columns follow z0, x0 and z
 
     def _A(self) -> torch.Tensor:
-        return -torch.exp(self.A_log.float())  # (nheads,), negative: a decaying state
+        return self._A_from_log(self.A_log)  # (nheads,), negative: a decaying state
 
     def _D(self) -> torch.Tensor:
         return self.D.float().view(self.nheads, self.headdim) if self.D_has_hdim else self.D.float()

@@ -39,3 +39,23 @@ def test_not_a_tensor(kind):
     layer, name = make(kind)
     with pytest.raises(TypeError, match=f"{name}: expected a torch.Tensor, got list"):
         layer([[0.0] * 32])
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_step_refuses_states_that_do_not_fit(kind):
+    """`step` takes the caller's states (its ops then run unchecked): a wrong one is refused by name."""
+    layer, _ = make(kind)
+    conv_state, ssm_state = layer.allocate_inference_cache(2, 1)
+    x = torch.randn(2, 1, 32)
+    bad = {"wider conv_state": ((torch.randn(2, conv_state.shape[1] + 1, conv_state.shape[2]), ssm_state),
+                                "conv_state: expected shape"),
+           "ssm_state for 3 rows": ((conv_state, torch.randn(3, *ssm_state.shape[1:])), "ssm_state: expected shape"),
+           "bf16 ssm_state": ((conv_state, ssm_state.bfloat16()), "ssm_state: expected dtype"),
+           "strided ssm_state": ((conv_state, torch.randn(*ssm_state.shape[:-1], 2 * ssm_state.shape[-1])[..., ::2]),
+                                 "ssm_state: expected a contiguous tensor")}
+    for (states, message) in bad.values():
+        with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+            layer.step(x, *states)
+    with torch.no_grad():
+        out, _, _ = layer.step(x, torch.randn_like(conv_state), torch.randn_like(ssm_state))
+    assert out.shape == (2, 1, 32) and out.isfinite().all()

@@ -55,3 +55,42 @@ def test_cache_with_spare_rows(name, cache_params, rel):
             params.lengths_per_sample += 1
     assert rel(torch.cat(outs, dim=1), full) < 1e-5
     assert all(s is None or s[2:].count_nonzero() == 0 for s in params.key_value_memory_dict[0])
+
+
+def _decode_one(layer, states, x):
+    """One decode step of `layer` from copies of `states` (conv_state, ssm_state) for x (batch, 1, d_model)."""
+    with torch.no_grad():
+        out, _, _ = layer.step(x, *(s.clone() for s in states))
+    return out
+
+
+@pytest.mark.parametrize("change", ["in_place", "replaced"])
+@pytest.mark.parametrize("name", ["mamba", "mamba2"])
+def test_step_follows_a_changed_A_log(name, change):
+    """The CPU step keeps A = -exp(A_log) between tokens; it must not outlive a change of A_log."""
+    layer = MIXERS[name]()
+    states = tuple(torch.randn_like(s) for s in layer.allocate_inference_cache(2, 1))
+    x = torch.randn(2, 1, 32)
+    before = _decode_one(layer, states, x)  # keeps A
+    new_A_log = layer.A_log.detach() + torch.rand_like(layer.A_log)
+    if change == "in_place":
+        with torch.no_grad():
+            layer.A_log.copy_(new_A_log)
+    else:
+        layer.A_log = torch.nn.Parameter(new_A_log)
+    fresh = MIXERS[name]()
+    fresh.load_state_dict(layer.state_dict())
+    after = _decode_one(layer, states, x)
+    assert not torch.equal(after, before)
+    assert torch.equal(after, _decode_one(fresh, states, x))
+
+
+@pytest.mark.parametrize("name", ["mamba", "mamba2"])
+def test_A_log_gets_gradients_after_inference(name):
+    """A kept for inference (no autograd) must not stand in for A_log when gradients flow again."""
+    layer = MIXERS[name]()
+    x = torch.randn(2, 6, 32)
+    with torch.no_grad():
+        layer(x)
+    layer(x).square().sum().backward()
+    assert layer.A_log.grad is not None and layer.A_log.grad.abs().sum() > 0

@@ -119,9 +119,18 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         check_dtype(name, t, FLOAT_DTYPES)
     check_same_device(state=state, x=x, dt=dt, A=A, A_log=A_log, B=B, C=C, D=D, z=z, dt_bias=dt_bias,
                       dt_proj_weight=dt_proj_weight)
+    return selective_state_update_unchecked(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, backend, A_log,
+                                            dt_proj_weight)
+
+
+def selective_state_update_unchecked(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                                     backend=None, A_log=None, dt_proj_weight=None):
+    """`selective_state_update` without its argument checks, for a layer's decode step: its arguments are its own
+    parameters, cached state and projections, right by construction, and the checks cost more host time per
+    token than the step's small tensor ops on a CPU."""
     update = dispatch(_STEP_IMPLS, backend, x)
     return update(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, A_log=A_log,
                   dt_proj_weight=dt_proj_weight)
 
 
-__all__ = ["selective_scan", "selective_scan_fn", "selective_state_update"]
+__all__ = ["selective_scan", "selective_scan_fn", "selective_state_update", "selective_state_update_unchecked"]

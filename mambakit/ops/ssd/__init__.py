@@ -11,7 +11,7 @@ from .._common import FLOAT_DTYPES, INDEX_DTYPES, check_dtype, check_same_device
 from . import reference, step
 from .reference import DEFAULT_DT_LIMIT, check_dt_limit
 
-__all__ = ["ssd", "mamba_chunk_scan_combined", "ssd_state_update"]
+__all__ = ["ssd", "mamba_chunk_scan_combined", "ssd_state_update", "ssd_state_update_unchecked"]
 
 
 
@@ -79,6 +79,14 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
     Inputs may be strided views. Returns out (batch, nheads, headdim) in x's dtype.
     """
     _check_step_args(state, x, dt, A, B, C, D, z, dt_bias, dt_limit, A_log)
+    return ssd_state_update_unchecked(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit, backend, A_log)
+
+
+def ssd_state_update_unchecked(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                               dt_limit=DEFAULT_DT_LIMIT, backend=None, A_log=None):
+    """`ssd_state_update` without its argument checks, for a layer's decode step: its arguments are its own
+    parameters, cached state and projections, right by construction, and the checks cost more host time per
+    token than the step's small tensor ops on a CPU."""
     return dispatch(_STEP_IMPLS, backend, x)(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
                                               dt_softplus=dt_softplus, dt_limit=dt_limit, A_log=A_log)
 
