@@ -35,6 +35,7 @@ TILE_L = 64  # steps per tile; the backward's checkpoint stride
 # channels, warps, unroll and programs per SM; benchmarks/results/kernels-h200-notes.md):
 FWD_BLOCK_D, FWD_WARPS, FWD_UNROLL = 128, 4, 16  # channels per program, warps, steps unrolled
 BWD_BLOCK_D, BWD_WARPS = 1, 1
+BWD_MAXNREG = None  # a register cap for the backward (None: the compiler's choice; benchmarks/scan_bwd_sweep.py)
 FWD_PROGRAMS_PER_SM = 8  # below this many programs per SM the forward also splits the sequence
 MIN_CHUNK_TILES = 2  # the shortest sequence chunk, in tiles (H200, batch 1: 2 beat 1, 4 and 8 at 2K and 8K)
 FORCE_CHUNKS = None  # tests set an int to exercise the sequence-parallel forward at tiny shapes
@@ -475,7 +476,7 @@ def _scan_backward(dout, dfinal, saved, delta_softplus, has_h0):
         N=N, N_P2=triton.next_power_of_2(N), BLOCK_D=block_d, BLOCK_L=TILE_L,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus,
         HAS_SEQ_IDX=seq_idx is not None, HAS_DHEND=dfinal is not None, WRITE_DH0=has_h0,
-        num_warps=BWD_WARPS,
+        num_warps=BWD_WARPS, **({} if BWD_MAXNREG is None else {"maxnreg": BWD_MAXNREG}),
     )
     dB = dB.reshape(B.shape).to(B.dtype)
     dC = dC.reshape(C.shape).to(C.dtype)
