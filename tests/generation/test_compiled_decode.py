@@ -43,12 +43,30 @@ def test_compiled_decode_of_a_prepacked_model_equals_eager(layer, dtype):
         residual_in_fp32=True)
     model = prepack(MambaLMHeadModel(config, dtype=dtype).eval())
     ids = torch.randint(0, 61, (3, 5))
-    want = model.generate(ids, 13)
+    scored = dict(return_dict_in_generate=True, output_scores=True)
+    want = model.generate(ids, 13, **scored)
     torch._dynamo.reset()
     counters.clear()  # this call's graph breaks alone
-    got = model.generate(ids, 13, compile=True)
-    assert torch.equal(got, want)
+    got = model.generate(ids, 13, compile=True, **scored)
+    if dtype == torch.float32:
+        assert torch.equal(got.sequences, want.sequences)
+    else:  # inductor rounds bf16 intermediates its own way (~0.005 here on logits of spread ~0.4)
+        assert_greedy_agrees(got, want, atol=2e-2)
     assert not counters["graph_break"]  # the packed products run inside the compiled graph
+
+
+def assert_greedy_agrees(got, want, atol: float) -> None:
+    """Two greedy decodes of one model agree up to rounding: each row's scores match within atol until its
+    tokens part, and they part only at a step where the first decode's scores of the two tokens are within
+    atol of each other (a near tie that rounding may break either way)."""
+    prompt = want.sequences.shape[1] - len(want.scores)
+    for row in range(want.sequences.shape[0]):
+        for step, (mine, theirs) in enumerate(zip(got.scores, want.scores)):
+            torch.testing.assert_close(mine[row], theirs[row], atol=atol, rtol=0)
+            a, b = got.sequences[row, prompt + step], want.sequences[row, prompt + step]
+            if a != b:
+                assert (theirs[row, a] - theirs[row, b]).abs() <= atol, (row, step)
+                break
 
 
 def test_compile_must_be_a_bool():
