@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from generation_gpu import SHAPES, VOCAB, build, mamba_config_fields  # noqa: E402  (the generation benchmark's models)
+from generation_gpu import SHAPES, VOCAB, build  # noqa: E402  (the generation benchmark's models)
 
 from mambakit.bench.common import device_slug, format_table, gpu_kernel_times, save_rows  # noqa: E402
 from mambakit.ops import linear_cross_entropy  # noqa: E402

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from mambakit.ops._common import FLOAT_DTYPES, check_dtype, check_shape
+from mambakit.ops._common import FLOAT_DTYPES, check_dtype, check_same_device, check_shape
 from mambakit.ops.conv1d import ConvStep
 
 
@@ -54,12 +54,10 @@ class ProjectedStep:
         if hidden_states.shape[1] != 1:
             raise ValueError(f"hidden_states: step decodes one token, expected seqlen 1, got {hidden_states.shape[1]}")
         # The step ops run unchecked (their arguments are this layer's own): the caller's states are checked here.
+        check_same_device(hidden_states=hidden_states, conv_state=conv_state, ssm_state=ssm_state)
         conv_shape, ssm_shape = self._state_shapes(hidden_states.shape[0])
         for name, state, shape in (("conv_state", conv_state, conv_shape), ("ssm_state", ssm_state, ssm_shape)):
             check_shape(name, state, *shape)
-            if state.device != hidden_states.device:
-                raise ValueError(f"{name}: expected a tensor on {hidden_states.device} (the input's), "
-                                 f"got {state.device}")
             if not state.is_contiguous():
                 raise ValueError(f"{name}: expected a contiguous tensor (it is updated in place)")
         check_dtype("conv_state", conv_state, FLOAT_DTYPES)
@@ -137,7 +135,7 @@ def cached_states(inference_params, layer_idx: int | None, batch: int, allocate:
     rows = min(s.shape[0] for s in states if s is not None)
     if rows < batch:
         raise ValueError(f"inference_params: layer {layer_idx} caches {rows} rows, the input has batch {batch}")
-    if rows == batch and all(s is None or s.shape[0] == batch for s in states):
+    if all(s is None or s.shape[0] == batch for s in states):
         return tuple(states)  # no views to make: this runs per layer and token
     return tuple(None if s is None else s[:batch] for s in states)
 
