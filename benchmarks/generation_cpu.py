@@ -40,11 +40,12 @@ VOCAB = 50280
 SHAPES = {"130m": dict(d_model=768, n_layer=24), "370m": dict(d_model=1024, n_layer=48),
           "1.4b": dict(d_model=2048, n_layer=48)}
 SSM_CFG = {"mamba1": {"layer": "Mamba1"}, "mamba2": {"layer": "Mamba2", "d_state": 128, "headdim": 64}}
-# (dtype, quantize, prepack, compile) per variant; transformers runs float32 and bfloat16 (never prepacked).
+# (dtype, quantize, prepack, compile) per variant, compiled ones unpacked as the CLI runs them (their step streams
+# the plain weights, ops/rowwise_linear); transformers runs float32 and bfloat16 (never prepacked).
 VARIANTS = {"float32": ("float32", None, True, False), "bfloat16": ("bfloat16", None, True, False),
             "int8": ("bfloat16", "int8", True, False), "float32-plain": ("float32", None, False, False),
-            "bfloat16-plain": ("bfloat16", None, False, False), "float32-compiled": ("float32", None, True, True),
-            "bfloat16-compiled": ("bfloat16", None, True, True), "int8-compiled": ("bfloat16", "int8", True, True)}
+            "bfloat16-plain": ("bfloat16", None, False, False), "float32-compiled": ("float32", None, False, True),
+            "bfloat16-compiled": ("bfloat16", None, False, True), "int8-compiled": ("bfloat16", "int8", False, True)}
 DEFAULT_VARIANTS = ("float32", "bfloat16", "int8")
 BASELINE_VARIANTS = ("float32", "bfloat16")
 WARMUP_PROMPT, WARMUP_TOKENS = 16, 4

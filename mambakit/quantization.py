@@ -7,7 +7,7 @@ Decoding reads every weight once per token, so its speed on a CPU is set by memo
 weights halve the bytes of bf16 (a quarter of fp32). Each output channel keeps one scale
 (symmetric, absmax / 127); activations, states and accumulation stay in floating point. A few-row
 product (a decode step) runs torch's fused int8 matrix-vector kernel (`aten._weight_int8pack_mm`,
-bf16 activations, fp32 accumulation); a many-row one (a prefill) dequantizes the weight once and
+bf16 activations, fp32 accumulation; inside torch.compile, one row runs as `rowwise_linear`); a many-row one (a prefill) dequantizes the weight once and
 runs a dense matmul, which is faster there. Quantization happens in memory only: a quantized model
 refuses to be saved, so a checkpoint on disk never holds int8 weights.
 
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mambakit.layers import GatedMLP, Mamba, Mamba2
+from mambakit.ops.rowwise_linear import is_one_row, rowwise_linear
 
 QUANTIZE_CHOICES = ("int8",)
 # Products with more rows than this dequantize the weight and use a dense matmul (prefill).
@@ -81,6 +82,8 @@ class Int8Linear(InferenceLinear):
         return cls(weight_int8, scales.to(FUSED_DTYPE), bias, linear.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and is_one_row(x):  # a compiled batch-1 decode step streams the weight
+            return rowwise_linear(x, self.weight_int8, self.scales, self.bias)
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] <= FUSED_MAX_ROWS:
             # The kernel needs rows contiguous in memory (Mamba-1's x_proj reads a transposed view).

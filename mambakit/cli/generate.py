@@ -61,7 +61,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--no-prepack", action="store_true",
                         help="on the CPU, keep float32/bfloat16 linear layers as they are instead of holding their "
-                             "weights in oneDNN's prepacked layout (same results, faster matmuls; in memory only)")
+                             "weights in oneDNN's prepacked layout (same results, faster matmuls; in memory only; never "
+                             "with --compile, whose step streams the plain weights)")
 
 
 def add_text_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -106,7 +107,9 @@ def load_model(args: argparse.Namespace):
     model = MambaLMHeadModel.from_pretrained(args.model, device=device, dtype=dtype).eval()
     if args.quantize is not None:
         quantize(model, args.quantize)
-    if device.type == "cpu" and dtype in PACKED_DTYPES and not args.no_prepack and prepack_available():
+    # A compiled decode step streams the plain weights itself (ops/rowwise_linear), faster than packed products.
+    compiled = getattr(args, "compile", False)
+    if device.type == "cpu" and dtype in PACKED_DTYPES and not (args.no_prepack or compiled) and prepack_available():
         prepack(model)  # lossless: whatever quantize left in floating point
     return model, load_tokenizer(args.tokenizer if args.tokenizer is not None else args.model)
 

@@ -20,6 +20,7 @@ from torch import nn
 from mambakit.generation.cache import InferenceCache
 from mambakit.generation.sampling import SamplingConfig, sample
 from mambakit.ops._common import overlapped_launches
+from mambakit.ops.rowwise_linear import RowwiseProducts
 
 # Decoders kept per model: each holds a cache (states for its batch) and, on CUDA, a captured graph.
 MAX_DECODERS_PER_MODEL = 2
@@ -169,7 +170,7 @@ class Decoder:
         # Compiled once per decoder (kept, as graph decoders are): dynamo guards on this decoder's buffers.
         # The plain function, not the bound method: a decoder that held itself would be a reference cycle,
         # its cache kept on the GPU until Python's cycle collector runs.
-        self._compiled_step = torch.compile(Decoder._eager_step) if compiled else None
+        self._compiled_step = torch.compile(Decoder._streamed_step) if compiled else None
         if graph:
             self._capture()
 
@@ -178,6 +179,11 @@ class Decoder:
         if self.sampling is not None:
             self.buffers.choose(logits, self.sampling)
         return logits
+
+    def _streamed_step(self) -> torch.Tensor:
+        # What torch.compile traces: one-row products as reductions inductor streams (ops/rowwise_linear).
+        with RowwiseProducts():
+            return self._eager_step()
 
     def advance(self) -> torch.Tensor:
         if self.graph is not None:

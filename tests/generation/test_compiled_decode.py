@@ -55,6 +55,27 @@ def test_compiled_decode_of_a_prepacked_model_equals_eager(layer, dtype):
     assert not counters["graph_break"]  # the packed products run inside the compiled graph
 
 
+@pytest.mark.parametrize("variant", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("layer", ["Mamba1", "Mamba2"])
+def test_compiled_batch_one_decode_streams_its_products_and_agrees_with_eager(layer, variant):
+    """At batch 1 the compiled step's products run as rowwise_linear reductions (summed in another order than
+    the eager products, so scores agree within rounding, not bit for bit)."""
+    from mambakit import quantize
+
+    config = MambaConfig(d_model=32, n_layer=2, vocab_size=61, ssm_cfg={"layer": layer, **(
+        {"headdim": 8, "chunk_size": 8} if layer == "Mamba2" else {})}, rms_norm=True, fused_add_norm=True,
+        residual_in_fp32=True)
+    dtype = torch.float32 if variant == "float32" else torch.bfloat16
+    model = MambaLMHeadModel(config, dtype=dtype).eval()
+    if variant == "int8":
+        quantize(model, "int8")
+    ids = torch.randint(0, 61, (1, 5))
+    scored = dict(return_dict_in_generate=True, output_scores=True)
+    want = model.generate(ids, 13, **scored)
+    got = model.generate(ids, 13, compile=True, **scored)
+    assert_greedy_agrees(got, want, atol=1e-4 if variant == "float32" else 2e-2)
+
+
 def assert_greedy_agrees(got, want, atol: float) -> None:
     """Two greedy decodes of one model agree up to rounding: each row's scores match within atol until its
     tokens part, and they part only at a step where the first decode's scores of the two tokens are within
