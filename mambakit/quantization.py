@@ -7,8 +7,8 @@ Decoding reads every weight once per token, so its speed on a CPU is set by memo
 weights halve the bytes of bf16 (a quarter of fp32). Each output channel keeps one scale
 (symmetric, absmax / 127); activations, states and accumulation stay in floating point. A few-row
 product (a decode step) runs torch's fused int8 matrix-vector kernel (`aten._weight_int8pack_mm`,
-bf16 activations, fp32 accumulation; inside torch.compile, one row runs as `rowwise_linear`); a many-row one (a prefill) dequantizes the weight once and
-runs a dense matmul, which is faster there. Quantization happens in memory only: a quantized model
+bf16 activations, fp32 accumulation; inside torch.compile one row runs as `rowwise_linear`); a
+many-row one (a prefill) dequantizes the weight once and runs a dense matmul, which is faster there. Quantization happens in memory only: a quantized model
 refuses to be saved, so a checkpoint on disk never holds int8 weights.
 
 Quantized: the Mamba / Mamba-2 mixers' in_proj, x_proj and out_proj, the gated MLPs' fc1 and fc2,

@@ -3,7 +3,7 @@
 A decode step at batch 1 multiplies one row by every weight matrix: the weight is read once and each
 element used once, so the product is bound by memory bandwidth. oneDNN's kernels read 20-29 GB/s of this
 project's CPU's ~50 (bf16 and fp32, 2 threads); written as `(weight * row).sum(-1)`, inductor's vectorized
-C++ reduction reads 28-42 GB/s (benchmarks/results/generation-cpu-notes.md). Only inside torch.compile:
+C++ reduction reads 28-42 GB/s (DESIGN.md, CPU inference). Only inside torch.compile:
 eagerly the same expression would materialize the (out, in) product.
 """
 from __future__ import annotations
