@@ -1,10 +1,10 @@
 """One-row products as reductions that torch.compile's CPU backend streams at memory bandwidth.
 
 A decode step at batch 1 multiplies one row by every weight matrix: the weight is read once and each
-element used once, so the product is bound by memory bandwidth. oneDNN's kernels read 20-29 GB/s of this
-project's CPU's ~50 (bf16 and fp32, 2 threads); written as `(weight * row).sum(-1)`, inductor's vectorized
-C++ reduction reads 28-42 GB/s (DESIGN.md, CPU inference). Only inside torch.compile:
-eagerly the same expression would materialize the (out, in) product.
+element used once, so the product is bound by memory bandwidth. oneDNN's kernels read 20-29 GB/s of the ~35
+a 1 GiB sum reads on this project's CPU (bf16 and fp32, 2 threads); written as `(weight * row).sum(-1)`,
+inductor's vectorized C++ reduction reads 28-42 GB/s, timed alone (DESIGN.md, CPU inference). Only inside
+torch.compile: eagerly the same expression would materialize the (out, in) product.
 """
 from __future__ import annotations
 
