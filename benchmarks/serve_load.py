@@ -189,13 +189,16 @@ def serve_subprocess(model, checkpoint: str, args) -> Iterator[tuple[str, int]]:
     command = [sys.executable, "-m", "mambakit", "serve", "--model", checkpoint, "--port", str(port),
                "--device", args.device, "--dtype", str(model.lm_head.weight.dtype).removeprefix("torch."),
                "--max-batch", str(args.max_batch), "--max-queue", "4096", "--max-tokens", str(args.new_tokens)]
-    process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+    log = Path(checkpoint) / "server.log"
+    with log.open("w") as stderr:  # the child keeps its own copy of the descriptor
+        process = subprocess.Popen(command, stderr=stderr)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
         while True:
             if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not start: {' '.join(command)}")
+                tail = log.read_text().strip().splitlines()[-20:]
+                raise RuntimeError(f"the server did not start: {' '.join(command)}\n" + "\n".join(tail))
             try:
                 if httpx.get(f"{url}/health").status_code == 200:
                     break
