@@ -5,6 +5,7 @@ memory; and prefill tokens/s at long lengths (batch 1, bf16, forward to the last
 
     python benchmarks/generation_gpu.py --archs mamba,mamba2 --batches 1,16,64,128 --impls mambakit,official,transformers
     python benchmarks/generation_gpu.py --prefill-lens 32768,131072,524288 --batches ''
+    python benchmarks/generation_gpu.py --impls mambakit --state-dtypes float32,bfloat16   # SSM states in bf16
 
 The official package is imported from the path given by --official (a built sdist, see
 `mambakit.bench.selective_scan.build_official`). Rows go to benchmarks/results/generation_gpu-<gpu>.json
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import statistics
 import sys
 import time
@@ -55,10 +57,13 @@ def build(impl: str, arch: str, shape: str, dtype: torch.dtype):
 
 
 @torch.no_grad()
-def generate_fn(impl: str, model, ids: torch.Tensor, new_tokens: int):
-    """A no-argument call that generates exactly `new_tokens` greedy tokens after `ids`."""
+def generate_fn(impl: str, model, ids: torch.Tensor, new_tokens: int, state_dtype: torch.dtype = torch.float32):
+    """A no-argument call that generates exactly `new_tokens` greedy tokens after `ids` (mambakit's SSM states
+    in `state_dtype`)."""
     length = ids.shape[1] + new_tokens
-    if impl in ("mambakit", "official"):
+    if impl == "mambakit":
+        return lambda: model.generate(ids, length, cg=True, state_dtype=state_dtype)
+    if impl == "official":
         return lambda: model.generate(ids, length, cg=True)
     return lambda: model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                                   pad_token_id=0)
@@ -76,18 +81,20 @@ def wall_ms(fn, repeats: int) -> float:
 
 
 def measure_generation(impl: str, arch: str, shape: str, model, batch: int, prompt: int, gen: int,
-                       repeats: int) -> dict:
+                       repeats: int, state_dtype: torch.dtype = torch.float32) -> dict:
     if impl == "mambakit":  # the decoders kept for the batch sizes measured before are not this one's memory
         release_decoders(model)
         gc.collect()
     ids = torch.randint(0, VOCAB, (batch, prompt), device="cuda")
-    full, first = generate_fn(impl, model, ids, gen), generate_fn(impl, model, ids, 1)
+    full, first = generate_fn(impl, model, ids, gen, state_dtype), generate_fn(impl, model, ids, 1, state_dtype)
     full(), first()  # warm-up: compiles, captures graphs
     torch.cuda.reset_peak_memory_stats()
     total_ms = wall_ms(full, repeats)
     peak_gb = torch.cuda.max_memory_allocated() / 1e9
     prefill_ms = wall_ms(first, repeats)
-    return dict(impl=impl, arch=arch, shape=shape, batch=batch, prompt=prompt, gen=gen,
+    # rows of the default fp32 states keep the key they had before state_dtype was an option
+    states = {} if state_dtype == torch.float32 else {"state_dtype": str(state_dtype).removeprefix("torch.")}
+    return dict(impl=impl, arch=arch, shape=shape, batch=batch, prompt=prompt, gen=gen, **states,
                 tok_s=batch * gen / total_ms * 1000, total_ms=total_ms, prefill_ms=prefill_ms,
                 decode_ms=(total_ms - prefill_ms) / (gen - 1), peak_gb=peak_gb)
 
@@ -120,7 +127,7 @@ def check_against_official(arch: str) -> dict:
                 leading_tokens_equal_official=same.tolist())
 
 
-GENERATION_COLUMNS = ["impl", "arch", "shape", "batch", "tok_s", "decode_ms", "prefill_ms", "peak_gb"]
+GENERATION_COLUMNS = ["impl", "arch", "shape", "batch", "state_dtype", "tok_s", "decode_ms", "prefill_ms", "peak_gb"]
 PREFILL_COLUMNS = ["impl", "arch", "shape", "prefill_len", "prefill_tok_s", "peak_gb"]
 
 
@@ -133,6 +140,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt", type=int, default=2048)
     parser.add_argument("--gen", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--state-dtypes", default="float32",
+                        help="comma-separated dtypes of mambakit's SSM states (generate's state_dtype)")
     parser.add_argument("--prefill-lens", default="", help="comma-separated lengths (batch 1, bf16)")
     parser.add_argument("--check", action="store_true", help="compare with the official model first")
     parser.add_argument("--official", help="folder holding the built official mamba_ssm (put on sys.path)")
@@ -149,6 +158,7 @@ def main(argv=None) -> int:
         save_rows(out, [row])
 
     impls, archs = args.impls.split(","), args.archs.split(",")
+    state_dtype_args = [getattr(torch, name) for name in args.state_dtypes.split(",")]
     if args.check:
         for arch in archs:
             record(check_against_official(arch))
@@ -158,9 +168,12 @@ def main(argv=None) -> int:
         for impl in impls:
             for arch in (["llama"] if impl == "transformers" else archs):
                 model = build(impl, arch, shape, torch.float16)
-                for batch in [int(b) for b in args.batches.split(",") if b]:
+                state_dtypes = state_dtype_args if impl == "mambakit" else [torch.float32]
+                for batch, state_dtype in itertools.product([int(b) for b in args.batches.split(",") if b],
+                                                            state_dtypes):
                     try:
-                        row = measure_generation(impl, arch, shape, model, batch, args.prompt, args.gen, args.repeats)
+                        row = measure_generation(impl, arch, shape, model, batch, args.prompt, args.gen, args.repeats,
+                                                 state_dtype)
                     except torch.OutOfMemoryError:
                         row = dict(impl=impl, arch=arch, shape=shape, batch=batch, oom=True)
                     record(row)

@@ -41,6 +41,7 @@ def register(subparsers) -> None:
     parser.add_argument("--no-echo", action="store_true", help="print only the new text, not the prompt")
     parser.add_argument("--prefill-chunk", type=int, default=8192, metavar="TOKENS",
                         help="prefill a longer prompt in pieces of this many tokens, bounding memory (8192)")
+    add_state_dtype_argument(parser)
     parser.add_argument("--compile", action="store_true",
                         help="decode through torch.compile where the step runs eagerly (the CPU): faster tokens "
                              "after a first compilation of tens of seconds (needs a C++ compiler)")
@@ -81,6 +82,20 @@ def read_text(args: argparse.Namespace, name: str) -> str:
     if sys.stdin.isatty():
         raise ValueError(f"--{name}: give --{name}, --{name}-file, or pipe the text into stdin")
     return sys.stdin.read()
+
+
+def add_state_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    """--state-dtype, read back by `state_dtype(args)`."""
+    parser.add_argument("--state-dtype", default="float32", metavar="{float32,bfloat16,float16}",
+                        help="dtype of the SSM states while decoding: bfloat16 / float16 halve the bytes a step "
+                             "moves (most of them at large batch on the GPU), the math stays fp32 (float32)")
+
+
+def state_dtype(args: argparse.Namespace) -> torch.dtype:
+    """--state-dtype as a torch dtype; a ValueError naming the flag if it is not one of DTYPES."""
+    if args.state_dtype not in DTYPES:
+        raise ValueError(f"--state-dtype: expected one of {list(DTYPES)}, got {args.state_dtype!r}")
+    return DTYPES[args.state_dtype]
 
 
 def load_model(args: argparse.Namespace):
@@ -136,12 +151,13 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"{flag}: expected an int >= 1, got {value}")
         sampling = sampling_options(args)
         SamplingConfig(**sampling)
+        states = state_dtype(args)
         prompt = read_text(args, "prompt")
         model, tokenizer = load_model(args)
         config = GenerationOptions(max_new_tokens=args.max_new_tokens, seed=args.seed,
                                    eos_token_id=[] if args.ignore_eos else None, stop_token_ids=args.stop_token_id,
                                    stop_strings=args.stop, tokenizer=tokenizer, prefill_chunk=args.prefill_chunk,
-                                   compile=args.compile, **sampling)
+                                   compile=args.compile, state_dtype=states, **sampling)
         prompts = prompt_rows([tokenizer.encode(prompt)], next(model.parameters()).device)
         stop_ids = config.stop_ids(prompts[0].device)
     except (ValueError, FileNotFoundError, RuntimeError) as e:  # bad input, missing files, unusable --device

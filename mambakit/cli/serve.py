@@ -16,7 +16,7 @@ import signal
 import sys
 from pathlib import Path
 
-from mambakit.cli.generate import add_model_arguments, load_model
+from mambakit.cli.generate import add_model_arguments, add_state_dtype_argument, load_model, state_dtype
 
 
 def register(subparsers) -> None:
@@ -40,6 +40,7 @@ def register(subparsers) -> None:
                         help="prefill a longer prompt in pieces of this many tokens, bounding memory (2048)")
     limits.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                         help="on SIGTERM, how long running requests may take to finish (30)")
+    add_state_dtype_argument(parser)
     parser.add_argument("--cg", action=argparse.BooleanOptionalAction,
                         help="decode with CUDA graphs, one per bucket of batch sizes (default: on CUDA)")
     parser.set_defaults(func=run)
@@ -57,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
         options = ServerOptions(name=args.served_model_name or Path(os.path.abspath(args.model)).name, host=args.host,
                                 port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
                                 max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
-                                prefill_chunk=args.prefill_chunk, drain_timeout=args.drain_timeout, cg=args.cg)
+                                prefill_chunk=args.prefill_chunk, drain_timeout=args.drain_timeout, cg=args.cg,
+                                state_dtype=state_dtype(args))
         model, tokenizer = load_model(args)
         template = load_chat_template(args.chat_template if args.chat_template is not None else args.model)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:  # bad flags, missing files, bad --device

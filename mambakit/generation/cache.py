@@ -14,6 +14,15 @@ import torch
 from torch import nn
 
 
+@dataclass(frozen=True)
+class CacheDtypes:
+    """The dtypes of an inference cache: `states` of the conv / KV states (None: the model's), `ssm` of the SSM
+    states (fp32; bf16 / fp16 halve the bytes a decode step reads and writes, most of them at large batch)."""
+
+    states: torch.dtype | None = None
+    ssm: torch.dtype = torch.float32
+
+
 @dataclass
 class InferenceCache:
     """Per-layer recurrent states (conv + SSM, or KV for attention), allocated once for `max_batch_size` rows.
@@ -30,13 +39,14 @@ class InferenceCache:
     lengths_per_sample: torch.Tensor | None = None
 
     @classmethod
-    def allocate(cls, model: nn.Module, batch_size: int, max_seqlen: int,
-                 dtype: torch.dtype | None = None) -> "InferenceCache":
-        """A zeroed cache for `model` (anything with `allocate_inference_cache(batch_size, max_seqlen, dtype)`)."""
+    def allocate(cls, model: nn.Module, batch_size: int, max_seqlen: int, dtype: torch.dtype | None = None,
+                 ssm_dtype: torch.dtype = CacheDtypes.ssm) -> "InferenceCache":
+        """A zeroed cache for `model` (anything with `allocate_inference_cache(batch_size, max_seqlen, dtype,
+        ssm_dtype)`). dtype: of the conv / KV states (None: the model's); ssm_dtype: of the SSM states."""
         for name, value in (("batch_size", batch_size), ("max_seqlen", max_seqlen)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive int, got {value!r}")
-        states = model.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype)
+        states = model.allocate_inference_cache(batch_size, max_seqlen, dtype=dtype, ssm_dtype=ssm_dtype)
         device = next(iter(_tensors(states)), torch.empty(0)).device
         return cls(
             max_seqlen=max_seqlen,
@@ -67,6 +77,13 @@ class InferenceCache:
             raise ValueError(f"indices: expected {self.max_batch_size} rows, got {index.numel()}")
         for t in self._batched_tensors():
             t.copy_(t.index_select(0, index))
+
+    def zeros_like(self, batch_size: int) -> "InferenceCache":
+        """A zeroed cache of `batch_size` rows with this one's layers, state shapes and dtypes."""
+        states = {i: tuple(None if t is None else t.new_zeros((batch_size, *t.shape[1:])) for t in ts)
+                  for i, ts in self.key_value_memory_dict.items()}
+        lengths = None if self.lengths_per_sample is None else self.lengths_per_sample.new_zeros(batch_size)
+        return InferenceCache(self.max_seqlen, batch_size, 0, 0, states, lengths)
 
     def select(self, rows: Sequence[int] | torch.Tensor) -> "InferenceCache":
         """A new cache holding copies of `rows` (e.g. one sequence out of a batch)."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mambakit.generation.cache import InferenceCache
+from mambakit.generation.cache import CacheDtypes, InferenceCache
 from mambakit.generation.sampling import SamplingConfig, sample
 from mambakit.ops._common import overlapped_launches
 from mambakit.ops.rowwise_linear import RowwiseProducts
@@ -153,15 +153,19 @@ class Decoder:
     once and each `advance()` replays it; with `compiled=True` (not with a graph) the eager step runs
     through `torch.compile`. With `sampling=None` the step only runs the model (the caller
     samples, e.g. rows with different options); `cache`: decode into this one (e.g. a view of the first
-    `batch` rows of a larger cache, shared by decoders of several batch sizes) instead of a new one.
+    `batch` rows of a larger cache, shared by decoders of several batch sizes) instead of a new one;
+    `cache_dtypes`: the new one's (None: `CacheDtypes()`).
     """
 
     def __init__(self, model: nn.Module, batch: int, max_seqlen: int, steps: int, vocab: int, stop_slots: int,
-                 sampling: SamplingConfig | None, cache_dtype: torch.dtype | None, teacher_len: int | None,
+                 sampling: SamplingConfig | None, cache_dtypes: CacheDtypes | None, teacher_len: int | None,
                  graph: bool, cache: InferenceCache | None = None, compiled: bool = False):
         self._model = weakref.ref(model)  # kept decoders must not keep their model alive
         self.vocab, self.sampling = vocab, sampling
-        self.cache = cache if cache is not None else InferenceCache.allocate(model, batch, max_seqlen, dtype=cache_dtype)
+        if cache is None:
+            dtypes = cache_dtypes or CacheDtypes()
+            cache = InferenceCache.allocate(model, batch, max_seqlen, dtype=dtypes.states, ssm_dtype=dtypes.ssm)
+        self.cache = cache
         device = self.cache.lengths_per_sample.device
         penalty = sampling is not None and sampling.repetition_penalty != 1.0
         self.buffers = DecodeBuffers.allocate(batch, steps, vocab, stop_slots, device, penalty, teacher_len)
@@ -212,7 +216,7 @@ class Decoder:
 
 
 def get_decoder(model: nn.Module, batch: int, max_seqlen: int, steps: int, vocab: int, n_stop_ids: int,
-                sampling: SamplingConfig, cache_dtype: torch.dtype | None, teacher_len: int | None,
+                sampling: SamplingConfig, cache_dtypes: CacheDtypes | None, teacher_len: int | None,
                 graph: bool, compiled: bool = False) -> Decoder:
     """A decoder for these shapes. Graph and compiled decoders are kept (a capture costs a few eager steps,
     a compilation seconds) and a later call with the same key reuses one, its cache reset. Sizes are
@@ -221,7 +225,7 @@ def get_decoder(model: nn.Module, batch: int, max_seqlen: int, steps: int, vocab
     max_seqlen rows), so they agree exactly."""
     max_seqlen, steps = _round_up_pow2(max_seqlen), _round_up_pow2(steps)
     stop_slots = -(-max(n_stop_ids, 1) // STOP_ID_SLOTS) * STOP_ID_SLOTS
-    args = (model, batch, max_seqlen, steps, vocab, stop_slots, sampling, cache_dtype, teacher_len)
+    args = (model, batch, max_seqlen, steps, vocab, stop_slots, sampling, cache_dtypes, teacher_len)
     if not (graph or compiled) or steps == 1:  # one token comes from the prefill alone: nothing to replay
         return Decoder(*args, graph=False)
     if compiled:

@@ -151,11 +151,11 @@ def decode_steps(model: nn.Module, prompts: list[torch.Tensor], options: Generat
         teacher = teacher.to(device=device, dtype=torch.long)
     graph = device.type == "cuda" and options.cg is not False
     decoder = get_decoder(model, batch, int(lengths.max()) + steps_total, steps_total, vocab, stop_ids.numel(),
-                          options.sampling, options.cache_dtype, None if teacher is None else teacher.shape[1], graph,
+                          options.sampling, options.cache_dtypes, None if teacher is None else teacher.shape[1], graph,
                           compiled=options.compile and not graph)
     buffers = decoder.buffers
     buffers.load(prompts, seeds, budgets.to(device), stop_ids, pad, teacher)
-    logits = prefill(model, decoder.cache, prompts, options.cache_dtype, options.prefill_chunk)[:, :vocab]
+    logits = prefill(model, decoder.cache, prompts, options.prefill_chunk)[:, :vocab]
     buffers.choose(logits, options.sampling)
     texts = [[] for _ in prompts] if options.stop_strings else None
     every = 1 if texts is not None else options.check_every
@@ -178,7 +178,7 @@ def decode_steps(model: nn.Module, prompts: list[torch.Tensor], options: Generat
 
 
 def prefill(model: nn.Module, cache: InferenceCache, prompts: list[torch.Tensor],
-            cache_dtype: torch.dtype | None = None, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK) -> torch.Tensor:
+            prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK) -> torch.Tensor:
     """Run the parallel forward over every prompt, leave the final states in `cache` (one row per prompt)
     and return the last position's logits (batch, vocab). Prompts of equal length share one forward,
     in pieces of `prefill_chunk` tokens (None: whole)."""
@@ -189,8 +189,7 @@ def prefill(model: nn.Module, cache: InferenceCache, prompts: list[torch.Tensor]
     last_logits = [None] * len(prompts)
     for length, rows in groups.items():
         ids = torch.stack([prompts[r] for r in rows])
-        target = cache if len(rows) == len(prompts) else InferenceCache.allocate(
-            model, len(rows), cache.max_seqlen, dtype=cache_dtype)
+        target = cache if len(rows) == len(prompts) else cache.zeros_like(len(rows))
         logits = prefill_rows(model, target, ids, prefill_chunk or length)
         if target is not cache:
             cache.write_rows(rows, target)

@@ -7,7 +7,9 @@ from typing import Sequence
 
 import torch
 
+from mambakit.generation.cache import CacheDtypes
 from mambakit.generation.sampling import SamplingConfig
+from mambakit.ops._common import FLOAT_DTYPES, STEP_STATE_DTYPES, check_dtype_choice
 
 # Prompts longer than this are prefilled in pieces: activations stay bounded by the piece.
 DEFAULT_PREFILL_CHUNK = 8192
@@ -21,7 +23,10 @@ class GenerationOptions:
     seed: an int (row b uses seed + b), one per row, or None (random). A row stops at `eos_token_id`
     (default: the tokenizer's), any of `stop_token_ids`, or once its generated text holds one of
     `stop_strings` (needs `tokenizer`); later positions hold `pad_token_id` (default: the first stop id,
-    else 0). cache_dtype: of the conv / KV states (default: the model's; SSM states are always fp32).
+    else 0). cache_dtype: of the conv / KV states (default: the model's). state_dtype: of the SSM states,
+    float32 (default), bfloat16 or float16: half the bytes a decode step reads and writes (the states are most
+    of them at large batch), the step's math still fp32, rounded once per token (as the official package, whose
+    states take the model's dtype).
     prefill_chunk: prompts longer than this are prefilled that many tokens at a time (None: whole).
     teacher_outputs: (batch, T) ids; generated position t of row b is forced to
     teacher_outputs[b, len(prompt_b) + t] while that index is < T (the official meaning).
@@ -47,6 +52,7 @@ class GenerationOptions:
     tokenizer: object = None
     pad_token_id: int | None = None
     cache_dtype: torch.dtype | None = None
+    state_dtype: torch.dtype = torch.float32
     prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK
     teacher_outputs: torch.Tensor | None = None
     vocab_size: int | None = None
@@ -65,6 +71,8 @@ class GenerationOptions:
         check_int("prefill_chunk", self.prefill_chunk, 1, allow_none=True)
         check_int("vocab_size", self.vocab_size, 1, allow_none=True)
         check_int("check_every", self.check_every, 1)
+        check_dtype_choice("cache_dtype", self.cache_dtype, (None, *FLOAT_DTYPES))
+        check_dtype_choice("state_dtype", self.state_dtype, STEP_STATE_DTYPES)
         if self.cg is not None and not isinstance(self.cg, bool):
             raise ValueError(f"cg: expected True, False or None, got {self.cg!r}")
         if not isinstance(self.compile, bool):
@@ -81,6 +89,10 @@ class GenerationOptions:
             if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.dtype not in (torch.int32, torch.int64):
                 raise ValueError("teacher_outputs: expected a (batch, T) int tensor, got "
                                  f"{getattr(t, 'shape', type(t).__name__)} {getattr(t, 'dtype', '')}")
+
+    @property
+    def cache_dtypes(self) -> CacheDtypes:
+        return CacheDtypes(self.cache_dtype, self.state_dtype)
 
     def stop_ids(self, device: torch.device) -> torch.Tensor:
         """All token ids that end a row (1-D int64): eos (the tokenizer's when not given) and `stop_token_ids`."""

@@ -7,7 +7,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from mambakit.ops._common import FLOAT_DTYPES, check_dtype, check_same_device, check_shape
+from mambakit.ops._common import (FLOAT_DTYPES, STEP_STATE_DTYPES, check_dtype, check_dtype_choice, check_same_device,
+                                  check_shape)
 from mambakit.ops.conv1d import ConvStep
 
 
@@ -47,7 +48,7 @@ class ProjectedStep:
     `_A()` its state matrix, `_state_shapes(batch)` its (conv_state, ssm_state) shapes."""
 
     def step(self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
-        """One decoding step. hidden_states: (batch, 1, d_model); conv_state and ssm_state (fp32), as
+        """One decoding step. hidden_states: (batch, 1, d_model); conv_state and ssm_state, as
         `allocate_inference_cache` makes them, are updated in place. Returns (out (batch, 1, d_model),
         conv_state, ssm_state)."""
         check_layer_input("hidden_states", hidden_states, self.d_model, self.conv1d.weight)
@@ -61,7 +62,7 @@ class ProjectedStep:
             if not state.is_contiguous():
                 raise ValueError(f"{name}: expected a contiguous tensor (it is updated in place)")
         check_dtype("conv_state", conv_state, FLOAT_DTYPES)
-        check_dtype("ssm_state", ssm_state, (torch.float32, torch.float64))
+        check_dtype("ssm_state", ssm_state, STEP_STATE_DTYPES)
         return self._decode_token(hidden_states, conv_state, ssm_state)
 
     def _decode_token(self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
@@ -115,6 +116,12 @@ def inverse_softplus_dt(n: int, dt_min: float, dt_max: float, dt_init_floor: flo
     dt = torch.exp(log_dt).clamp(min=dt_init_floor)
     # softplus^-1(dt) = log(exp(dt) - 1), written stably for small dt.
     return dt + torch.log(-torch.expm1(-dt))
+
+
+def ssm_state_zeros(shape: tuple, device: torch.device, ssm_dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed SSM state for `allocate_inference_cache`; ssm_dtype: one of STEP_STATE_DTYPES."""
+    check_dtype_choice("ssm_dtype", ssm_dtype, STEP_STATE_DTYPES)
+    return torch.zeros(shape, device=device, dtype=ssm_dtype)
 
 
 def no_weight_decay(param: torch.nn.Parameter) -> torch.nn.Parameter:

@@ -12,12 +12,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mambakit.ops import causal_conv1d, selective_scan
+from mambakit.ops._common import math_state
 from mambakit.ops.conv1d import causal_conv1d_update_unchecked
 from mambakit.ops.selective_scan import selective_state_update_unchecked
 from mambakit.ops.norm_linear import decode_linear
 
 from ._common import (ParameterDerived, ProjectedStep, cached_states, check_layer_input, conv_history, conv_tail,
-                      inverse_softplus_dt, negative_exp, no_weight_decay)
+                      inverse_softplus_dt, negative_exp, no_weight_decay, ssm_state_zeros)
 
 
 def _channels_first(linear: nn.Module, tokens: torch.Tensor, batch: int, with_bias: bool = True) -> torch.Tensor:
@@ -133,7 +134,7 @@ class Mamba(ProjectedStep, nn.Module):
         y = selective_scan(
             x, dt, self._A(), B, C, self.D.float(),
             z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-            initial_state=ssm_state if continuing else None,
+            initial_state=math_state(ssm_state) if continuing else None,
             return_final_state=ssm_state is not None, seq_idx=seq_idx,
         )
         if ssm_state is not None:
@@ -154,13 +155,15 @@ class Mamba(ProjectedStep, nn.Module):
                                              dt_softplus=True, A_log=A_log, dt_proj_weight=self.dt_proj.weight)
         return decode_linear(self.out_proj, y)
 
-    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None, **kwargs):
-        """Zeroed (conv_state (batch, d_inner, d_conv), ssm_state (batch, d_inner, d_state) fp32)."""
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None, ssm_dtype=torch.float32,
+                                 **kwargs):
+        """Zeroed (conv_state (batch, d_inner, d_conv), ssm_state (batch, d_inner, d_state) in ssm_dtype).
+        dtype: of conv_state (default: the conv weight's); ssm_dtype: fp32 unless told (`ssm_state_zeros`)."""
         device = self.A_log.device  # A_log is always a float parameter (out_proj may be quantized)
         conv_dtype = self.conv1d.weight.dtype if dtype is None else dtype
         conv_shape, ssm_shape = self._state_shapes(batch_size)
         conv_state = torch.zeros(conv_shape, device=device, dtype=conv_dtype)
-        ssm_state = torch.zeros(ssm_shape, device=device, dtype=torch.float32)
+        ssm_state = ssm_state_zeros(ssm_shape, device, ssm_dtype)
         return conv_state, ssm_state
 
     def _state_shapes(self, batch: int) -> tuple:

@@ -11,12 +11,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mambakit.ops import RMSNormGated, causal_conv1d, ssd
+from mambakit.ops._common import math_state
 from mambakit.ops.conv1d import causal_conv1d_update_unchecked
 from mambakit.ops.norm_linear import fusable_linear, rms_norm_gated_linear
 from mambakit.ops.ssd import seq_idx_from_cu_seqlens, ssd_state_update_unchecked
 
 from ._common import (ParameterDerived, ProjectedStep, cached_states, check_layer_input, conv_history, conv_tail,
-                      conv_tails_varlen, inverse_softplus_dt, negative_exp, no_weight_decay)
+                      conv_tails_varlen, inverse_softplus_dt, negative_exp, no_weight_decay,
+                      ssm_state_zeros)
 
 
 class Mamba2(ProjectedStep, nn.Module):
@@ -163,7 +165,7 @@ class Mamba2(ProjectedStep, nn.Module):
             chunk_size=self.chunk_size, D=self._D(),
             z=None if self.rmsnorm else z.unflatten(-1, (self.nheads, self.headdim)),
             dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.dt_limit, seq_idx=seq_idx,
-            cu_seqlens=cu_seqlens, initial_states=ssm_state if continuing else None,
+            cu_seqlens=cu_seqlens, initial_states=math_state(ssm_state) if continuing else None,
             return_final_states=ssm_state is not None and not want_varlen, return_varlen_states=want_varlen,
         )
         if ssm_state is not None:
@@ -205,13 +207,15 @@ class Mamba2(ProjectedStep, nn.Module):
             y = torch.cat([F.silu(z0) * x0, y], dim=-1)
         return self.out_proj(y)
 
-    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None, **kwargs):
-        """Zeroed (conv_state (batch, conv_dim, d_conv), ssm_state (batch, nheads, headdim, d_state) fp32)."""
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None, ssm_dtype=torch.float32,
+                                 **kwargs):
+        """Zeroed (conv_state (batch, conv_dim, d_conv), ssm_state (batch, nheads, headdim, d_state) in ssm_dtype).
+        dtype: of conv_state (default: the conv weight's); ssm_dtype: fp32 unless told (`ssm_state_zeros`)."""
         device = self.A_log.device  # A_log is always a float parameter (out_proj may be quantized)
         conv_dtype = self.conv1d.weight.dtype if dtype is None else dtype
         conv_shape, ssm_shape = self._state_shapes(batch_size)
         conv_state = torch.zeros(conv_shape, device=device, dtype=conv_dtype)
-        ssm_state = torch.zeros(ssm_shape, device=device, dtype=torch.float32)
+        ssm_state = ssm_state_zeros(ssm_shape, device, ssm_dtype)
         return conv_state, ssm_state
 
     def _state_shapes(self, batch: int) -> tuple:

@@ -79,8 +79,24 @@ def check_dtype(name: str, t: torch.Tensor | None, allowed: Sequence[torch.dtype
         raise TypeError(f"{name}: expected dtype in ({names}), got {str(t.dtype).removeprefix('torch.')}")
 
 
+def check_dtype_choice(name: str, dtype, allowed: Sequence) -> None:
+    """Raise ValueError unless the dtype argument `dtype` (not a tensor's) is one of `allowed` (None may be one)."""
+    if dtype not in allowed:
+        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+        raise ValueError(f"{name}: expected one of {names}, got {dtype!r}")
+
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
+# A decode step's recurrent state: fp32 (the default), fp64, or bf16 / fp16 to halve what each step reads and
+# writes (the state is most of it at large batch); the step's math is fp32 whatever the state's dtype.
+STEP_STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def math_state(state: torch.Tensor) -> torch.Tensor:
+    """The state that math runs on: `state` itself in fp32 / fp64, else an fp32 copy (a reference decode step
+    writes it back; a scan continuing from a cached state takes it as its initial state)."""
+    return state if state.dtype in (torch.float32, torch.float64) else state.float()
 
 
 def check_same_device(**tensors: torch.Tensor | None) -> None:

@@ -34,6 +34,7 @@ from mambakit.generation import InferenceCache, SamplingConfig, StopStringWatch,
 from mambakit.generation.decoder import Decoder
 from mambakit.generation.generate import vocab_size
 from mambakit.generation.sampling import sample_with_draws, uniform
+from mambakit.ops._common import STEP_STATE_DTYPES, check_dtype_choice
 from mambakit.serving.metrics import Metrics
 from mambakit.serving.protocol import RequestError
 
@@ -70,13 +71,15 @@ class Job:
 @dataclass(frozen=True)
 class SchedulerOptions:
     """max_batch: rows decoded together; max_queue: jobs waiting beyond them (more: 429);
-    max_seqlen: prompt + new tokens of one row (sizes attention KV caches); prefill_chunk: see `prefill`."""
+    max_seqlen: prompt + new tokens of one row (sizes attention KV caches); prefill_chunk: see `prefill`;
+    state_dtype: of the rows' SSM states (see GenerationOptions.state_dtype)."""
 
     max_batch: int = 64
     max_queue: int = 256
     max_seqlen: int = 4096
     prefill_chunk: int = 2048
     cg: bool | None = None  # decode in buckets of batch sizes, CUDA graphs on CUDA (None: on when on CUDA)
+    state_dtype: torch.dtype = torch.float32
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_queue", "max_seqlen", "prefill_chunk"):
@@ -85,6 +88,7 @@ class SchedulerOptions:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
         if self.cg not in (None, True, False):
             raise ValueError(f"cg: expected True, False or None, got {self.cg!r}")
+        check_dtype_choice("state_dtype", self.state_dtype, STEP_STATE_DTYPES)
 
 
 # A job's delivery: (job, token, None) for a generated token, (job, None, finish) at its end.
@@ -121,7 +125,8 @@ class Scheduler:
         self.relay = relay
         self._outbox: list[Delivery] = []  # this iteration's deliveries, relayed together
         self.vocab = vocab_size(model)
-        self.cache = InferenceCache.allocate(model, options.max_batch, options.max_seqlen)
+        self.cache = InferenceCache.allocate(model, options.max_batch, options.max_seqlen,
+                                             ssm_dtype=options.state_dtype)
         device = self.cache.lengths_per_sample.device
         rows = options.max_batch
         # Per cache row: the token to feed next, steps sampled (its job's `sampled`, on the device), the uniform
@@ -275,7 +280,7 @@ class Scheduler:
         # Every prompt in one host-to-device copy (one copy per prompt cost a launch and a staging copy each).
         flat = self._upload([token for job in jobs for token in job.prompt])
         prompts = list(flat.split([len(job.prompt) for job in jobs]))
-        part = InferenceCache.allocate(self.model, len(jobs), self.options.max_seqlen)
+        part = self.cache.zeros_like(len(jobs))
         logits = prefill(self.model, part, prompts, prefill_chunk=self.options.prefill_chunk)[:, : self.vocab]
         self.cache.write_rows(rows, part)
         self.steps[start:start + len(jobs)] = 0

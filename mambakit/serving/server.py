@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
+import torch
 import uvicorn
 from torch import nn
 
@@ -22,7 +23,8 @@ from mambakit.serving.scheduler import Scheduler, SchedulerOptions
 @dataclass(frozen=True)
 class ServerOptions:
     """Everything `mambakit serve` takes besides the model: the scheduler's options (its max_seqlen is
-    max_prompt_tokens + max_tokens; cg: bucketed CUDA-graph decoding, None: on CUDA), request limits,
+    max_prompt_tokens + max_tokens; cg: bucketed CUDA-graph decoding, None: on CUDA; state_dtype: of the SSM
+    states), request limits,
     the address and the SIGTERM drain timeout."""
 
     name: str = "model"
@@ -35,6 +37,7 @@ class ServerOptions:
     prefill_chunk: int = 2048
     drain_timeout: float = 30.0
     cg: bool | None = None
+    state_dtype: torch.dtype = torch.float32
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -54,7 +57,8 @@ def build_server(model: nn.Module, tokenizer, options: ServerOptions,
     metrics = Metrics()
     scheduler = Scheduler(model, SchedulerOptions(options.max_batch, options.max_queue,
                                                   options.max_prompt_tokens + options.max_tokens,
-                                                  options.prefill_chunk, options.cg), tokenizer, metrics)
+                                                  options.prefill_chunk, options.cg, options.state_dtype),
+                          tokenizer, metrics)
     served = ServedModel(options.name, tokenizer,
                          Limits(vocab_size(model), options.max_prompt_tokens, options.max_tokens), chat_template)
     config = uvicorn.Config(create_app(scheduler, served, metrics), host=options.host, port=options.port,

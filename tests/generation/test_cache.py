@@ -80,3 +80,27 @@ def test_bad_arguments(make_model):
         cache.write_rows([0, 1], InferenceCache.allocate(model, 3, 8))
     with pytest.raises(ValueError, match="source"):
         cache.write_rows([0], InferenceCache.allocate(make_model("mamba1", n_layer=2), 1, 8))
+
+
+@pytest.mark.parametrize("kind", ["mamba1", "mamba2", "hybrid"])
+def test_half_ssm_states_and_zeros_like(kind, make_model):
+    model = make_model(kind)
+    full = InferenceCache.allocate(model, 3, max_seqlen=16)
+    half = InferenceCache.allocate(model, 3, max_seqlen=16, ssm_dtype=torch.bfloat16)
+    for layer, (ours, theirs) in enumerate(zip(half.key_value_memory_dict.values(),
+                                               full.key_value_memory_dict.values(), strict=True)):
+        ssm_layer = layer not in model.config.attn_layer_idx
+        for i, (t, ref) in enumerate(zip(ours, theirs, strict=True)):
+            if t is None:
+                continue
+            assert t.shape == ref.shape
+            # (conv_state, ssm_state) per SSM layer: only the SSM state takes ssm_dtype
+            assert t.dtype == (torch.bfloat16 if ssm_layer and i == 1 else ref.dtype)
+    assert half.nbytes < full.nbytes
+    fill_random(half)
+    fresh = half.zeros_like(2)
+    assert fresh.max_batch_size == 2 and fresh.seqlen_offset == 0
+    for t, ref in zip(states(fresh), states(half), strict=True):
+        assert t.shape == (2, *ref.shape[1:]) and t.dtype == ref.dtype and t.device == ref.device and not t.any()
+    with pytest.raises(ValueError, match="ssm_dtype: expected one of float32, bfloat16, float16, float64"):
+        InferenceCache.allocate(model, 1, 8, ssm_dtype=torch.int8)

@@ -1,12 +1,17 @@
+import importlib
 import io
 import json
 import math
 
 import pytest
+import torch
 
 from mambakit.cli import main
 from mambakit.generation import stream
+from mambakit.generation.generate import decode_steps
 from mambakit.tokenizer import ByteTokenizer
+
+generate_module = importlib.import_module("mambakit.generation.generate")  # the attribute is the function
 
 
 @pytest.fixture
@@ -31,6 +36,20 @@ def test_generate_round_trips_a_checkpoint_directory(checkpoint, capsys):
     assert capsys.readouterr().out == "héllo" + expected + "\n"
 
 
+def test_generate_state_dtype_reaches_the_decoder(checkpoint, capsys, monkeypatch):
+    path, _ = checkpoint
+    asked = []
+
+    def recording(model, prompts, options):
+        asked.append(options.state_dtype)
+        return decode_steps(model, prompts, options)
+
+    monkeypatch.setattr(generate_module, "decode_steps", recording)
+    for flag, dtype in (([], torch.float32), (["--state-dtype", "bfloat16"], torch.bfloat16)):
+        assert main(["generate", "--model", str(path), "--prompt", "abc", "--max-new-tokens", "3", *flag]) == 0
+    assert asked == [torch.float32, torch.bfloat16]
+
+
 def test_generate_reads_prompt_file_and_stdin(checkpoint, capsys, monkeypatch, tmp_path):
     path, _ = checkpoint
     common = ["generate", "--model", str(path), "--max-new-tokens", "5", "--no-echo"]
@@ -49,7 +68,8 @@ def test_generate_reads_prompt_file_and_stdin(checkpoint, capsys, monkeypatch, t
     [(["--top-p", "1.5"], "top_p"), (["--temperature", "-1"], "temperature"),
      (["--max-new-tokens", "0"], "max-new-tokens"), (["--stop-token-id", "-2"], "stop_token_ids"),
      (["--prompt", ""], "empty"), (["--device", "nonsense"], "error"),
-     (["--prefill-chunk", "0"], "--prefill-chunk: expected an int >= 1, got 0")],
+     (["--prefill-chunk", "0"], "--prefill-chunk: expected an int >= 1, got 0"),
+     (["--state-dtype", "int8"], "--state-dtype: expected one of ['float32', 'bfloat16', 'float16'], got 'int8'")],
 )
 def test_generate_bad_arguments(checkpoint, capsys, extra, match):
     path, _ = checkpoint

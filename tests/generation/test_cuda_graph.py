@@ -16,11 +16,13 @@ def ragged_prompts(vocab: int, lengths=(5, 17, 9)) -> list[list[int]]:
 
 @pytest.mark.parametrize("kind", ["mamba1", "mamba2", "hybrid"])
 @pytest.mark.parametrize("sampling", SAMPLINGS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_graph_decoding_equals_eager_token_for_token(kind, sampling, dtype, make_model, vocab):
+@pytest.mark.parametrize("dtype,state_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float32),
+                                               (torch.float16, torch.bfloat16)])
+def test_graph_decoding_equals_eager_token_for_token(kind, sampling, dtype, state_dtype, make_model, vocab):
     model = make_model(kind).to("cuda", dtype)
     prompts = ragged_prompts(vocab)
-    options = dict(max_new_tokens=40, seed=[11, 12, 13], return_dict_in_generate=True, output_scores=True, **sampling)
+    options = dict(max_new_tokens=40, seed=[11, 12, 13], return_dict_in_generate=True, output_scores=True,
+                   state_dtype=state_dtype, **sampling)
     eager = generate(model, prompts, cg=False, **options)
     stop = eager.sequences[1][len(prompts[1]) + 4]  # a token row 1 produces: at least one row stops early
     eager = generate(model, prompts, cg=False, eos_token_id=stop, **options)

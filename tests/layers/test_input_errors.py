@@ -50,7 +50,7 @@ def test_step_refuses_states_that_do_not_fit(kind):
     bad = {"wider conv_state": ((torch.randn(2, conv_state.shape[1] + 1, conv_state.shape[2]), ssm_state),
                                 "conv_state: expected shape"),
            "ssm_state for 3 rows": ((conv_state, torch.randn(3, *ssm_state.shape[1:])), "ssm_state: expected shape"),
-           "bf16 ssm_state": ((conv_state, ssm_state.bfloat16()), "ssm_state: expected dtype"),
+           "int32 ssm_state": ((conv_state, ssm_state.to(torch.int32)), "ssm_state: expected dtype"),
            "strided ssm_state": ((conv_state, torch.randn(*ssm_state.shape[:-1], 2 * ssm_state.shape[-1])[..., ::2]),
                                  "ssm_state: expected a contiguous tensor")}
     for (states, message) in bad.values():

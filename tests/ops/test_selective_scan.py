@@ -309,7 +309,7 @@ def test_bad_inputs_name_the_argument():
     state = torch.zeros(2, 6, 4)
     x, B = torch.randn(2, 6), torch.randn(2, 4)
     with pytest.raises(TypeError, match="state: expected dtype"):
-        selective_state_update(state.half(), x, x, inputs["A"], B, B)
+        selective_state_update(state.int(), x, x, inputs["A"], B, B)
     with pytest.raises(ValueError, match="dt: expected shape"):
         selective_state_update(state, x, x[:, :3], inputs["A"], B, B)
     with pytest.raises(ValueError, match="C: number of groups must divide dim=6, got 5"):

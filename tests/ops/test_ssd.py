@@ -334,7 +334,7 @@ def test_step_bad_inputs_name_the_argument(mistake):
     args = dict(state=torch.zeros(batch, nheads, headdim, N), x=torch.randn(batch, nheads, headdim),
                 dt=torch.rand(batch, nheads), A=-torch.rand(nheads), B=torch.randn(batch, ngroups, N),
                 C=torch.randn(batch, ngroups, N))
-    args[mistake] = {"state": torch.zeros(batch, nheads, headdim, N, dtype=torch.bfloat16),
+    args[mistake] = {"state": torch.zeros(batch, nheads, headdim, N, dtype=torch.int32),
                      "x": torch.randn(batch, nheads, headdim + 1), "dt": torch.rand(batch, nheads, 1),
                      "B": torch.randn(batch, 3, N), "C": torch.randn(batch, ngroups, N + 1),
                      "D": torch.randn(nheads + 1), "z": torch.randn(batch, nheads), "dt_bias": torch.randn(1),

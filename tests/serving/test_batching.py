@@ -7,6 +7,7 @@ import time
 
 import httpx
 import pytest
+import torch
 
 from .conftest import MAX_TOKENS, expected, running_server
 
@@ -39,9 +40,10 @@ async def complete(client: httpx.AsyncClient, body: dict) -> str:
     return "".join(pieces)
 
 
-# cg on the CPU: eager decoders of bucketed batch sizes (on CUDA, graphs: test_gpu.py).
-@pytest.mark.parametrize("cg, clients", [(False, 32), (True, 12)])
-def test_32_concurrent_clients_get_their_generate_answers(model, cg, clients):
+# cg on the CPU: eager decoders of bucketed batch sizes (on CUDA, graphs: test_gpu.py); bf16 SSM states too.
+@pytest.mark.parametrize("cg, clients, state_dtype", [(False, 32, torch.float32), (True, 12, torch.float32),
+                                                      (False, 12, torch.bfloat16)])
+def test_32_concurrent_clients_get_their_generate_answers(model, cg, clients, state_dtype):
     greedy, sampled = {"temperature": 0.0}, {"temperature": 0.9, "top_p": 0.95}
     bodies = [{"prompt": [random.randrange(256) for _ in range(random.randint(1, 24))],
                "max_tokens": random.randint(1, 24), "seed": random.randrange(2**31), "stream": i % 3 == 0,
@@ -50,7 +52,7 @@ def test_32_concurrent_clients_get_their_generate_answers(model, cg, clients):
     for sampling in (greedy, sampled):
         rows = [i for i, body in enumerate(bodies) if body["temperature"] == sampling["temperature"]]
         texts, _, _ = expected(model, [bodies[i]["prompt"] for i in rows], [bodies[i]["max_tokens"] for i in rows],
-                            seed=[bodies[i]["seed"] for i in rows], **sampling)
+                            seed=[bodies[i]["seed"] for i in rows], state_dtype=state_dtype, **sampling)
         for i, text in zip(rows, texts):
             answers[i] = text
 
@@ -59,7 +61,7 @@ def test_32_concurrent_clients_get_their_generate_answers(model, cg, clients):
             return await asyncio.gather(*(complete(client, body) for body in bodies))
 
     # Fewer rows than clients: some wait in the queue and join as rows leave.
-    with running_server(model, max_batch=8, cg=cg) as (url, scheduler):
+    with running_server(model, max_batch=8, cg=cg, state_dtype=state_dtype) as (url, scheduler):
         assert scheduler.buckets == ([1, 2, 4, 8] if cg else [])
         assert asyncio.run(run_clients(url)) == answers
         assert metric(url, "mambakit_batch_occupancy_max") > 1

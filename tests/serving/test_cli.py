@@ -36,7 +36,8 @@ def free_port() -> int:
 
 
 @pytest.mark.parametrize("flag, value", [("--max-batch", "0"), ("--max-queue", "-1"), ("--max-tokens", "0"),
-                                         ("--port", "70000"), ("--drain-timeout", "-1")])
+                                         ("--port", "70000"), ("--drain-timeout", "-1"),
+                                         ("--state-dtype", "float64")])
 def test_bad_flags_are_one_line_on_stderr(checkpoint, capsys, flag, value):
     assert main(["serve", "--model", str(checkpoint), flag, value]) == 2
     err = capsys.readouterr().err

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from mambakit.ops._common import FLOAT_DTYPES, INDEX_DTYPES, check_dtype, check_same_device, check_shape, dispatch
+from mambakit.ops._common import (FLOAT_DTYPES, INDEX_DTYPES, STEP_STATE_DTYPES, check_dtype, check_same_device,
+                                  check_shape, dispatch)
 from mambakit.ops.selective_scan import cpu, reference, step
 
 STATE_DTYPES = (torch.float32, torch.float64)
@@ -88,7 +89,8 @@ def selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
                            backend=None, A_log=None, dt_proj_weight=None):
-    """One decoding step of the selective scan; `state` (batch, dim, N) fp32 is updated in place.
+    """One decoding step of the selective scan; `state` (batch, dim, N) is updated in place: fp32 (or bf16 /
+    fp16: half the bytes a step moves, math still fp32, rounded once per step; or fp64).
 
     x, dt, z: (batch, dim); A: (dim, N); B, C: (batch, N) or (batch, G, N), G dividing dim;
     D: (dim,) fp32; dt_bias: (dim,) any float dtype (used in fp32). Returns out (batch, dim) in x's dtype.
@@ -110,7 +112,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     check_shape("D", D, dim)
     check_shape("z", z, batch, dim)
     check_shape("dt_bias", dt_bias, dim)
-    check_dtype("state", state, STATE_DTYPES)
+    check_dtype("state", state, STEP_STATE_DTYPES)
     for name, t in dict(x=x, dt=dt, B=B, C=C, z=z).items():
         check_dtype(name, t, FLOAT_DTYPES)
     for name, t in dict(A=A, D=D).items():

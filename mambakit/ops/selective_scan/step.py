@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mambakit.ops._common import math_state
+
 
 def per_group(t: torch.Tensor) -> torch.Tensor:
     """(batch, N) or (batch, G, N) -> a view (batch, G, 1, N) that broadcasts against (batch, G, dim//G, N)."""
@@ -18,8 +20,10 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
 
     x, dt, z: (batch, dim); A: (dim, N) (or None and A_log with A = -exp(A_log)); B, C: (batch, N) or
     (batch, G, N); D, dt_bias: (dim,). With dt_proj_weight (dim, R), dt is (batch, R) and dt @ W^T is used.
-    Math in state's dtype (fp32); B and C are broadcast per group rather than copied per channel.
+    Math in state's dtype (fp32 or fp64; a bf16 / fp16 state is updated in fp32 and rounded once per step);
+    B and C are broadcast per group rather than copied per channel.
     """
+    stored, state = state, math_state(state)
     dtype, batch = state.dtype, state.shape[0]
     if A_log is not None:
         A = -torch.exp(A_log.to(dtype))
@@ -44,4 +48,6 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         y = y.addcmul_(D.to(dtype), x32)
     if z is not None:
         y = y.mul_(F.silu(z.to(dtype)))
+    if state is not stored:
+        stored.copy_(state)
     return y.to(x.dtype)

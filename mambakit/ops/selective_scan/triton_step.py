@@ -42,7 +42,7 @@ def _state_update_kernel(
         w = tl.load(w_ptr + d[:, None] * s_wd + r[None, :] * s_wr, mask=mask_d[:, None] & (r < rank)[None, :],
                     other=0.0).to(tl.float32)
     state_ptrs = state_ptr + b * s_sb + d[:, None] * s_sd + n[None, :] * s_sn
-    h = tl.load(state_ptrs, mask=mask, other=0.0)
+    h = tl.load(state_ptrs, mask=mask, other=0.0).to(tl.float32)
     wait_for_inputs(PDL)
     x = tl.load(x_ptr + b * s_xb + d * s_xd, mask=mask_d, other=0.0).to(tl.float32)
     if DT_PROJ:
@@ -57,8 +57,8 @@ def _state_update_kernel(
     Bv = tl.load(B_ptr + b * s_Bb + (d // b_per_group)[:, None] * s_Bg + n[None, :] * s_Bn, mask=mask, other=0.0)
     Cv = tl.load(C_ptr + b * s_Cb + (d // c_per_group)[:, None] * s_Cg + n[None, :] * s_Cn, mask=mask, other=0.0)
     h = tl.exp(dt[:, None] * A) * h + (dt * x)[:, None] * Bv.to(tl.float32)
-    tl.store(state_ptrs, h, mask=mask)
-    y = tl.sum(h * Cv.to(tl.float32), axis=1)
+    tl.store(state_ptrs, h.to(state_ptr.dtype.element_ty), mask=mask)
+    y = tl.sum(h * Cv.to(tl.float32), axis=1)  # from the fp32 state: a half one is rounded for storage only
     if HAS_D:
         y += tl.load(D_ptr + d, mask=mask_d, other=0.0).to(tl.float32) * x
     if HAS_Z:
@@ -107,8 +107,8 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
 
     Inputs may be strided views; an fp64 state or input goes to the reference.
     """
-    if state.dtype != torch.float32 or any(t is not None and t.dtype == torch.float64
-                                           for t in (x, dt, A, A_log, B, C, D, z, dt_bias, dt_proj_weight)):
+    if any(t is not None and t.dtype == torch.float64
+           for t in (state, x, dt, A, A_log, B, C, D, z, dt_bias, dt_proj_weight)):
         return step.selective_state_update(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
                                            A_log=A_log, dt_proj_weight=dt_proj_weight)
     D = D.contiguous() if D is not None else None  # indexed with unit stride

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from .._common import FLOAT_DTYPES, INDEX_DTYPES, check_dtype, check_same_device, check_shape, dispatch
+from .._common import (FLOAT_DTYPES, INDEX_DTYPES, STEP_STATE_DTYPES, check_dtype, check_same_device, check_shape,
+                       dispatch)
 from . import reference, step
 from .reference import DEFAULT_DT_LIMIT, check_dt_limit
 
@@ -72,7 +73,8 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
                      dt_limit=DEFAULT_DT_LIMIT, backend=None, A_log=None):
     """One decoding step of SSD: h = exp(dt A) h + dt x B^T, y = h C + D x, out = y * silu(z).
 
-    state: (batch, nheads, headdim, N) fp32, updated in place; x, z: (batch, nheads, headdim);
+    state: (batch, nheads, headdim, N) fp32 (or bf16 / fp16: half the bytes a step moves, math still fp32,
+    rounded once per step; or fp64), updated in place; x, z: (batch, nheads, headdim);
     dt: (batch, nheads); A: (nheads,); B, C: (batch, ngroups, N); D: (nheads,) or (nheads, headdim);
     dt_bias: (nheads,); dt is processed as in `ssd`. A_log (a mambakit addition): give A=None and the
     layer's A_log (nheads,) instead; A = -exp(A_log) is then computed inside the step (no extra launches).
@@ -156,7 +158,7 @@ def _check_cu_seqlens(cu_seqlens, batch, seqlen, seq_idx):
 
 def _check_step_args(state, x, dt, A, B, C, D, z, dt_bias, dt_limit, A_log):
     check_shape("state", state, None, None, None, None)
-    check_dtype("state", state, (torch.float32, torch.float64))
+    check_dtype("state", state, STEP_STATE_DTYPES)
     if not state.is_contiguous():
         raise ValueError("state: expected a contiguous tensor (it is updated in place)")
     batch, nheads, headdim, N = state.shape

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mambakit.ops._common import math_state
+
 from .reference import DEFAULT_DT_LIMIT, prepare_dt
 
 
@@ -11,7 +13,8 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
                      dt_limit=DEFAULT_DT_LIMIT, A_log=None):
     """h = exp(dt * A) h + dt x B^T; y = h C + D x; out = y * silu(z) when z is given.
 
-    state: (batch, nheads, headdim, N) fp32, updated in place; x, z: (batch, nheads, headdim);
+    state: (batch, nheads, headdim, N), updated in place (fp32 or fp64 math; a bf16 / fp16 state is updated
+    in fp32 and rounded once per step); x, z: (batch, nheads, headdim);
     dt: (batch, nheads); A: (nheads,), or None and A_log (nheads,) with A = -exp(A_log);
     B, C: (batch, ngroups, N); D: (nheads,) or (nheads, headdim);
     dt_bias: (nheads,). Returns out (batch, nheads, headdim) in x's dtype.
@@ -19,6 +22,7 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
     """
     batch, nheads, headdim, N = state.shape
     ngroups = B.shape[1]
+    stored, state = state, math_state(state)
     dtype = state.dtype
     dt = prepare_dt(dt, dt_bias, dt_softplus, dt_limit, dtype)  # (batch, nheads)
     if A_log is not None:
@@ -38,4 +42,6 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
         y = y.addcmul_(x32, D.unsqueeze(-1) if D.dim() == 1 else D)
     if z is not None:
         y = y.mul_(F.silu(z.to(dtype)))
+    if state is not stored:
+        stored.copy_(state)
     return y.to(x.dtype)

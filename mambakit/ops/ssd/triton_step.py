@@ -39,7 +39,7 @@ def _ssd_step(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_
     tile = state_ptr + ((b * H + h) * P + rows[:, None]) * N + cols[None, :]
     mask = mrow[:, None] & mcol[None, :]
     # Only decode steps write the state, and the kernel before is never one: under PDL its load overlaps that kernel.
-    s = tl.load(tile, mask=mask, other=0.0)
+    s = tl.load(tile, mask=mask, other=0.0).to(tl.float32)
     wait_for_inputs(PDL)
     dt = tl.load(dt_ptr + b * s_tb + h * s_th).to(tl.float32)
     if HAS_BIAS:
@@ -53,8 +53,8 @@ def _ssd_step(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_
     Bv = tl.load(B_ptr + b * s_Bb + g * s_Bg + cols * s_Bn, mask=mcol, other=0.0).to(tl.float32)
     Cv = tl.load(C_ptr + b * s_Cb + g * s_Cg + cols * s_Cn, mask=mcol, other=0.0).to(tl.float32)
     s = s * decay + (dt * x)[:, None] * Bv[None, :]
-    tl.store(tile, s, mask=mask)
-    y = tl.sum(s * Cv[None, :], axis=1)
+    tl.store(tile, s.to(state_ptr.dtype.element_ty), mask=mask)
+    y = tl.sum(s * Cv[None, :], axis=1)  # from the fp32 state: a half one is rounded for storage only
     if HAS_D:
         if D_PER_CHANNEL:
             y += x * tl.load(D_ptr + h * P + rows, mask=mrow, other=0.0).to(tl.float32)
@@ -100,12 +100,13 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
                      dt_limit=DEFAULT_DT_LIMIT, A_log=None):
     """One decode step; arguments checked by `mambakit.ops.ssd.ssd_state_update`.
 
-    state: (batch, nheads, headdim, N) fp32 contiguous, updated in place; x, z: (batch, nheads, headdim);
+    state: (batch, nheads, headdim, N) fp32, bf16 or fp16, contiguous, updated in place (fp32 math);
+    x, z: (batch, nheads, headdim);
     dt: (batch, nheads); A or A_log: (nheads,); B, C: (batch, ngroups, N); any strides (views of one
     in_proj output are read in place). Returns out (batch, nheads, headdim) contiguous, in x's dtype.
     """
-    if state.dtype != torch.float32:
-        raise TypeError(f"state: the triton step keeps the state in float32, got {state.dtype}")
+    if state.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"state: the triton step takes a float32, bfloat16 or float16 state, got {state.dtype}")
     update = custom_op_if_compiling(_ssd_update_op, _ssd_update)
     return update(state, x, dt, A if A_log is None else A_log, B, C, D, z, dt_bias, bool(dt_softplus),
                   float(dt_limit[0]), float(dt_limit[1]), A_log is not None)
