@@ -15,6 +15,7 @@ HALF_EPS = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 STEPS = 6
 # Triton's CPU interpreter rounds fp32 -> bf16 toward zero (a GPU, and torch, to nearest even).
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available()
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def rounded(state: torch.Tensor, half: torch.dtype, toward_zero: bool) -> torch.Tensor:
@@ -33,12 +34,16 @@ def rel_err(out, ref):
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
+def randn(*shape):
+    return torch.randn(*shape, device=DEVICE)
+
+
 def ssd_steps(batch=3, nheads=4, headdim=5, ngroups=2, N=6):
     """(initial state, one call per step taking the state): Mamba-2 decode steps with D, z, dt_bias, softplus."""
-    state = torch.randn(batch, nheads, headdim, N)
-    A, D, bias = -(torch.rand(nheads) + 0.1), torch.randn(nheads, headdim), torch.randn(nheads)
-    inputs = [dict(x=torch.randn(batch, nheads, headdim), dt=torch.randn(batch, nheads),
-                   B=torch.randn(batch, ngroups, N), C=torch.randn(batch, ngroups, N), z=torch.randn(batch, nheads, headdim))
+    state = randn(batch, nheads, headdim, N)
+    A, D, bias = -(torch.rand(nheads, device=DEVICE) + 0.1), randn(nheads, headdim), randn(nheads)
+    inputs = [dict(x=randn(batch, nheads, headdim), dt=randn(batch, nheads),
+                   B=randn(batch, ngroups, N), C=randn(batch, ngroups, N), z=randn(batch, nheads, headdim))
               for _ in range(STEPS)]
     return state, [lambda s, backend, i=i: ssd_state_update(s, A=A, D=D, dt_bias=bias, dt_softplus=True, backend=backend,
                                                             **i) for i in inputs]
@@ -46,10 +51,10 @@ def ssd_steps(batch=3, nheads=4, headdim=5, ngroups=2, N=6):
 
 def mamba1_steps(batch=3, dim=8, N=4):
     """(initial state, one call per step taking the state): Mamba-1 decode steps as the layer makes them."""
-    state = torch.randn(batch, dim, N)
-    A_log, D, bias = torch.randn(dim, N), torch.randn(dim), torch.randn(dim)
-    inputs = [dict(x=torch.randn(batch, dim), dt=torch.randn(batch, dim), B=torch.randn(batch, N),
-                   C=torch.randn(batch, N), z=torch.randn(batch, dim)) for _ in range(STEPS)]
+    state = randn(batch, dim, N)
+    A_log, D, bias = randn(dim, N), randn(dim), randn(dim)
+    inputs = [dict(x=randn(batch, dim), dt=randn(batch, dim), B=randn(batch, N),
+                   C=randn(batch, N), z=randn(batch, dim)) for _ in range(STEPS)]
     return state, [lambda s, backend, i=i: selective_state_update(s, A=None, A_log=A_log, D=D, dt_bias=bias,
                                                                   dt_softplus=True, backend=backend, **i)
                    for i in inputs]
