@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 18 on one GPU in one call of about 7 minutes: selective copying at 4096 (3 seeds) and induction heads
+# Issue 18 on one GPU in one call of about 8 minutes: selective copying at 4096 (3 seeds) and induction heads
 # to 2^20 (5 seeds), each with the recipe `mambakit synth <task>` runs by default (mambakit/tasks/recipes.py),
 # eight training processes side by side on the one GPU, fp32. Run from the repository root:
 #
@@ -19,14 +19,14 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 run() {  # run TAG ARGS...: one training process in the background, its output in $OUT/TAG.log
     local tag=$1
     shift
-    timeout 450 "$PYTHON" benchmarks/synth_tasks.py run --tag "$tag" --out "$OUT" --threads 2 "$@" \
+    timeout 500 "$PYTHON" benchmarks/synth_tasks.py run --tag "$tag" --out "$OUT" --threads 2 "$@" \
         > "$OUT/$tag.log" 2>&1 &
 }
 
 # Selective copying (Mamba Table 1: length 4096, 16 tokens, vocab 16, 2 layers, d_model 64): the recipe's
 # length curriculum, then the remaining steps at 4096; probes at 256 and 4096 follow the curriculum.
 for seed in 0 1 2; do
-    run "sc-mamba-recipe-seed$seed" --task selective-copying --recipe --seed "$seed" --time 330 \
+    run "sc-mamba-recipe-seed$seed" --task selective-copying --recipe --seed "$seed" --time 400 \
         --lengths 256,1024,4096 --eval-samples 512 --probe-every 500 --probe-lens 256,4096 --probe-samples 128
 done
 # Induction heads (Table 2: trained at 256, evaluated 2^6 .. 2^20): probes at the end of the 256 stage show

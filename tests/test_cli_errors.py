@@ -103,7 +103,7 @@ CASES = [
     ("synth mqar --eval-lens 3", 2, "mqar"),
     ("synth induction-heads --vocab 1", 2, "vocab_size"),
     ("synth induction-heads --lr -1", 2, "lr"),
-    ("synth induction-heads --grad-clip 0", 2, "grad-clip"),
+    ("synth induction-heads --grad-clip -1", 2, "grad-clip"),
     ("synth induction-heads --min-lr-ratio 2", 2, "min-lr-ratio"),
     ("synth induction-heads --max-time 0", 2, "max-time"),
     ("synth induction-heads --curriculum 64", 2, "--curriculum"),

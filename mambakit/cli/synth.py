@@ -108,7 +108,7 @@ def add_schedule_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-steps", type=int, default=None, help="(recipe)")
     parser.add_argument("--min-lr-ratio", type=float, default=None,
                         help="below 1: cosine decay over --steps to lr x this (recipe; 1: constant, the papers')")
-    parser.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (default: none)")
+    parser.add_argument("--grad-clip", type=float, default=None, help="max gradient norm, 0: none (recipe)")
     parser.add_argument("--curriculum", type=curriculum_arg, default=None, metavar="LEN:STEPS[:BATCH],...",
                         help="stages trained first, e.g. 256:2000:128 (2000 steps of 128 sequences of 256 tokens; "
                              "batch: --batch-size unless given), before --train-len takes the rest of --steps "
@@ -129,7 +129,7 @@ def take_recipe(args: argparse.Namespace, recipe: Recipe) -> None:
 
 def schedule_options(args: argparse.Namespace) -> dict:
     """The `train_task` keywords that `add_schedule_arguments` parsed."""
-    return {"warmup_steps": args.warmup_steps, "min_lr_ratio": args.min_lr_ratio, "grad_clip": args.grad_clip,
+    return {"warmup_steps": args.warmup_steps, "min_lr_ratio": args.min_lr_ratio, "grad_clip": args.grad_clip or None,
             "curriculum": args.curriculum}
 
 
@@ -173,7 +173,7 @@ def check_args(args: argparse.Namespace):
             raise ValueError(f"{name.replace('_', '-')}: expected an int >= 1, got {getattr(args, name)}")
     for name, ok, expected in (("lr", args.lr > 0, "> 0"), ("warmup_steps", args.warmup_steps >= 0, ">= 0"),
                                ("min_lr_ratio", 0 <= args.min_lr_ratio <= 1, "in [0, 1]"),
-                               ("grad_clip", args.grad_clip is None or args.grad_clip > 0, "> 0"),
+                               ("grad_clip", args.grad_clip is None or args.grad_clip >= 0, ">= 0"),
                                ("max_time", args.max_time is None or args.max_time > 0, "> 0")):
         if not ok:
             raise ValueError(f"{name.replace('_', '-')}: expected a number {expected}, got {getattr(args, name)}")

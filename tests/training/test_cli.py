@@ -5,7 +5,7 @@ import pytest
 
 from mambakit.cli import build_parser
 from mambakit.cli.demo import choose_out, prepare_out
-from mambakit.cli.synth import build_model, check_args, format_table, parse_curriculum, parse_lengths
+from mambakit.cli.synth import build_model, check_args, format_table, parse_curriculum, parse_lengths, schedule_options
 from mambakit.cli.train import given_options
 from mambakit.tasks import InductionHeads
 from mambakit.tasks.recipes import RECIPES
@@ -112,6 +112,8 @@ def test_synth_options_left_out_take_the_task_recipe(task, tmp_path):
     assert (args.train_len, args.steps, args.batch_size, args.lr) == (recipe.seq_len, recipe.steps,
                                                                       recipe.batch_size, recipe.lr)
     assert args.curriculum == list(recipe.curriculum)
+    assert schedule_options(args)["grad_clip"] == recipe.grad_clip
+    assert schedule_options(parse("--grad-clip", "0"))["grad_clip"] is None  # 0: no clipping
     for given in (["--train-len", "512"], ["--steps", "9000"]):  # the curriculum goes with the recipe's length
         args = parse(*given)
         check_args(args)
