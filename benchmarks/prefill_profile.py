@@ -9,16 +9,16 @@ Prints the wall time, the kernels' total and the `--top` kernels per architectur
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+
+from mambakit._io import write_json
+from mambakit.bench.common import gpu_kernel_times
 
 sys.path.insert(0, str(Path(__file__).parent))
-from generation_gpu import VOCAB, build  # noqa: E402
+from generation_gpu import VOCAB, build, wall_ms  # noqa: E402
 
 
 @torch.no_grad()
@@ -26,19 +26,13 @@ def profile_prefill(arch: str, batch: int, prompt: int, top: int) -> dict:
     """{wall_ms, kernel_ms, top: [(kernel, calls, ms)]} of one generate(prompt + 1) after two warm-ups."""
     model = build("mambakit", arch, "130m", torch.float16)
     ids = torch.randint(0, VOCAB, (batch, prompt), device="cuda")
+    run = lambda: model.generate(ids, prompt + 1, cg=True)  # noqa: E731
     for _ in range(2):  # compiles and captures
-        model.generate(ids, prompt + 1, cg=True)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    model.generate(ids, prompt + 1, cg=True)
-    torch.cuda.synchronize()
-    wall_ms = (time.perf_counter() - start) * 1e3
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        model.generate(ids, prompt + 1, cg=True)
-        torch.cuda.synchronize()
-    events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
-    return {"wall_ms": wall_ms, "kernel_ms": sum(e.device_time_total for e in events) / 1e3,
-            "top": [(e.key[:90], e.count, e.device_time_total / 1e3) for e in events[:top]]}
+        run()
+    wall = wall_ms(run, repeats=1)
+    kernels, us, _ = gpu_kernel_times(run, repeats=1)
+    return {"wall_ms": wall, "kernel_ms": us / 1e3,
+            "top": [(k["name"], k["calls"], k["us"] / 1e3) for k in kernels[:top]]}
 
 
 def main() -> int:
@@ -58,7 +52,7 @@ def main() -> int:
         for name, calls, ms in results[arch]["top"]:
             print(f"{ms:8.2f} ms {calls:5d}  {name}")
     if args.out:
-        args.out.write_text(json.dumps(results, indent=1))
+        write_json(args.out, results)
     return 0
 
 

@@ -45,8 +45,8 @@ def ssd_steps(batch=3, nheads=4, headdim=5, ngroups=2, N=6):
     inputs = [dict(x=randn(batch, nheads, headdim), dt=randn(batch, nheads),
                    B=randn(batch, ngroups, N), C=randn(batch, ngroups, N), z=randn(batch, nheads, headdim))
               for _ in range(STEPS)]
-    return state, [lambda s, backend, i=i: ssd_state_update(s, A=A, D=D, dt_bias=bias, dt_softplus=True, backend=backend,
-                                                            **i) for i in inputs]
+    return state, [lambda s, backend, i=i: ssd_state_update(s, A=A, D=D, dt_bias=bias, dt_softplus=True,
+                                                            backend=backend, **i) for i in inputs]
 
 
 def mamba1_steps(batch=3, dim=8, N=4):
@@ -72,11 +72,12 @@ def test_half_state_is_fp32_math_rounded_once_per_step(make, backend, half):
     storage = half_state.data_ptr()
     emulated = half_state.float()  # fp32, rounded to `half` after every step
     exact = half_state.float()  # fp32 throughout, from the same start
+    toward_zero = INTERPRETED and backend == "triton" and half == torch.bfloat16
     outs = {"half": [], "emulated": [], "exact": []}
     for step in steps:
         outs["half"].append(step(half_state, backend))
         outs["emulated"].append(step(emulated, backend))
-        emulated.copy_(rounded(emulated, half, toward_zero=INTERPRETED and backend == "triton" and half == torch.bfloat16))
+        emulated.copy_(rounded(emulated, half, toward_zero))
         outs["exact"].append(step(exact, backend))
     assert half_state.dtype == half and half_state.data_ptr() == storage  # updated in place, kept in its dtype
     got, emulated_out, exact_out = (torch.stack(o) for o in outs.values())
