@@ -3,7 +3,7 @@ from `triton_ssd.LAUNCH`, then the block rows and the internal chunk; each varia
 checked against the current settings', and timed as GPU kernel time (the profiler's, so the host's launch
 work does not blur it) at a prefill shape (forward, no autograd) and training shapes (forward + backward).
 
-    python benchmarks/ssd_launch_sweep.py --out sweep.json
+    python benchmarks/ssd_launch_sweep.py --out sweep.json [--shapes fwd:128x2048,fwdbwd:8x2048]
 
 Prints, per shape, the variants faster than the current settings, and writes every row as JSON.
 """
@@ -15,9 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
-from mambakit.bench.common import environment, rel_err
+from mambakit._io import write_json
+from mambakit.bench.common import environment, gpu_kernel_times, rel_err
 from mambakit.bench.ssd import CHUNK, ssd_inputs
 from mambakit.ops.ssd import ssd, triton_ssd
 
@@ -25,14 +25,10 @@ SHAPES = [("fwd", 128, 2048), ("fwd", 1, 65536), ("fwdbwd", 8, 2048), ("fwdbwd",
 
 
 def gpu_ms(fn, reps: int = 5) -> float:
-    """Mean GPU time of fn() in ms: the sum of its kernels' device time."""
+    """Mean GPU time of fn() in ms: the sum of its kernels' device time (after one warm-up call)."""
     fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages()) / reps / 1000
+    return gpu_kernel_times(fn, reps)[1] / 1000
 
 
 def case(mode: str, batch: int, length: int):
@@ -91,9 +87,13 @@ def variants() -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--shapes", default=",".join(f"{m}:{b}x{n}" for m, b, n in SHAPES),
+                        help="comma-separated mode:batchxlength (default: all of them)")
     args = parser.parse_args()
     rows = []
-    for mode, batch, length in SHAPES:
+    for shape in args.shapes.split(","):
+        mode, size = shape.split(":")
+        batch, length = map(int, size.split("x"))
         run, results = case(mode, batch, length)
         reference = results()
         base = gpu_ms(run)
@@ -110,7 +110,7 @@ def main() -> None:
             rows.append(dict(mode=mode, batch=batch, L=length, variant=json.dumps(options), ms=ms, err=err))
             if ms is not None and ms < base:
                 print(f"  {json.dumps(options)}: {ms:.3f} ms ({ms / base:.2f}x), err {err:.1e}", flush=True)
-        args.out.write_text(json.dumps({"environment": environment(), "rows": rows}, indent=1))
+        write_json(args.out, {"environment": environment(), "rows": rows})
 
 
 if __name__ == "__main__":

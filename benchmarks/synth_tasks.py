@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from mambakit._io import write_json
+from mambakit._io import atomic_path, write_json
 from mambakit.bench.common import device_slug, environment
-from mambakit.cli.synth import (add_schedule_arguments, format_table, parse_lengths, plot_accuracy, schedule_options,
-                                 take_recipe)
+from mambakit.cli.synth import (add_schedule_arguments, build_task, format_table, parse_lengths, plot_accuracy,
+                                 schedule_options, take_recipe)
 from mambakit.tasks import TASKS
 from mambakit.tasks.recipes import RECIPES, Recipe
 from mambakit.tasks.train import accuracy, task_model, train_task
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> None:
     """Train one model on one task for args.time seconds, then accuracy at each length."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    task = TASKS[args.task]()
+    task = build_task(args.task, args.vocab, args.num_pairs)
     torch.manual_seed(args.seed)
     # initialised on --init-device (default: --device), so that a GPU run can start from a CPU run's weights
     init_device = args.init_device or args.device
@@ -63,10 +63,11 @@ def run(args: argparse.Namespace) -> None:
     log = train_task(model, task, args.train_len, args.steps, args.batch_size, args.lr, seed=args.seed,
                      max_time=args.time, progress=False, log_interval=250, on_log=on_log, **schedule_options(args))
     train_s = time.perf_counter() - start  # probes included
-    row = {"tag": args.tag, "task": task.name, "arch": args.arch, "recipe": args.recipe,
+    row = {"tag": args.tag, "task": task.name, "task_config": vars(task), "arch": args.arch, "recipe": args.recipe,
            "params": sum(p.numel() for p in model.parameters()), "model_options": args.model_options,
            "seed": args.seed, "init_device": init_device,
-           "train_len": args.train_len, "batch_size": args.batch_size, "lr": args.lr,
+           "d_model": args.d_model, "n_layer": args.n_layer, "train_len": args.train_len,
+           "batch_size": args.batch_size, "lr": args.lr,
            **schedule_options(args),
            "steps": log[-1]["step"], "train_s": round(train_s, 1), "final_loss": log[-1]["loss"],
            "final_train_acc": log[-1]["train_acc"], "accuracy": {}, "eval_s": {}, "eval_samples": {}, "log": log}
@@ -97,6 +98,9 @@ def summarize(args: argparse.Namespace) -> None:
     slug = parts[0]["device"]
     write_json(args.out / f"synth-{slug}.json", {"environment": parts[0]["environment"], "rows": rows})
     for task in sorted({r["task"] for r in rows}):
+        if task == "mqar":
+            print(mqar_summary([r for r in rows if r["task"] == task], args.out / f"synth-{slug}-mqar.png"))
+            continue
         task_rows = [dict(r, arch=r["tag"]) for r in rows if r["task"] == task]
         lengths = sorted({n for r in task_rows for n in r["accuracy"]})
         if len(lengths) > 1:
@@ -108,12 +112,55 @@ def summarize(args: argparse.Namespace) -> None:
                   f"final loss {r['final_loss']:.4f}")
 
 
+def mqar_summary(rows: list[dict], path: Path) -> str:
+    """The Mamba-2 paper's MQAR comparison from the rows: accuracy (%) at the training length for each model
+    (arch and state size N) by (length, key-value pairs), as a table; and as a plot, accuracy against length
+    at the most common pairs count and against pairs at the most common length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def model(r):
+        return f"{r['arch']} N={r['model_options'].get('d_state', 'default')} d={r.get('d_model', 64)}"
+
+    def setting(r):
+        return r["train_len"], r["task_config"]["num_pairs"] or r["train_len"] // 4
+
+    acc = {(model(r), setting(r)): 100 * r["accuracy"][r["train_len"]] for r in rows}
+    models, settings = sorted({m for m, _ in acc}), sorted({s for _, s in acc})
+    lines = [f"\nmqar: accuracy (%) at the training length, columns length/pairs\n{'model':>22} "
+             + " ".join(f"{f'{n}/{p}':>9}" for n, p in settings)]
+    lines += [f"{m:>22} " + " ".join(f"{acc[m, s]:>9.1f}" if (m, s) in acc else f"{'-':>9}" for s in settings)
+              for m in models]
+    lengths, pairs = [n for n, _ in settings], [p for _, p in settings]
+    fixed_pairs, fixed_len = max(set(pairs), key=pairs.count), max(set(lengths), key=lengths.count)
+    fig, (by_len, by_pairs) = plt.subplots(1, 2, figsize=(11, 4))
+    for m in models:
+        for ax, keep, x in ((by_len, lambda s: s[1] == fixed_pairs, 0), (by_pairs, lambda s: s[0] == fixed_len, 1)):
+            points = sorted((s[x], acc[m, s]) for s in settings if keep(s) and (m, s) in acc)
+            ax.plot(*zip(*points), "o-", label=m)
+    for ax, xlabel, title in ((by_len, "sequence length", f"{fixed_pairs} key-value pairs"),
+                              (by_pairs, "key-value pairs", f"length {fixed_len}")):
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel=xlabel, ylabel="accuracy (%)", ylim=(-2, 102), title=f"MQAR, {title}")
+        ax.grid(alpha=0.3)
+    by_pairs.legend(fontsize="small")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     one = sub.add_parser("run", help="train and evaluate one model")
     one.add_argument("--task", choices=sorted(TASKS), default="induction-heads")
     one.add_argument("--arch", default="mamba")
+    one.add_argument("--vocab", type=int, default=None, help="task vocabulary (the task's default)")
+    one.add_argument("--num-pairs", type=int, default=None, help="mqar: key-value pairs (default: length / 4)")
     one.add_argument("--tag", required=True, help="names the result file")
     one.add_argument("--recipe", action="store_true", help="options left out take the task's recipe "
                      "(mambakit/tasks/recipes.py, as `mambakit synth`), not the papers' plain setup")

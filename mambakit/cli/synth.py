@@ -61,6 +61,8 @@ def register(subparsers) -> None:
     parser.add_argument("--attn-heads", type=int, default=None, help="attention heads (d_model / 64)")
     parser.add_argument("--attn-layer-idx", type=int_list, default=None, metavar="I,J", help="hybrid: attention layers")
     parser.add_argument("--vocab", type=int, default=None, help="task vocabulary (the task's default)")
+    parser.add_argument("--num-pairs", type=int, default=None, help="mqar: key-value pairs per sequence "
+                        "(default: a quarter of the length)")
     parser.add_argument("--train-len", type=int, default=None, help="(recipe)")
     parser.add_argument("--eval-lens", type=lengths_arg, default=None, help="e.g. 64,...,1048576 (train length)")
     parser.add_argument("--steps", type=int, default=None, help="all steps, curriculum included (recipe)")
@@ -133,6 +135,16 @@ def schedule_options(args: argparse.Namespace) -> dict:
             "curriculum": args.curriculum}
 
 
+def build_task(name: str, vocab: int | None = None, num_pairs: int | None = None):
+    """The task `name` with its default vocabulary unless `vocab`; `num_pairs` is mqar's only."""
+    options = {} if vocab is None else {"vocab_size": vocab}
+    if num_pairs is not None:
+        if name != "mqar":
+            raise ValueError(f"num-pairs: only the mqar task has key-value pairs, got task {name}")
+        options["num_pairs"] = num_pairs
+    return TASKS[name](**options)
+
+
 def build_model(args: argparse.Namespace, task, arch: str, device):
     """The `arch` model of a `synth` run, sized by its options, for `task`'s vocabulary."""
     from mambakit.tasks.train import task_model
@@ -186,7 +198,7 @@ def check_args(args: argparse.Namespace):
     if unknown:
         raise ValueError(f"arch: expected comma-separated names from {ARCHS}, got {unknown}")
     device = check_device(args.device)
-    task = TASKS[args.task]() if args.vocab is None else TASKS[args.task](vocab_size=args.vocab)
+    task = build_task(args.task, args.vocab, args.num_pairs)
     lengths = args.eval_lens or [args.train_len]
     generator = torch.Generator().manual_seed(0)
     # the task refuses lengths it cannot fill
