@@ -122,16 +122,17 @@ def mqar_summary(rows: list[dict], path: Path) -> str:
     import matplotlib.pyplot as plt
 
     def model(r):
-        return f"{r['arch']} N={r['model_options'].get('d_state', 'default')} d={r.get('d_model', 64)}"
+        return (f"{r['arch']} N={r['model_options'].get('d_state', 'default')} d={r.get('d_model', 64)} "
+                f"vocab={r['task_config']['vocab_size']}")
 
     def setting(r):
         return r["train_len"], r["task_config"]["num_pairs"] or r["train_len"] // 4
 
     acc = {(model(r), setting(r)): 100 * r["accuracy"][r["train_len"]] for r in rows}
     models, settings = sorted({m for m, _ in acc}), sorted({s for _, s in acc})
-    lines = [f"\nmqar: accuracy (%) at the training length, columns length/pairs\n{'model':>22} "
+    lines = [f"\nmqar: accuracy (%) at the training length, columns length/pairs\n{'model':>33} "
              + " ".join(f"{f'{n}/{p}':>9}" for n, p in settings)]
-    lines += [f"{m:>22} " + " ".join(f"{acc[m, s]:>9.1f}" if (m, s) in acc else f"{'-':>9}" for s in settings)
+    lines += [f"{m:>33} " + " ".join(f"{acc[m, s]:>9.1f}" if (m, s) in acc else f"{'-':>9}" for s in settings)
               for m in models]
     lengths, pairs = [n for n, _ in settings], [p for _, p in settings]
     fixed_pairs, fixed_len = max(set(pairs), key=pairs.count), max(set(lengths), key=lengths.count)

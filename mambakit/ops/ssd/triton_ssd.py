@@ -19,13 +19,14 @@ from .reference import DEFAULT_DT_LIMIT
 
 BLOCK_T = 64  # rows per tensor-core block
 BLOCK_STATE_P = 16  # headdim rows per program of the state recurrence
-# Launch options per kernel (warps, software-pipelining depth). scan_fwd and scan_bwd_dbdc: the best of
-# a sweep on an H200 (benchmarks/ssd_launch_sweep.py: forward 0.80x at 128 x 2K, fwd+bwd 0.94x at 8 x 2K).
+# Launch options per kernel (warps, software-pipelining depth). scan_fwd: the best of a sweep on an H200
+# (benchmarks/ssd_launch_sweep.py: forward 0.80x at 128 x 2K); scan_bwd_dbdc 8 x 3: fwd+bwd at 8 x 2K
+# 1.98 -> 1.58 ms against the earlier 4 x 2 on an H100 (ssd_launch_sweep-h100.json), same results bit for bit.
 LAUNCH = {
     "chunk_state": dict(num_warps=4, num_stages=2),
     "scan_fwd": dict(num_warps=4, num_stages=2),
     "scan_bwd_dx": dict(num_warps=4, num_stages=1),
-    "scan_bwd_dbdc": dict(num_warps=4, num_stages=2),
+    "scan_bwd_dbdc": dict(num_warps=8, num_stages=3),
 }
 
 
