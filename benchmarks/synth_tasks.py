@@ -128,7 +128,8 @@ def mqar_summary(rows: list[dict], path: Path) -> str:
     def setting(r):
         return r["train_len"], r["task_config"]["num_pairs"] or r["train_len"] // 4
 
-    acc = {(model(r), setting(r)): 100 * r["accuracy"][r["train_len"]] for r in rows}
+    acc = {(model(r), setting(r)): 100 * r["accuracy"][r["train_len"]] for r in rows
+           if r["accuracy"].get(r["train_len"]) is not None}  # None: out of memory
     models, settings = sorted({m for m, _ in acc}), sorted({s for _, s in acc})
     lines = [f"\nmqar: accuracy (%) at the training length, columns length/pairs\n{'model':>33} "
              + " ".join(f"{f'{n}/{p}':>9}" for n, p in settings)]
