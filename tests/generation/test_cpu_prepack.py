@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from mambakit import prepack, quantize
+from mambakit.bench.common import rel_err
 from mambakit.cli import main
 from mambakit.generation import generate
 from mambakit.models import MambaLMHeadModel
@@ -16,10 +17,6 @@ pytestmark = pytest.mark.skipif(not prepack_available(), reason="this torch buil
 TOLERANCES = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # ||out - ref|| / ||ref||
 
 
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-
-
 @pytest.mark.parametrize("rows", [1, 8, 300])  # a decode step, a batch of steps, a prefill
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_linear_matches_the_float64_product(rows, dtype):
@@ -28,8 +25,8 @@ def test_packed_linear_matches_the_float64_product(rows, dtype):
     expected = x.double() @ linear.weight.double().T + linear.bias.double()
     out = PackedLinear.from_linear(linear)(x)
     assert out.shape == (3, rows, 40) and out.dtype == dtype
-    assert relative_error(out, expected) < TOLERANCES[dtype]
-    assert relative_error(out, linear(x)) < TOLERANCES[dtype]
+    assert rel_err(out, expected) < TOLERANCES[dtype]
+    assert rel_err(out, linear(x)) < TOLERANCES[dtype]
 
 
 @pytest.mark.parametrize("kind", ["mamba1", "mamba2", "hybrid"])
@@ -39,7 +36,7 @@ def test_prepacked_model_keeps_logits_and_greedy_tokens(make_model, vocab, kind,
     packed = prepack(copy.deepcopy(model))
     ids = torch.randint(0, vocab, (3, 24))
     with torch.no_grad():
-        assert relative_error(packed(ids).logits, model(ids).logits) < TOLERANCES[dtype]
+        assert rel_err(packed(ids).logits, model(ids).logits) < TOLERANCES[dtype]
     assert torch.equal(generate(packed, ids, max_length=40), generate(model, ids, max_length=40))
 
 

@@ -4,6 +4,8 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+from mambakit.bench.common import rel_err
+
 
 @dataclass
 class CacheParams:
@@ -15,14 +17,9 @@ class CacheParams:
     key_value_memory_dict: dict = field(default_factory=dict)
 
 
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return ((out - ref).norm() / ref.norm()).item()
-
-
 @pytest.fixture
 def rel():
-    return relative_error
+    return rel_err
 
 
 @pytest.fixture

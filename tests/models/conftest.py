@@ -4,6 +4,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from mambakit.bench.common import rel_err
 from mambakit.models import MambaConfig, MambaLMHeadModel
 
 MAMBA1 = dict(d_model=32, n_layer=2, vocab_size=101, ssm_cfg={"d_state": 8, "d_conv": 3})
@@ -26,10 +27,6 @@ def randomize_(model: torch.nn.Module, scale: float = 0.1) -> torch.nn.Module:
 def build(kind: str, **overrides) -> MambaLMHeadModel:
     """A randomized tiny MambaLMHeadModel in eval mode."""
     return randomize_(MambaLMHeadModel(MambaConfig(**{**CONFIGS[kind], **overrides}))).eval()
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def random_ids(model: MambaLMHeadModel, batch: int = 2, seqlen: int = 13) -> torch.Tensor:

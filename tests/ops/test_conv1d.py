@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+from mambakit.bench.common import rel_err
 import mambakit.ops.conv1d as conv_module
 from mambakit.ops import causal_conv1d, causal_conv1d_fn, causal_conv1d_update
 from mambakit.ops._common import triton_available
@@ -18,10 +19,6 @@ def available(impls):
 
 BACKENDS = available(conv_module._IMPLS)
 STEP_BACKENDS = available(conv_module._STEP_IMPLS)
-
-
-def rel_err(out, ref):
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def loop_conv(x, weight, bias=None, initial_states=None, seq_idx=None, activation=None):

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from mambakit.bench.common import rel_err
 from mambakit.ops import selective_state_update, ssd_state_update
 from mambakit.ops._common import triton_available
 
@@ -28,10 +29,6 @@ def rounded(state: torch.Tensor, half: torch.dtype, toward_zero: bool) -> torch.
 def step_backends(module: str) -> list[str]:
     impls = importlib.import_module(module)._STEP_IMPLS
     return [name for name in impls if name != "triton" or triton_available()]
-
-
-def rel_err(out, ref):
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def randn(*shape):

@@ -4,12 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mambakit.bench.common import LargestTensor
+from mambakit.bench.common import LargestTensor, rel_err
 from mambakit.ops import linear_cross_entropy
-
-
-def rel_err(out, ref):
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def make(tokens, d_model, vocab, dtype=torch.float32, device="cpu", ignored=0.2):

@@ -3,16 +3,13 @@ reference (the norm's reference, then F.linear), that against float64 formulas w
 import pytest
 import torch
 
+from mambakit.bench.common import rel_err
 from mambakit.ops import norm_linear
 from mambakit.ops.conv1d import ConvStep
 from mambakit.ops.norm_linear import triton_decode
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
-
-
-def rel_err(out, ref):
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def float64_norm(s, weight, eps, group_size):

@@ -4,6 +4,7 @@ import importlib
 import pytest
 import torch
 
+from mambakit.bench.common import rel_err
 from mambakit.ops import mamba_chunk_scan_combined, ssd, ssd_state_update
 from mambakit.ops._common import triton_available
 
@@ -16,10 +17,6 @@ BACKENDS = [name for name in ssd_module._IMPLS if name != "triton"]
 STEP_BACKENDS = [name for name in ssd_module._STEP_IMPLS if name != "triton"]
 LIGHT_BACKENDS = BACKENDS + [n for n in INTERPRETED_TRITON if n in ssd_module._IMPLS]
 LIGHT_STEP_BACKENDS = STEP_BACKENDS + [n for n in INTERPRETED_TRITON if n in ssd_module._STEP_IMPLS]
-
-
-def rel_err(out, ref):
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def loop_ssd(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=None, h0=None,

@@ -3,6 +3,7 @@ of one forward over the whole sequence; training follows its schedule and clippi
 import pytest
 import torch
 
+from mambakit.bench.common import rel_err
 from mambakit.tasks import InductionHeads, SelectiveCopying
 from mambakit.tasks.train import _scored_logits, accuracy, task_model, train_task
 
@@ -11,10 +12,6 @@ ARCHS = {
     "mamba2": {"d_state": 4, "headdim": 8},
     "hybrid": {"d_state": 4, "headdim": 8, "attn_heads": 2, "attn_layer_idx": [1]},
 }
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -27,7 +24,7 @@ def test_chunked_scored_logits_equal_whole(arch, fresh_seed):
     ref_logits, ref_answers = _scored_logits(model, inputs, targets)
     logits, answers = _scored_logits(model, inputs, targets, chunk_len=7)
     assert torch.equal(answers, ref_answers)
-    assert relative_error(logits, ref_logits) < 1e-5
+    assert rel_err(logits, ref_logits) < 1e-5
     assert torch.equal(logits.argmax(-1), ref_logits.argmax(-1))
 
 
