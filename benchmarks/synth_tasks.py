@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from mambakit._io import atomic_path, write_json
+from mambakit._io import pyplot, write_json, write_png
 from mambakit.bench.common import device_slug, environment
 from mambakit.cli.synth import (add_schedule_arguments, build_task, format_table, parse_lengths, plot_accuracy,
                                  schedule_options, take_recipe)
@@ -116,10 +116,7 @@ def mqar_summary(rows: list[dict], path: Path) -> str:
     """The Mamba-2 paper's MQAR comparison from the rows: accuracy (%) at the training length for each model
     (arch and state size N) by (length, key-value pairs), as a table; and as a plot, accuracy against length
     at the most common pairs count and against pairs at the most common length."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     def model(r):
         return (f"{r['arch']} N={r['model_options'].get('d_state', 'default')} d={r.get('d_model', 64)} "
@@ -149,9 +146,7 @@ def mqar_summary(rows: list[dict], path: Path) -> str:
         ax.grid(alpha=0.3)
     by_pairs.legend(fontsize="small")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    write_png(fig, path)
     return "\n".join(lines)
 
 

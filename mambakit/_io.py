@@ -65,6 +65,23 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def pyplot():
+    """matplotlib.pyplot on its file-only Agg backend (no display needed), imported on first use."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_png(fig, path: str | os.PathLike) -> None:
+    """Save the matplotlib figure `fig` as a PNG at `path`, atomically, and close it."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    pyplot().close(fig)
+
+
 def read_json_object(path: Path, error: type[ValueError] = ValueError) -> dict[str, Any]:
     """The JSON object in the file at `path`; `error` (a ValueError) naming the file when it is not valid
     JSON or not an object."""

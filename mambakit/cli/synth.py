@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from mambakit._io import atomic_path, write_json
+from mambakit._io import pyplot, write_json, write_png
 from mambakit.cli.train import int_list, json_object
 from mambakit.tasks import TASKS
 from mambakit.tasks.recipes import RECIPES, Recipe
@@ -292,11 +292,7 @@ def format_table(rows: list[dict], lengths: list[int]) -> str:
 
 
 def plot_accuracy(rows: list[dict], lengths: list[int], train_len: int, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(10, 4))
     for row in rows:
         points = [(n, 100 * a) for n, a in sorted(row["accuracy"].items()) if a is not None]
@@ -312,6 +308,4 @@ def plot_accuracy(rows: list[dict], lengths: list[int], train_len: int, path: Pa
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    write_png(fig, path)

@@ -6,7 +6,7 @@ import math
 import os
 from pathlib import Path
 
-from mambakit._io import atomic_path
+from mambakit._io import atomic_path, pyplot, write_png
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -48,11 +48,7 @@ def bits_per_byte(loss_nats: float, num_tokens: int, num_bytes: int) -> float:
 
 def plot_losses(records: list[dict], path: str | os.PathLike, title: str = "") -> None:
     """Training and validation loss against tokens seen, written atomically as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     train = [(r["tokens"], r["loss"]) for r in records if "loss" in r]
     val = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -66,6 +62,4 @@ def plot_losses(records: list[dict], path: str | os.PathLike, title: str = "") -
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    write_png(fig, path)
