@@ -42,7 +42,7 @@ class ParameterDerived:
 
 
 class ProjectedStep:
-    """`step`, `step_from_projection` and `in_proj_conv` of a mixer whose decode step starts with `in_proj`
+    """`step`, `step_from_projection`, `in_proj_conv` and `allocate_inference_cache` of a mixer whose decode step starts with `in_proj`
     and its conv; the mixer's `_step(projected, conv_state, ssm_state, conv_applied) -> (batch, d_model)` does
     the rest (states updated in place), `_conv_weight()` and `_conv_offset()` describe the conv, `A_log` and
     `_A()` its state matrix, `_state_shapes(batch)` its (conv_state, ssm_state) shapes."""
@@ -83,6 +83,16 @@ class ProjectedStep:
         conv_applied=True)`)."""
         conv_state, _ = self._decode_states(inference_params, batch)
         return ConvStep(conv_state, self._conv_weight(), self.conv1d.bias, self.activation, self._conv_offset())
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None, ssm_dtype=torch.float32,
+                                 **kwargs):
+        """Zeroed (conv_state, ssm_state) of `_state_shapes(batch_size)`: Mamba's (batch, d_inner, d_conv) and
+        (batch, d_inner, d_state), Mamba-2's (batch, conv_dim, d_conv) and (batch, nheads, headdim, d_state).
+        dtype: of conv_state (default: the conv weight's); ssm_dtype: fp32 unless told (`ssm_state_zeros`)."""
+        device = self.A_log.device  # A_log is always a float parameter (out_proj may be quantized)
+        conv_dtype = self.conv1d.weight.dtype if dtype is None else dtype
+        conv_shape, ssm_shape = self._state_shapes(batch_size)
+        return torch.zeros(conv_shape, device=device, dtype=conv_dtype), ssm_state_zeros(ssm_shape, device, ssm_dtype)
 
     def _step_A(self) -> tuple:
         """(A, A_log) for the step op: A_log alone on CUDA (the Triton step derives A in registers, and a captured

@@ -18,7 +18,7 @@ from mambakit.ops.selective_scan import selective_state_update_unchecked
 from mambakit.ops.norm_linear import decode_linear
 
 from ._common import (ParameterDerived, ProjectedStep, cached_states, check_layer_input, conv_history, conv_tail,
-                      inverse_softplus_dt, negative_exp, no_weight_decay, ssm_state_zeros)
+                      inverse_softplus_dt, negative_exp, no_weight_decay)
 
 
 def _channels_first(linear: nn.Module, tokens: torch.Tensor, batch: int, with_bias: bool = True) -> torch.Tensor:
@@ -154,17 +154,6 @@ class Mamba(ProjectedStep, nn.Module):
         y = selective_state_update_unchecked(ssm_state, x, dt, A, B, C, self.D.float(), z=z, dt_bias=self.dt_proj.bias,
                                              dt_softplus=True, A_log=A_log, dt_proj_weight=self.dt_proj.weight)
         return decode_linear(self.out_proj, y)
-
-    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None, ssm_dtype=torch.float32,
-                                 **kwargs):
-        """Zeroed (conv_state (batch, d_inner, d_conv), ssm_state (batch, d_inner, d_state) in ssm_dtype).
-        dtype: of conv_state (default: the conv weight's); ssm_dtype: fp32 unless told (`ssm_state_zeros`)."""
-        device = self.A_log.device  # A_log is always a float parameter (out_proj may be quantized)
-        conv_dtype = self.conv1d.weight.dtype if dtype is None else dtype
-        conv_shape, ssm_shape = self._state_shapes(batch_size)
-        conv_state = torch.zeros(conv_shape, device=device, dtype=conv_dtype)
-        ssm_state = ssm_state_zeros(ssm_shape, device, ssm_dtype)
-        return conv_state, ssm_state
 
     def _state_shapes(self, batch: int) -> tuple:
         return (batch, self.d_inner, self.d_conv), (batch, self.d_inner, self.d_state)

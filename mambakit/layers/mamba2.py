@@ -17,8 +17,7 @@ from mambakit.ops.norm_linear import fusable_linear, rms_norm_gated_linear
 from mambakit.ops.ssd import seq_idx_from_cu_seqlens, ssd_state_update_unchecked
 
 from ._common import (ParameterDerived, ProjectedStep, cached_states, check_layer_input, conv_history, conv_tail,
-                      conv_tails_varlen, inverse_softplus_dt, negative_exp, no_weight_decay,
-                      ssm_state_zeros)
+                      conv_tails_varlen, inverse_softplus_dt, negative_exp, no_weight_decay)
 
 
 class Mamba2(ProjectedStep, nn.Module):
@@ -206,17 +205,6 @@ class Mamba2(ProjectedStep, nn.Module):
         if x0.shape[-1] > 0:
             y = torch.cat([F.silu(z0) * x0, y], dim=-1)
         return self.out_proj(y)
-
-    def allocate_inference_cache(self, batch_size: int, max_seqlen: int, dtype=None, ssm_dtype=torch.float32,
-                                 **kwargs):
-        """Zeroed (conv_state (batch, conv_dim, d_conv), ssm_state (batch, nheads, headdim, d_state) in ssm_dtype).
-        dtype: of conv_state (default: the conv weight's); ssm_dtype: fp32 unless told (`ssm_state_zeros`)."""
-        device = self.A_log.device  # A_log is always a float parameter (out_proj may be quantized)
-        conv_dtype = self.conv1d.weight.dtype if dtype is None else dtype
-        conv_shape, ssm_shape = self._state_shapes(batch_size)
-        conv_state = torch.zeros(conv_shape, device=device, dtype=conv_dtype)
-        ssm_state = ssm_state_zeros(ssm_shape, device, ssm_dtype)
-        return conv_state, ssm_state
 
     def _state_shapes(self, batch: int) -> tuple:
         return (batch, self.conv1d.weight.shape[0], self.d_conv), (batch, self.nheads, self.headdim, self.d_state)
