@@ -50,7 +50,7 @@ def main() -> int:
         print(f"== {arch} b{args.batch} prefill wall {results[arch]['wall_ms']:.1f} ms, "
               f"kernel total {results[arch]['kernel_ms']:.1f} ms")
         for name, calls, ms in results[arch]["top"]:
-            print(f"{ms:8.2f} ms {calls:5d}  {name}")
+            print(f"{ms:8.2f} ms {calls:5g}  {name}")
     if args.out:
         write_json(args.out, results)
     return 0

@@ -200,13 +200,14 @@ def _chunk_scan_fwd(x_ptr, z_ptr, C_ptr, cb_ptr, D_ptr, states_ptr, cs_ptr, dtp_
                     HAS_Z: tl.constexpr, HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr,
                     HAS_SEQ: tl.constexpr, STORE_Y: tl.constexpr, Q: tl.constexpr, BT: tl.constexpr,
                     BP: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, WIDE: tl.constexpr):
-    """Grid (batch * nheads, nchunks * Q // BT): the outputs of one block of rows (the heads of a
-    chunk run side by side and share its C B^T tiles in L2). x and C rows are strided (s*_b, s*_t); z, y
-    and out are contiguous."""
-    NB: tl.constexpr = Q // BT
-    c, i = program_index(1, WIDE) // NB, program_index(1, WIDE) % NB
-    bh = program_index(0, WIDE)
-    b, h = bh // H, bh % H
+    """Grid (nheads * Q // BT, nchunks, batch): the outputs of one block of rows. A chunk's programs run
+    side by side, heads fastest, so its C B^T tiles and each head's entering state come from memory once
+    and from L2 for the other heads and row blocks. x and C rows are strided (s*_b, s*_t); z, y and out are
+    contiguous."""
+    i, h = program_index(0, WIDE) // H, program_index(0, WIDE) % H
+    c = program_index(1, WIDE)
+    b = program_index(2, WIDE)
+    bh = b * H + h
     g = h // (H // G)
     if c * Q + i * BT >= L:
         return

@@ -109,7 +109,7 @@ def ssd_forward(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_min, 
     k._chunk_cb[(nchunks * NB * NB, batch * G)](B, C, cb, L, G, N, nchunks, *B.stride()[:2], *C.stride()[:2],
                                                 Q=Q, BT=BT, BN=BN, PREC=prec, WIDE=wide, **LAUNCH["chunk_state"])
     Dc = D.contiguous() if D is not None else none
-    k._chunk_scan_fwd[(batch * H, nchunks * NB)](
+    k._chunk_scan_fwd[(H * NB, nchunks, batch)](
         x, z if z is not None else none, C, cb, Dc, states, cs, dtp, seq, out, y,
         L, H, G, P, N, nchunks, *x.stride()[:2], *C.stride()[:2],
         HAS_Z=z is not None, HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2,
