@@ -42,10 +42,10 @@ class ParameterDerived:
 
 
 class ProjectedStep:
-    """`step`, `step_from_projection`, `in_proj_conv` and `allocate_inference_cache` of a mixer whose decode step starts with `in_proj`
-    and its conv; the mixer's `_step(projected, conv_state, ssm_state, conv_applied) -> (batch, d_model)` does
-    the rest (states updated in place), `_conv_weight()` and `_conv_offset()` describe the conv, `A_log` and
-    `_A()` its state matrix, `_state_shapes(batch)` its (conv_state, ssm_state) shapes."""
+    """`step`, `step_from_projection`, `in_proj_conv` and `allocate_inference_cache` of a mixer whose decode
+    step starts with `in_proj` and its conv; the mixer's `_step(projected, conv_state, ssm_state, conv_applied)
+    -> (batch, d_model)` does the rest (states updated in place), `_conv_weight()` and `_conv_offset()` describe
+    the conv, `A_log` and `_A()` its state matrix, `_state_shapes(batch)` its (conv_state, ssm_state) shapes."""
 
     def step(self, hidden_states: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor):
         """One decoding step. hidden_states: (batch, 1, d_model); conv_state and ssm_state, as

@@ -204,7 +204,8 @@ def _chunk_scan_fwd(x_ptr, z_ptr, C_ptr, cb_ptr, D_ptr, states_ptr, cs_ptr, dtp_
     side by side, heads fastest, so its C B^T tiles and each head's entering state come from memory once
     and from L2 for the other heads and row blocks. x and C rows are strided (s*_b, s*_t); z, y and out are
     contiguous."""
-    i, h = program_index(0, WIDE) // H, program_index(0, WIDE) % H
+    block_head = program_index(0, WIDE)
+    i, h = block_head // H, block_head % H
     c = program_index(1, WIDE)
     b = program_index(2, WIDE)
     bh = b * H + h
