@@ -133,27 +133,33 @@ def ssd(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplu
 
     heads_per_group = nheads // ngroups
     x_c, dt_c = chunked(x), chunked(dt)
-    B_c = chunked(B).repeat_interleave(heads_per_group, dim=3)  # (b, c, l, h, n)
-    C_c = chunked(C).repeat_interleave(heads_per_group, dim=3)
+    B_c, C_c = chunked(B), chunked(C)  # (b, c, l, g, n): read per group, never copied per head
     x_dt = x_c * dt_c[..., None]  # the input term dt_t x_t of the recurrence
+
+    def by_group(t, dim=1):  # heads (dim) -> (groups, heads of a group), a view
+        return t.unflatten(dim, (ngroups, heads_per_group))
 
     # (1) decays within chunks, zero across sequence boundaries.
     decay, decay_from_start, reaches = _chunk_decays(dt_c * A.to(dtype), seq_idx, chunk_size)
 
-    # (2) intra-chunk outputs: the masked quadratic form (C_t . B_s) * decay(s -> t) * dt_s x_s. A later
-    # step must not reach an earlier one, NaN and inf included (0 * NaN is NaN): masked weights are filled,
-    # not multiplied, non-finite inputs enter as zeros and then make every step they reach NaN, as the
-    # recurrence would.
-    scores = (torch.einsum("bclhn,bcshn->bhcls", C_c, B_c) * decay).masked_fill(~reaches, 0.0)
-    finite = torch.isfinite(x_dt)
-    y = torch.einsum("bhcls,bcshp->bclhp", scores, x_dt.masked_fill(~finite, 0.0))
-    bad_input = ~finite.all(dim=-1).permute(0, 3, 1, 2)  # (b, h, c, s)
-    poisoned = (reaches & bad_input[..., None, :]).any(dim=-1).permute(0, 2, 3, 1)  # (b, c, l, h)
+    # (2) intra-chunk outputs: the masked quadratic form (C_t . B_s) * decay(s -> t) * dt_s x_s, C_t . B_s once
+    # per group. A later step must not reach an earlier one, NaN and inf included (0 * NaN is NaN): masked
+    # weights are filled, not multiplied, non-finite inputs enter as zeros and then make every step they
+    # reach NaN, as the recurrence would.
+    cb = torch.einsum("bclgn,bcsgn->bgcls", C_c, B_c)
+    scores = (by_group(decay) * cb[:, :, None]).flatten(1, 2).masked_fill(~reaches, 0.0)  # (b, h, c, l, s)
+    y = torch.einsum("bhcls,bcshp->bclhp", scores, torch.nan_to_num(x_dt, nan=0.0, posinf=0.0, neginf=0.0))
+    bad_input = ~torch.isfinite(x_dt.abs().amax(dim=-1))  # (b, c, s, h); amax keeps NaN and inf
+    if seq_idx is None:  # reaches is causal: step t sees every step s <= t of its chunk
+        poisoned = bad_input.cummax(dim=2).values
+    else:
+        poisoned = (reaches & bad_input.permute(0, 3, 1, 2)[..., None, :]).any(dim=-1).permute(0, 2, 3, 1)
     y = y.masked_fill(poisoned[..., None], float("nan"))
 
     # (3) each chunk's own contribution to the state at its last step (its entering state excluded).
     decay_to_end = decay[..., -1, :]  # (b, h, c, l)
-    chunk_states = torch.einsum("bhcl,bclhn,bclhp->bchpn", decay_to_end, B_c, x_dt)
+    chunk_states = torch.einsum("bgjcl,bclgn,bclgjp->bcgjpn", by_group(decay_to_end), B_c,
+                                by_group(x_dt, 3)).flatten(2, 3)  # (b, c, h, p, n)
 
     # (4) pass states across chunks.
     if initial_states is None:
@@ -162,7 +168,8 @@ def ssd(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplu
     entering, final_states = _pass_states(initial_states.to(dtype), carry, chunk_states)
 
     # (5) entering states seen through the decay up to each step.
-    y = y + torch.einsum("bclhn,bchpn,bhcl->bclhp", C_c, entering, decay_from_start)
+    y = y + torch.einsum("bclgn,bcgjpn,bgjcl->bclgjp", C_c, by_group(entering, 2),
+                         by_group(decay_from_start)).flatten(3, 4)
 
     y = y.reshape(batch, padded, nheads, headdim)[:, :seqlen]
     if D is not None:
@@ -176,19 +183,21 @@ def ssd(x, dt, A, B, C, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplu
     if return_final_states:
         results.append(final_states)
     if return_varlen_states:
-        results.append(_states_at_ends(cu_seqlens, chunk_size, entering, decay, decay_from_start, B_c, x_dt))
+        results.append(_states_at_ends(cu_seqlens, chunk_size, entering, decay, decay_from_start, B_c,
+                                       by_group(x_dt, 3)))
     return out if len(results) == 1 else tuple(results)
 
 
 def _states_at_ends(cu_seqlens, chunk_size, entering, decay, decay_from_start, B_c, x_dt):
     """State after the last step of each packed sequence (batch 1): (num_seqs, nheads, headdim, N).
 
-    The state at step t of chunk c is its entering state times decay_from_start plus the
-    chunk's inputs up to t, each through decay(s -> t); both are already masked by sequence.
+    B_c: (b, c, l, g, n); x_dt: (b, c, l, g, heads per group, p). The state at step t of chunk c is its
+    entering state times decay_from_start plus the chunk's inputs up to t, each through decay(s -> t); both
+    are already masked by sequence.
     """
     ends = cu_seqlens[1:].long() - 1
     c, t = ends // chunk_size, ends % chunk_size
     from_entering = decay_from_start[0][:, c, t][..., None, None] * entering[0, c].transpose(0, 1)
-    weights = decay[0][:, c, t, :]  # (h, num_seqs, l)
-    from_inputs = torch.einsum("hsl,slhn,slhp->hspn", weights, B_c[0, c], x_dt[0, c])
+    weights = decay[0][:, c, t, :].unflatten(0, x_dt.shape[3:5])  # (g, j, num_seqs, l)
+    from_inputs = torch.einsum("gjsl,slgn,slgjp->gjspn", weights, B_c[0, c], x_dt[0, c]).flatten(0, 1)
     return (from_entering + from_inputs).transpose(0, 1)
