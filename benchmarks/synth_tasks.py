@@ -10,7 +10,7 @@ process, so that several small models can share a GPU side by side:
         --lengths 4096 --time 150 --tag sc-mamba
     python benchmarks/synth_tasks.py run --task selective-copying --recipe --lengths 256,1024,4096 --time 600 \\
         --tag sc-recipe   # the recipe `mambakit synth` runs (mambakit/tasks/recipes.py) for options left out
-    python benchmarks/synth_tasks.py summarize        # merges results/synth-*.json part files, prints the table
+    python benchmarks/synth_tasks.py summarize        # merges results/synth-part-*.json into synth-<device>.json
 
 `--probe-every 2500` measures accuracy at `--probe-lens` during training, so a run also says how many steps
 its extrapolation took. On a CPU, `--threads 1` lets two runs share two cores.
@@ -88,15 +88,19 @@ def run(args: argparse.Namespace) -> None:
 
 
 def summarize(args: argparse.Namespace) -> None:
-    """Merge the part files in args.out into synth-<device>.json and .png; print the tables."""
+    """Merge the part files in args.out into synth-<device>.json (a part replaces the row of its tag, the
+    file's other rows are kept) and its plots; print the tables."""
     parts = [json.loads(p.read_text()) for p in sorted(args.out.glob("synth-part-*.json"))]
     if not parts:
         raise SystemExit(f"summarize: no synth-part-*.json in {args.out}")
-    rows = [p["row"] for p in parts]
+    slug = parts[0]["device"]
+    merged = args.out / f"synth-{slug}.json"
+    new_tags = {p["row"]["tag"] for p in parts}
+    kept = [r for r in json.loads(merged.read_text())["rows"] if r["tag"] not in new_tags] if merged.exists() else []
+    rows = kept + [p["row"] for p in parts]
     for row in rows:  # JSON keys are strings
         row["accuracy"] = dict(sorted((int(n), a) for n, a in row["accuracy"].items()))
-    slug = parts[0]["device"]
-    write_json(args.out / f"synth-{slug}.json", {"environment": parts[0]["environment"], "rows": rows})
+    write_json(merged, {"environment": parts[0]["environment"], "rows": rows})
     for task in sorted({r["task"] for r in rows}):
         if task == "mqar":
             print(mqar_summary([r for r in rows if r["task"] == task], args.out / f"synth-{slug}-mqar.png"))
