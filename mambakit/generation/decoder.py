@@ -8,6 +8,7 @@ model (a few at a time) and reused by later calls with the same shapes and sampl
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import weakref
@@ -178,25 +179,33 @@ class Decoder:
         # asserts cost ~0.2 ms of a 130M model's 7-8 ms CPU step (decode_profile_cpu.py, 327 calls a step).
         self._compiled_step = (torch.compile(Decoder._streamed_step, options={"size_asserts": False})
                                if compiled else None)
+        # What the compiled step reads: the cache's states with an offset that stays 1 (the one-token path);
+        # traced with the real offset, dynamo would specialize on it and compile again at the next token.
+        self._step_cache = dataclasses.replace(self.cache, seqlen_offset=1) if compiled else None
         if graph:
             self._capture()
 
-    def _eager_step(self) -> torch.Tensor:
-        logits = decode_step(self._model(), self.cache, self.buffers.tokens)[:, : self.vocab]
+    def _eager_step(self, cache: InferenceCache) -> torch.Tensor:
+        logits = decode_step(self._model(), cache, self.buffers.tokens)[:, : self.vocab]
         if self.sampling is not None:
             self.buffers.choose(logits, self.sampling)
         return logits
 
-    def _streamed_step(self) -> torch.Tensor:
+    def _streamed_step(self, cache: InferenceCache) -> torch.Tensor:
         # What torch.compile traces: one-row products as reductions inductor streams (ops/rowwise_linear).
         with RowwiseProducts():
-            return self._eager_step()
+            return self._eager_step(cache)
 
     def advance(self) -> torch.Tensor:
         if self.graph is not None:
             self.graph.replay()
             return self._graph_logits
-        return self._compiled_step(self) if self._compiled_step is not None else self._eager_step()
+        if self._compiled_step is None:
+            return self._eager_step(self.cache)
+        self._step_cache.seqlen_offset = 1
+        logits = self._compiled_step(self, self._step_cache)
+        self.cache.seqlen_offset += 1
+        return logits
 
     def _capture(self) -> None:
         """Warm up (Triton compiles, cuBLAS picks its kernels) on a side stream, capture one step, then
@@ -209,12 +218,12 @@ class Decoder:
         with overlapped_launches():
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    self._eager_step()
+                    self._eager_step(self.cache)
                     self.buffers.step.zero_()  # buffers may hold a single step
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self._graph_logits = self._eager_step()
+                self._graph_logits = self._eager_step(self.cache)
         self.cache.reset()
 
 

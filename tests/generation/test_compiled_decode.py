@@ -27,6 +27,26 @@ def test_compiled_decode_equals_eager(layer):
     assert torch.equal(again, model.generate(ids, 14))
 
 
+def test_one_compilation_serves_every_position_and_prompt_length():
+    """The compiled step does not specialize on the cache's offset: a fresh process compiles one graph, and
+    later calls with other prompt lengths reuse it."""
+    from torch._dynamo.utils import counters
+
+    config = MambaConfig(d_model=32, n_layer=2, vocab_size=61, ssm_cfg={"layer": "Mamba2", "headdim": 8,
+                                                                        "chunk_size": 8})
+    model = MambaLMHeadModel(config).eval()
+    torch._dynamo.reset()
+    counters.clear()
+    ids = torch.randint(0, 61, (1, 6))
+    assert torch.equal(model.generate(ids, max_new_tokens=10, compile=True), model.generate(ids, max_new_tokens=10))
+    assert counters["stats"]["unique_graphs"] == 1
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for length in (1, 3, 5):
+            ids = torch.randint(0, 61, (1, length))
+            want = model.generate(ids, max_new_tokens=10)
+            assert torch.equal(model.generate(ids, max_new_tokens=10, compile=True), want)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layer", ["Mamba1", "Mamba2"])
 def test_compiled_decode_of_a_prepacked_model_equals_eager(layer, dtype):
