@@ -188,8 +188,7 @@ def serve_subprocess(model, checkpoint: str, args) -> Iterator[tuple[str, int]]:
         port = s.getsockname()[1]
     command = [sys.executable, "-m", "mambakit", "serve", "--model", checkpoint, "--port", str(port),
                "--device", args.device, "--dtype", str(model.lm_head.weight.dtype).removeprefix("torch."),
-               "--max-batch", str(args.max_batch), "--max-queue", "4096", "--max-tokens", str(args.new_tokens),
-               *(["--compile"] if args.compile else [])]
+               "--max-batch", str(args.max_batch), "--max-queue", "4096", "--max-tokens", str(args.new_tokens)]
     log = Path(checkpoint) / "server.log"
     with log.open("w") as stderr:  # the child keeps its own copy of the descriptor
         process = subprocess.Popen(command, stderr=stderr)
@@ -244,7 +243,6 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=64)
-    parser.add_argument("--compile", action="store_true", help="serve with --compile (off CUDA)")
     parser.add_argument("--max-seconds", type=float, default=60.0, help="per concurrency level")
     parser.add_argument("--baseline-requests", type=int, default=4)
     parser.add_argument("--client-processes", type=int, default=max(1, (os.cpu_count() or 1) // 4),
@@ -259,7 +257,7 @@ def main() -> None:
     prompt = torch.randint(0, model.config.vocab_size, (args.prompt_len,)).tolist()
     common = {"shape": args.shape, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
               "dtype": str(dtype).removeprefix("torch."), "max_batch": args.max_batch, "commit": source_commit(),
-              "http_stack": http_stack(), **({"compile": True} if args.compile else {})}
+              "http_stack": http_stack()}
     base = {**common, "mode": "generate one at a time", "concurrency": 1, "client_processes": 0,
             "requests_per_client": args.baseline_requests,
             **one_at_a_time(model, prompt, args.new_tokens, args.baseline_requests)}

@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 from mambakit.cli.generate import add_model_arguments, add_state_dtype_argument, load_model, state_dtype
-from mambakit.generation.decoder import check_compiler
 
 
 def register(subparsers) -> None:
@@ -44,9 +43,6 @@ def register(subparsers) -> None:
     add_state_dtype_argument(parser)
     parser.add_argument("--cg", action=argparse.BooleanOptionalAction,
                         help="decode with CUDA graphs, one per bucket of batch sizes (default: on CUDA)")
-    parser.add_argument("--compile", action="store_true",
-                        help="off CUDA: decode through torch.compile, one compiled step per bucket of batch sizes, "
-                             "compiled before the server starts listening (tens of seconds; needs a C++ compiler)")
     parser.set_defaults(func=run)
 
 
@@ -63,10 +59,8 @@ def run(args: argparse.Namespace) -> int:
                                 port=args.port, max_batch=args.max_batch, max_queue=args.max_queue,
                                 max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
                                 prefill_chunk=args.prefill_chunk, drain_timeout=args.drain_timeout, cg=args.cg,
-                                state_dtype=state_dtype(args), compile=args.compile)
+                                state_dtype=state_dtype(args))
         model, tokenizer = load_model(args)
-        if args.compile:
-            check_compiler(model)
         template = load_chat_template(args.chat_template if args.chat_template is not None else args.model)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:  # bad flags, missing files, bad --device
         print(f"mambakit serve: error: {e}", file=sys.stderr)

@@ -80,7 +80,6 @@ class SchedulerOptions:
     prefill_chunk: int = 2048
     cg: bool | None = None  # decode in buckets of batch sizes, CUDA graphs on CUDA (None: on when on CUDA)
     state_dtype: torch.dtype = torch.float32
-    compile: bool = False  # off CUDA: decode in buckets, each bucket's step through torch.compile
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_queue", "max_seqlen", "prefill_chunk"):
@@ -89,8 +88,6 @@ class SchedulerOptions:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
         if self.cg not in (None, True, False):
             raise ValueError(f"cg: expected True, False or None, got {self.cg!r}")
-        if self.compile not in (True, False):
-            raise ValueError(f"compile: expected True or False, got {self.compile!r}")
         check_dtype_choice("state_dtype", self.state_dtype, STEP_STATE_DTYPES)
 
 
@@ -148,19 +145,12 @@ class Scheduler:
         # With cg, a decoder per bucket of batch sizes (powers of two and max_batch), each over the first rows
         # of the one cache, its step captured as a CUDA graph on CUDA (eager elsewhere); n live rows run the
         # smallest bucket >= n (the rows past n are free, their outputs ignored). Captured now, while the
-        # cache holds no live row (a capture zeroes it). With compile (off CUDA), each bucket's step runs
-        # through torch.compile, compiled now by one step on the empty cache rather than at a first request.
-        compiled = options.compile and device.type != "cuda"
-        buckets = compiled or (options.cg if options.cg is not None else device.type == "cuda")
+        # cache holds no live row (a capture zeroes it).
+        buckets = options.cg if options.cg is not None else device.type == "cuda"
         self.buckets = sorted({min(1 << i, rows) for i in range(rows.bit_length() + 1)}) if buckets else []
         with torch.no_grad():
             self.decoders = {b: Decoder(model, b, options.max_seqlen, 1, self.vocab, 1, None, None, None,
-                                        graph=device.type == "cuda", cache=self._first_rows(b), compiled=compiled)
-                             for b in self.buckets}
-            if compiled:
-                for decoder in self.decoders.values():
-                    decoder.advance()
-                self.cache.reset()
+                                        graph=device.type == "cuda", cache=self._first_rows(b)) for b in self.buckets}
         self.waiting: deque[Job] = deque()
         self.accepting = True
         self._stopping = False

@@ -24,8 +24,8 @@ from mambakit.serving.scheduler import Scheduler, SchedulerOptions
 class ServerOptions:
     """Everything `mambakit serve` takes besides the model: the scheduler's options (its max_seqlen is
     max_prompt_tokens + max_tokens; cg: bucketed CUDA-graph decoding, None: on CUDA; state_dtype: of the SSM
-    states; compile: off CUDA, bucketed decoding through torch.compile), request limits, the address and the
-    SIGTERM drain timeout."""
+    states), request limits,
+    the address and the SIGTERM drain timeout."""
 
     name: str = "model"
     host: str = "127.0.0.1"
@@ -38,7 +38,6 @@ class ServerOptions:
     drain_timeout: float = 30.0
     cg: bool | None = None
     state_dtype: torch.dtype = torch.float32
-    compile: bool = False
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -58,8 +57,7 @@ def build_server(model: nn.Module, tokenizer, options: ServerOptions,
     metrics = Metrics()
     scheduler = Scheduler(model, SchedulerOptions(options.max_batch, options.max_queue,
                                                   options.max_prompt_tokens + options.max_tokens,
-                                                  options.prefill_chunk, options.cg, options.state_dtype,
-                                                  options.compile),
+                                                  options.prefill_chunk, options.cg, options.state_dtype),
                           tokenizer, metrics)
     served = ServedModel(options.name, tokenizer,
                          Limits(vocab_size(model), options.max_prompt_tokens, options.max_tokens), chat_template)

@@ -44,15 +44,6 @@ def test_bad_flags_are_one_line_on_stderr(checkpoint, capsys, flag, value):
     assert err.count("\n") == 1 and err.startswith(f"mambakit serve: error: {flag}")
 
 
-def test_compile_without_a_compiler_is_one_line_on_stderr(checkpoint, capsys, monkeypatch):
-    from mambakit.generation import decoder
-
-    monkeypatch.setattr(decoder.shutil, "which", lambda name: None)
-    assert main(["serve", "--model", str(checkpoint), "--compile"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("mambakit serve: error: compile:") and "C++ compiler" in err
-
-
 def test_missing_checkpoint(tmp_path, capsys):
     assert main(["serve", "--model", str(tmp_path / "nope")]) == 2
     assert capsys.readouterr().err.startswith("mambakit serve: error:")

@@ -1,6 +1,5 @@
 """The scheduler without HTTP, on every model kind: rows that join and leave a running batch get exactly
 what `generate` gives each prompt alone (hybrids too: attention rows keep their own lengths)."""
-import shutil
 import sys
 import threading
 from pathlib import Path
@@ -99,40 +98,3 @@ def test_a_failing_prefill_fails_its_jobs_and_the_batch_goes_on(monkeypatch):
         scheduler.stop()
     assert finishes == ["error", "length"]
     assert list(scheduler.metrics.errors) == ["prefill: RuntimeError: out of memory (simulated)"]
-
-
-@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("clang++") is None,
-                    reason="inductor's CPU kernels need a C++ compiler")
-def test_compiled_buckets_are_compiled_at_start_and_get_generate_tokens():
-    """compile=True on the CPU: every bucket's step is compiled when the scheduler is built; rows decoded
-    together through a compiled bucket get exactly generate's tokens (same products as the eager step)."""
-    from torch._dynamo.utils import counters
-
-    model = tiny_model("mamba2")
-    torch._dynamo.reset()
-    counters.clear()
-    scheduler = Scheduler(model, SchedulerOptions(max_batch=4, max_seqlen=64, compile=True), ByteTokenizer(),
-                          Metrics())
-    assert counters["stats"]["unique_graphs"] >= 1
-    assert all(not t.any() for t in scheduler.cache.key_value_memory_dict[0])  # the warm-up left no state
-    sampling = SamplingConfig(temperature=0.9, top_k=0)
-    prompts = [torch.randint(0, 256, (n,)).tolist() for n in (3, 17, 9)]
-    done = threading.Semaphore(0)
-    jobs = [Job(p, 12, sampling, 7 + i, frozenset(), (), lambda token, finish: finish and done.release())
-            for i, p in enumerate(prompts)]
-    scheduler.start()
-    try:
-        scheduler.submit(jobs)  # three rows in the bucket of 4 from start to end
-        for _ in jobs:
-            assert done.acquire(timeout=120)
-    finally:
-        scheduler.stop()
-    for i, job in enumerate(jobs):
-        out = generate(model, [prompts[i]], max_new_tokens=12, seed=7 + i, eos_token_id=[], top_k=0,
-                       temperature=0.9)[0]
-        assert job.generated == out[len(prompts[i]):]
-
-
-def test_compile_must_be_a_bool():
-    with pytest.raises(ValueError, match="compile: expected True or False, got 'yes'"):
-        SchedulerOptions(compile="yes")
