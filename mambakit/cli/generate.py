@@ -98,9 +98,10 @@ def state_dtype(args: argparse.Namespace) -> torch.dtype:
     return DTYPES[args.state_dtype]
 
 
-def load_model(args: argparse.Namespace):
+def load_model(args: argparse.Namespace, set_threads: bool = True):
     """(model in eval mode on args.device, tokenizer) from --model, --tokenizer, --device, --dtype, --quantize,
-    --threads, --no-prepack (and generate's --compile)."""
+    --threads, --no-prepack (and generate's --compile). set_threads=False: --threads is checked, not applied
+    (serve applies it on the thread that runs the model)."""
     from mambakit.models import MambaLMHeadModel
     from mambakit.prepacking import PACKED_DTYPES, prepack, prepack_available
     from mambakit.quantization import QUANTIZE_CHOICES, quantize
@@ -114,7 +115,8 @@ def load_model(args: argparse.Namespace):
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads: expected an int >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+        if set_threads:
+            torch.set_num_threads(args.threads)
     device = check_device(args.device)
     if args.quantize is not None and device.type != "cpu":
         raise ValueError(f"--quantize: {args.quantize} weight-only quantization runs on the CPU, got --device {device}")

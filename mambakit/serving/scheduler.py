@@ -72,7 +72,8 @@ class Job:
 class SchedulerOptions:
     """max_batch: rows decoded together; max_queue: jobs waiting beyond them (more: 429);
     max_seqlen: prompt + new tokens of one row (sizes attention KV caches); prefill_chunk: see `prefill`;
-    state_dtype: of the rows' SSM states (see GenerationOptions.state_dtype)."""
+    state_dtype: of the rows' SSM states (see GenerationOptions.state_dtype); threads: torch's CPU threads on
+    the scheduler's thread, which runs the model (None: torch's setting as it is)."""
 
     max_batch: int = 64
     max_queue: int = 256
@@ -80,6 +81,7 @@ class SchedulerOptions:
     prefill_chunk: int = 2048
     cg: bool | None = None  # decode in buckets of batch sizes, CUDA graphs on CUDA (None: on when on CUDA)
     state_dtype: torch.dtype = torch.float32
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_queue", "max_seqlen", "prefill_chunk"):
@@ -88,6 +90,9 @@ class SchedulerOptions:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
         if self.cg not in (None, True, False):
             raise ValueError(f"cg: expected True, False or None, got {self.cg!r}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ValueError(f"threads: expected None or an int >= 1, got {self.threads!r}")
         check_dtype_choice("state_dtype", self.state_dtype, STEP_STATE_DTYPES)
 
 
@@ -202,6 +207,8 @@ class Scheduler:
     # --- the model side (scheduler thread only) -------------------------------------------------
 
     def _run(self) -> None:
+        if self.options.threads is not None:
+            torch.set_num_threads(self.options.threads)
         try:
             with torch.no_grad():
                 while self._iterate():

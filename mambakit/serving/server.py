@@ -24,7 +24,7 @@ from mambakit.serving.scheduler import Scheduler, SchedulerOptions
 class ServerOptions:
     """Everything `mambakit serve` takes besides the model: the scheduler's options (its max_seqlen is
     max_prompt_tokens + max_tokens; cg: bucketed CUDA-graph decoding, None: on CUDA; state_dtype: of the SSM
-    states), request limits,
+    states; threads: torch's CPU threads of the thread that runs the model), request limits,
     the address and the SIGTERM drain timeout."""
 
     name: str = "model"
@@ -38,6 +38,7 @@ class ServerOptions:
     drain_timeout: float = 30.0
     cg: bool | None = None
     state_dtype: torch.dtype = torch.float32
+    threads: int | None = None
     log_level: str = "info"
 
     def __post_init__(self) -> None:
@@ -57,7 +58,8 @@ def build_server(model: nn.Module, tokenizer, options: ServerOptions,
     metrics = Metrics()
     scheduler = Scheduler(model, SchedulerOptions(options.max_batch, options.max_queue,
                                                   options.max_prompt_tokens + options.max_tokens,
-                                                  options.prefill_chunk, options.cg, options.state_dtype),
+                                                  options.prefill_chunk, options.cg, options.state_dtype,
+                                                  options.threads),
                           tokenizer, metrics)
     served = ServedModel(options.name, tokenizer,
                          Limits(vocab_size(model), options.max_prompt_tokens, options.max_tokens), chat_template)

@@ -98,3 +98,35 @@ def test_a_failing_prefill_fails_its_jobs_and_the_batch_goes_on(monkeypatch):
         scheduler.stop()
     assert finishes == ["error", "length"]
     assert list(scheduler.metrics.errors) == ["prefill: RuntimeError: out of memory (simulated)"]
+
+
+def test_the_scheduler_thread_runs_the_model_with_its_threads():
+    model = tiny_model("mamba2")
+    seen = []
+    forward = model.forward
+
+    def counting_forward(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return forward(*args, **kwargs)
+
+    model.forward = counting_forward
+    here = torch.get_num_threads()
+    wanted = 1 if here > 1 else 2
+    scheduler = Scheduler(model, SchedulerOptions(max_batch=2, max_seqlen=64, threads=wanted), ByteTokenizer(),
+                          Metrics())
+    done = threading.Semaphore(0)
+    scheduler.start()
+    try:
+        scheduler.submit([Job([1, 2, 3], 4, SamplingConfig(), 0, frozenset(), (),
+                              lambda token, finish: finish and done.release())])
+        assert done.acquire(timeout=60)
+    finally:
+        scheduler.stop()
+        torch.set_num_threads(here)
+    assert seen and set(seen) == {wanted}
+
+
+def test_threads_must_be_a_positive_int():
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match=f"threads: expected None or an int >= 1, got {bad!r}"):
+            SchedulerOptions(threads=bad)
