@@ -29,7 +29,8 @@ def test_compiled_decode_equals_eager(layer):
 
 def test_one_compilation_serves_every_position_and_prompt_length():
     """The compiled step does not specialize on the cache's offset: a fresh process compiles one graph, and
-    later calls with other prompt lengths reuse it."""
+    later calls with other prompt lengths reuse it. Its graph is one AOTAutograd's cache can keep (a later
+    process then skips tracing it again)."""
     from torch._dynamo.utils import counters
 
     config = MambaConfig(d_model=32, n_layer=2, vocab_size=61, ssm_cfg={"layer": "Mamba2", "headdim": 8,
@@ -40,6 +41,7 @@ def test_one_compilation_serves_every_position_and_prompt_length():
     ids = torch.randint(0, 61, (1, 6))
     assert torch.equal(model.generate(ids, max_new_tokens=10, compile=True), model.generate(ids, max_new_tokens=10))
     assert counters["stats"]["unique_graphs"] == 1
+    assert not counters["aot_autograd"]["autograd_cache_bypass"]
     with torch.compiler.set_stance("fail_on_recompile"):
         for length in (1, 3, 5):
             ids = torch.randint(0, 61, (1, length))

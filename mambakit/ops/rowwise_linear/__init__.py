@@ -48,4 +48,6 @@ class RowwiseProducts(TorchFunctionMode):
                 return rowwise_linear(x, weight, bias=bias)
         if func is torch.Tensor.unflatten:  # its Python body calls super(), which dynamo cannot trace under a mode
             return torch.unflatten(*args, **kwargs)
+        if func is torch.Tensor.split:  # recorded as itself, a node that keeps AOTAutograd's cache from the graph
+            return torch.split(*args, **kwargs)
         return func(*args, **kwargs)
