@@ -33,6 +33,7 @@ from torch import nn
 from mambakit.generation import InferenceCache, SamplingConfig, StopStringWatch, decode_step, prefill
 from mambakit.generation.decoder import Decoder
 from mambakit.generation.generate import vocab_size
+from mambakit.generation.options import check_int
 from mambakit.generation.sampling import sample_with_draws, uniform
 from mambakit.ops._common import STEP_STATE_DTYPES, check_dtype_choice
 from mambakit.serving.metrics import Metrics
@@ -90,9 +91,7 @@ class SchedulerOptions:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
         if self.cg not in (None, True, False):
             raise ValueError(f"cg: expected True, False or None, got {self.cg!r}")
-        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
-                                         or self.threads < 1):
-            raise ValueError(f"threads: expected None or an int >= 1, got {self.threads!r}")
+        check_int("threads", self.threads, 1, allow_none=True)
         check_dtype_choice("state_dtype", self.state_dtype, STEP_STATE_DTYPES)
 
 

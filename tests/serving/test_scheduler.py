@@ -128,5 +128,5 @@ def test_the_scheduler_thread_runs_the_model_with_its_threads():
 
 def test_threads_must_be_a_positive_int():
     for bad in (0, 1.5, True):
-        with pytest.raises(ValueError, match=f"threads: expected None or an int >= 1, got {bad!r}"):
+        with pytest.raises(ValueError, match=f"threads: expected an int >= 1 or None, got {bad!r}"):
             SchedulerOptions(threads=bad)
