@@ -202,7 +202,7 @@ class Decoder:
             return self._graph_logits
         if self._compiled_step is None:
             return self._eager_step(self.cache)
-        self._step_cache.seqlen_offset = 1
+        self._step_cache.seqlen_offset = 1  # decode_step advanced it last time; the real offset is self.cache's
         logits = self._compiled_step(self, self._step_cache)
         self.cache.seqlen_offset += 1
         return logits
